@@ -1,0 +1,46 @@
+"""Credit-assignment rules, one module per family, behind a registry.
+
+    rule = pfa_jax.rules.get("pfa", expansion=10, density=1.0)
+    pfa_jax.rules.names()
+
+A new rule is one new module and one line in ``_REGISTRY``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from pfa_jax.rules import ops
+from pfa_jax.rules.base import INITS, Rule, soft_align
+from pfa_jax.rules.bp import BP
+from pfa_jax.rules.feedback_alignment import FA, KP
+from pfa_jax.rules.product_feedback import PFA, PFAOrthogonal
+from pfa_jax.rules.sign_symmetry import BRSF, FRSF, USF
+
+_REGISTRY: dict[str, type[Rule]] = {
+    "bp": BP, "fa": FA, "usf": USF, "brsf": BRSF, "frsf": FRSF, "kp": KP,
+    "pfa": PFA, "pfa_o": PFAOrthogonal,
+}
+
+
+def names() -> tuple[str, ...]:
+    """Names of every registered rule."""
+    return tuple(_REGISTRY)
+
+
+def get(name: str | Rule, **options) -> Rule:
+    """The rule ``name`` with ``options`` (a ``Rule`` instance is returned as it is)."""
+    if isinstance(name, Rule):
+        if options:
+            return dataclasses.replace(name, **options)
+        return name
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown rule {name!r}; valid rules: {', '.join(names())}")
+    cls = _REGISTRY[name]
+    valid = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"rule {name!r} has no option(s) {unknown}; valid options: {valid}")
+    return cls(**options)
+
+
+__all__ = ["Rule", "get", "names", "ops", "soft_align", "INITS"]

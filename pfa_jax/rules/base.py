@@ -1,0 +1,187 @@
+"""What every rule shares: the ``Rule`` interface, feedback initialisation, and the custom VJP for
+kernel-shaped feedback.
+
+A rule leaves the forward pass identical to backprop, ``y = op(x, K)``, and the kernel update local,
+``dK = (d op / dK)^T g`` (``x^T g`` for dense layers). It changes only the error sent down, ``dx``,
+and how its feedback state learns. Gradients taken with respect to the feedback arrays are the rule's
+feedback-learning signals, so one ``jax.value_and_grad`` over ``(params, feedback)`` trains both.
+
+Initialisation of feedback (SPEC.md):
+
+* every feedback array is drawn independently of ``K`` from ``K``'s own init distribution, named by the
+  rule option ``init`` (default ``'xavier_uniform'``, as in the papers' code); the layers in
+  ``pfa_jax.nn`` also draw their kernels from ``rule.kernel_init()`` unless told otherwise;
+* one-time soft alignment (Cheon, Bae & Paik 2025), option ``rho`` of the rules with a fixed
+  kernel-shaped draw: with ``R`` an independent draw and ``K^ = K / ||K||``,
+  ``B = ||R|| (rho K^ + sqrt(1 - rho^2) Rperp / ||Rperp||)``, ``Rperp = R - <R, K^> K^``,
+  so ``cos(B, K) = rho`` exactly and ``||B|| = ||R||``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from pfa_jax.rules import ops
+
+# name -> (scale, fan mode, distribution) of jax.nn.initializers.variance_scaling; std = sqrt(scale/fan).
+INITS = {
+    "xavier_uniform": (1.0, "fan_avg", "uniform"),
+    "xavier_normal": (1.0, "fan_avg", "truncated_normal"),
+    "he_uniform": (2.0, "fan_in", "uniform"),
+    "he_normal": (2.0, "fan_in", "truncated_normal"),
+    "lecun_uniform": (1.0, "fan_in", "uniform"),
+    "lecun_normal": (1.0, "fan_in", "truncated_normal"),
+}
+# E|w| / std(w) for each distribution. JAX's normal is truncated at two standard deviations before
+# rescaling: with Z = P(|X| < 2) = erf(sqrt 2) and phi the normal density, E|X| = 2 (phi(0) - phi(2)) / Z
+# and Var X = 1 - 4 phi(2) / Z for the standard normal truncated to [-2, 2].
+_PHI0, _PHI2, _Z = 1 / math.sqrt(2 * math.pi), math.exp(-2.0) / math.sqrt(2 * math.pi), math.erf(math.sqrt(2))
+_MEAN_ABS_OVER_STD = {
+    "uniform": math.sqrt(3.0) / 2.0,
+    "truncated_normal": 2 * (_PHI0 - _PHI2) / _Z / math.sqrt(1 - 4 * _PHI2 / _Z),
+}
+
+Feedback = dict[str, jax.Array]
+
+
+def fans(shape) -> tuple[int, int]:
+    """(fan_in, fan_out) of a flax-layout kernel ``(*window, in, out)``."""
+    receptive = math.prod(shape[:-2])
+    return shape[-2] * receptive, shape[-1] * receptive
+
+
+def soft_align(kernel: jax.Array, draw: jax.Array, rho: float) -> jax.Array:
+    """``B`` with ``cos(B, kernel) == rho`` and ``||B|| == ||draw||`` (Cheon, Bae & Paik 2025)."""
+    k_hat = kernel / jnp.linalg.norm(kernel)
+    perp = draw - jnp.vdot(draw, k_hat) * k_hat
+    direction = rho * k_hat + math.sqrt(1.0 - rho * rho) * perp / jnp.linalg.norm(perp)
+    return jnp.linalg.norm(draw) * direction
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def feedback_linear(op, x, kernel, feedback_kernel):
+    """``op(x, kernel)`` whose backward sends the error down through ``feedback_kernel``.
+
+    Cotangents: ``dx = (d op(x, F)/dx)^T g`` (``g F^T``), ``dK = (d op(x, K)/dK)^T g`` (``x^T g``), and
+    for ``F`` the same local signal ``dK`` (Kolen-Pollack's update). Rules with fixed feedback pass
+    ``lax.stop_gradient(F)``, so that signal is dropped.
+    """
+    return op(x, kernel)
+
+
+def _feedback_linear_fwd(op, x, kernel, feedback_kernel):
+    return op(x, kernel), (x, kernel, feedback_kernel)
+
+
+def _feedback_linear_bwd(op, residuals, g):
+    x, kernel, feedback_kernel = residuals
+    dkernel = ops.kernel_grad(op, x, kernel, g)
+    return ops.input_grad(op, x, feedback_kernel, g), dkernel, dkernel
+
+
+feedback_linear.defvjp(_feedback_linear_fwd, _feedback_linear_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A credit-assignment rule for dense and conv layers. Frozen and hashable (a static jit argument).
+
+    Subclasses set ``name``, the feedback arrays the optimizer steps (``plastic``), whether they need
+    a fresh random key every step (``needs_key``), and implement ``apply`` and
+    ``effective_feedback``.
+    """
+
+    name: ClassVar[str]
+    plastic: ClassVar[tuple[str, ...]] = ()
+    needs_key: ClassVar[bool] = False
+
+    init: str = "xavier_uniform"
+
+    def __post_init__(self):
+        if self.init not in INITS:
+            raise ValueError(f"{self.name}: init={self.init!r} is unknown; valid: {sorted(INITS)}")
+
+    # -- initialisation -------------------------------------------------------------------------
+    def kernel_init(self):
+        """The init distribution of forward kernels, which feedback draws share."""
+        return jax.nn.initializers.variance_scaling(*INITS[self.init])
+
+    def init_std(self, shape) -> float:
+        """Standard deviation of ``kernel_init`` for a kernel of this shape."""
+        scale, mode, _ = INITS[self.init]
+        fan_in, fan_out = fans(shape)
+        fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[mode]
+        return math.sqrt(scale / fan)
+
+    def init_mean_abs(self, shape) -> float:
+        """``E|w|`` of ``kernel_init`` for a kernel of this shape."""
+        return self.init_std(shape) * _MEAN_ABS_OVER_STD[INITS[self.init][2]]
+
+    def init_feedback(self, key: jax.Array, kernel: jax.Array) -> Feedback:
+        """The layer's feedback arrays (a dict, possibly empty) for a kernel in flax layout."""
+        del key, kernel
+        return {}
+
+    # -- the ops ------------------------------------------------------------------------------
+    def dense(self, x, kernel, feedback: Feedback, key: jax.Array | None = None):
+        """``y = x @ kernel``; differentiable w.r.t. ``(x, kernel, feedback)`` with the rule's backward."""
+        op = ops.DenseOp()
+        op.check(x, kernel)
+        return self.apply(op, x, kernel, feedback, key)
+
+    def conv(self, x, kernel, feedback: Feedback, key: jax.Array | None = None, *, strides=1,
+             padding="SAME", kernel_dilation=1, feature_group_count: int = 1):
+        """Channels-last convolution with a flax-layout kernel, with the rule's backward."""
+        op = ops.conv_op(kernel.ndim - 2, strides, padding, kernel_dilation, feature_group_count)
+        op.check(x, kernel)
+        return self.apply(op, x, kernel, feedback, key)
+
+    def apply(self, op, x, kernel, feedback: Feedback, key: jax.Array | None):
+        raise NotImplementedError
+
+    def effective_feedback(self, kernel, feedback: Feedback) -> jax.Array:
+        """The kernel-layout ``F`` through which errors travel down (``F == K`` is backprop)."""
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelFeedbackRule(Rule):
+    """A rule whose error travels down through one kernel-shaped matrix ``F``: ``dx = g F^T``."""
+
+    def feedback_kernel(self, kernel, feedback: Feedback, key: jax.Array | None) -> jax.Array:
+        """``F`` for this step; wrap it in ``lax.stop_gradient`` where the feedback is fixed."""
+        raise NotImplementedError
+
+    def apply(self, op, x, kernel, feedback, key):
+        return feedback_linear(op, x, kernel, self.feedback_kernel(kernel, feedback, key))
+
+    def effective_feedback(self, kernel, feedback):
+        return self.feedback_kernel(kernel, feedback, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class DrawnFeedbackRule(KernelFeedbackRule):
+    """Kernel-shaped feedback drawn once at init, optionally soft-aligned to the kernel (``rho``)."""
+
+    feedback_name: ClassVar[str] = "B"
+    rho: float | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rho is not None and not -1.0 <= self.rho <= 1.0:
+            raise ValueError(f"{self.name}: rho={self.rho!r} must lie in [-1, 1] (or be None for an "
+                             "independent draw)")
+
+    def init_feedback(self, key, kernel):
+        draw = self.kernel_init()(key, kernel.shape, kernel.dtype)
+        if self.rho is not None:
+            draw = soft_align(kernel, draw, self.rho)
+        return {self.feedback_name: draw}

@@ -1,0 +1,172 @@
+"""Product Feedback Alignment (Li & Benna 2024, "Deep Learning without Weight Symmetry").
+
+The error goes down through an expanded "mid" population of ``mid = r * out`` units: a fixed map
+``Bp: (out, mid)`` and a plastic map ``R: (*window, in, mid)`` (kernel-like layout; the paper's
+``R_paper = R^T``):
+
+    dx = (g Bp) R^T                 (conv: the input-transpose of a conv through R)
+    dR = x^T (g Bp) = dK Bp          (the feedback-learning signal: local, no weight transport)
+    F  = R Bp^T                      (effective feedback, kernel layout; conv: einsum hwim,om->hwio)
+
+With coupled weight decay on both ``K`` and ``R`` stepped by the same optimizer, ``R - K Bp`` decays,
+so ``R -> K Bp`` and ``F -> K Bp Bp^T ~ K``: the path aligns with the forward weights.
+
+Init (from the authors' code): ``R`` from the kernel's init distribution (xavier-uniform by default)
+independently of ``K``; ``Bp`` uniform with ``Var(Bp_ij) = 1 / (density * mid)`` (xavier-uniform with
+gain ``sqrt((1 + 1/r) / 2 / density)``). ``density = p < 1`` draws fixed Bernoulli(p) masks for ``Bp``
+(applied once) and for ``R`` (kept as feedback ``R_mask``; the gradient of ``R`` is masked, so ``R``
+stays sparse under any optimizer whose update of a zero gradient and zero weight is zero: SGD with
+momentum and coupled weight decay, Adam, AdamW). ``pfa_o``: ``r = 1`` and ``Bp`` a random orthogonal
+matrix.
+
+Cost. The backward pass has two equal associations (equal up to float rounding):
+
+* ``"mid"``: ``h = g Bp`` (mid-population errors), then ``dx`` and ``dR`` through ``R`` and ``h``;
+* ``"product"``: ``F = R Bp^T`` formed once, ``dx = g F^T`` (backprop's cost), ``dR = dK Bp``.
+
+With ``P`` output positions (batch x output pixels), ``k`` inputs per output unit and ``G`` feature
+groups, "mid" costs ``P mid (out + 2 G k)`` multiply-adds and "product" ``2 k out mid + P k out``.
+``route="auto"`` (default) picks the cheaper at trace time from the static shapes; the forward pass
+never touches ``R``. With feature groups the mid population is kept per group (``G * mid`` channels),
+which is what ``F = R Bp^T`` means for a grouped conv.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pfa_jax.rules import ops
+from pfa_jax.rules.base import Rule
+
+ROUTES = ("auto", "mid", "product")
+
+
+def route_costs(g_shape, kernel_shape, mid: int, groups: int) -> dict[str, int]:
+    """Multiply-adds of each backward association beyond the shared ``dK`` (see module docstring)."""
+    out = kernel_shape[-1]
+    positions = math.prod(g_shape) // out
+    k = ops.window_size(kernel_shape)
+    return {"mid": positions * mid * (out + 2 * groups * k),
+            "product": 2 * k * out * mid + positions * k * out}
+
+
+def choose_route(route: str, g_shape, kernel_shape, mid: int, groups: int) -> str:
+    if route != "auto":
+        return route
+    costs = route_costs(g_shape, kernel_shape, mid, groups)
+    return min(costs, key=costs.get)
+
+
+def _mid_errors(g, bp, groups: int):
+    """``h = g Bp`` per feature group: ``(..., out) -> (..., groups * mid)``."""
+    out, mid = bp.shape
+    h = jnp.einsum("...gc,gcm->...gm", g.reshape(g.shape[:-1] + (groups, out // groups)),
+                   bp.reshape(groups, out // groups, mid))
+    return h.reshape(g.shape[:-1] + (groups * mid,))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def pfa_linear(op, route, x, kernel, bp, r):
+    """``op(x, kernel)`` with PFA's backward through ``Bp`` (fixed) and ``R`` (plastic)."""
+    return op(x, kernel)
+
+
+def _pfa_fwd(op, route, x, kernel, bp, r):
+    return op(x, kernel), (x, kernel, bp, r)
+
+
+def _pfa_bwd(op, route, residuals, g):
+    x, kernel, bp, r = residuals
+    dkernel = ops.kernel_grad(op, x, kernel, g)
+    mid, groups = bp.shape[1], op.groups
+    if choose_route(route, g.shape, kernel.shape, mid, groups) == "product":
+        feedback = jnp.einsum("...im,om->...io", r, bp)
+        dx = ops.input_grad(op, x, feedback, g)
+        dr = jnp.einsum("...io,om->...im", dkernel, bp)
+    else:
+        h = _mid_errors(g, bp, groups)
+        r_groups = jnp.tile(r, (1,) * (r.ndim - 1) + (groups,))
+        dx = ops.input_grad(op, x, r_groups, h)
+        dr = ops.kernel_grad(op, x, r_groups, h)
+        dr = dr.reshape(r.shape[:-1] + (groups, mid)).sum(-2)
+    return dx, dkernel, jnp.zeros_like(bp), dr
+
+
+pfa_linear.defvjp(_pfa_fwd, _pfa_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class PFA(Rule):
+    name = "pfa"
+    plastic = ("R",)
+
+    expansion: float = 10
+    density: float = 1.0
+    route: str = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.expansion, (int, float)) or self.expansion < 1:
+            raise ValueError(f"{self.name}: expansion={self.expansion!r} must be a number >= 1 "
+                             "(mid = expansion * out units)")
+        if not isinstance(self.density, (int, float)) or not 0.0 < self.density <= 1.0:
+            raise ValueError(f"{self.name}: density={self.density!r} must lie in (0, 1]")
+        if self.route not in ROUTES:
+            raise ValueError(f"{self.name}: route={self.route!r} is unknown; valid: {ROUTES}")
+
+    def mid(self, out: int) -> int:
+        return max(1, round(self.expansion * out))
+
+    def draw_bp(self, key, out: int, dtype):
+        mid = self.mid(out)
+        limit = math.sqrt(3.0 / (self.density * mid))
+        return jax.random.uniform(key, (out, mid), dtype, -limit, limit)
+
+    def init_feedback(self, key, kernel):
+        out = kernel.shape[-1]
+        mid = self.mid(out)
+        k_bp, k_r, k_mask_bp, k_mask_r = jax.random.split(key, 4)
+        feedback = {"Bp": self.draw_bp(k_bp, out, kernel.dtype),
+                    "R": self.kernel_init()(k_r, kernel.shape[:-1] + (mid,), kernel.dtype)}
+        if self.density < 1.0:
+            feedback["Bp"] *= jax.random.bernoulli(k_mask_bp, self.density, feedback["Bp"].shape)
+            feedback["R_mask"] = jax.random.bernoulli(
+                k_mask_r, self.density, feedback["R"].shape).astype(kernel.dtype)
+            feedback["R"] *= feedback["R_mask"]
+        return feedback
+
+    def _fixed_and_plastic(self, feedback):
+        r = feedback["R"]
+        if "R_mask" in feedback:
+            r = r * lax.stop_gradient(feedback["R_mask"])
+        return lax.stop_gradient(feedback["Bp"]), r
+
+    def apply(self, op, x, kernel, feedback, key):
+        return pfa_linear(op, self.route, x, kernel, *self._fixed_and_plastic(feedback))
+
+    def effective_feedback(self, kernel, feedback):
+        bp, r = self._fixed_and_plastic(feedback)
+        return jnp.einsum("...im,om->...io", r, bp)
+
+
+@dataclasses.dataclass(frozen=True)
+class PFAOrthogonal(PFA):
+    """PFA with ``r = 1`` and a random orthogonal ``Bp: (out, out)``."""
+
+    name = "pfa_o"
+    expansion: float = 1
+    density: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.expansion != 1 or self.density != 1.0:
+            raise ValueError(f"pfa_o: expansion={self.expansion!r} and density={self.density!r} are "
+                             "fixed at 1; use rule 'pfa' for other values")
+
+    def draw_bp(self, key, out, dtype):
+        return jax.nn.initializers.orthogonal()(key, (out, out), dtype)

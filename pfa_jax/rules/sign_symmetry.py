@@ -1,0 +1,75 @@
+"""Sign-concordant feedback (Liao, Leibo & Poggio 2016; Xiao et al. 2018): ``dx = g F^T`` with
+``F = magnitude * sign(K)``, so feedback shares the kernel's signs but not its magnitudes.
+
+* ``usf`` (uniform sign-concordant): ``F = s sign(K)``, ``s`` the standard deviation of the kernel's
+  init distribution. No feedback state.
+* ``brsf`` (batchwise random magnitude): ``F = |M| sign(K)``, ``M`` redrawn from the init distribution
+  every step from the ``feedback`` RNG stream (pass ``key``). ``effective_feedback`` reports the
+  expectation ``E|M| sign(K)``. Without a key the forward pass still works, but differentiating it
+  raises an error instead of silently reusing one draw.
+* ``frsf`` (fixed random magnitude): ``F = |M| sign(K)`` with ``M`` drawn once (feedback ``M``,
+  fixed; option ``rho`` soft-aligns ``M`` to the kernel at init).
+
+The feedback depends on ``K`` only through its signs and never carries a gradient back into ``K``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pfa_jax.rules.base import DrawnFeedbackRule, KernelFeedbackRule
+
+
+@dataclasses.dataclass(frozen=True)
+class USF(KernelFeedbackRule):
+    name = "usf"
+
+    def feedback_kernel(self, kernel, feedback, key):
+        return lax.stop_gradient(self.init_std(kernel.shape) * jnp.sign(kernel))
+
+
+@jax.custom_vjp
+def _undifferentiable(y):
+    return y
+
+
+def _undifferentiable_fwd(y):
+    return y, None
+
+
+def _undifferentiable_bwd(residuals, g):
+    raise ValueError("brsf redraws its feedback every step and needs a key to differentiate: call "
+                     "rule.dense/conv with key=..., or model.apply(..., rngs={'feedback': key})")
+
+
+_undifferentiable.defvjp(_undifferentiable_fwd, _undifferentiable_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class BRSF(KernelFeedbackRule):
+    name = "brsf"
+    needs_key = True
+
+    def apply(self, op, x, kernel, feedback, key):
+        if key is None:
+            return _undifferentiable(op(x, kernel))
+        return super().apply(op, x, kernel, feedback, key)
+
+    def feedback_kernel(self, kernel, feedback, key):
+        if key is None:
+            magnitude = self.init_mean_abs(kernel.shape)
+        else:
+            magnitude = jnp.abs(self.kernel_init()(key, kernel.shape, kernel.dtype))
+        return lax.stop_gradient(magnitude * jnp.sign(kernel))
+
+
+@dataclasses.dataclass(frozen=True)
+class FRSF(DrawnFeedbackRule):
+    name = "frsf"
+    feedback_name = "M"
+
+    def feedback_kernel(self, kernel, feedback, key):
+        return lax.stop_gradient(jnp.abs(feedback["M"]) * jnp.sign(kernel))
