@@ -1,0 +1,139 @@
+"""Flax (linen) layers whose backward pass follows a credit-assignment rule.
+
+``Dense`` and ``Conv`` hold ``kernel`` and ``bias`` in ``params`` and the rule's feedback arrays in the
+``feedback`` collection (e.g. ``{'B': ...}`` for FA, ``{'Bp': ..., 'R': ...}`` for PFA). The forward
+pass is exactly ``flax.linen.Dense`` / ``flax.linen.Conv``; only the error sent to the layer below and
+the feedback-learning signal differ (see ``pfa_jax.rules``). Rules that redraw feedback every step
+(``brsf``) take keys from the ``feedback`` RNG stream. The bias always learns ``db = sum(g)``.
+
+Everything else in a model (activations, BatchNorm, pooling, residual additions) uses ordinary
+autodiff: the rule changes only how errors cross the linear maps of ``Dense`` and ``Conv``.
+
+A layer's ``rule`` is a ``Rule``, a rule name, or a mapping from layer paths to rules (names or
+``Rule``s) with a ``'default'`` entry, e.g. ``{'default': 'pfa', 'output': 'bp'}``. A layer's path is
+its module path in the model joined by ``/`` (``'stage1_block0/conv0'``), the same as its key path in
+the ``params`` tree. ``check_rule_map`` verifies every path in a mapping names a real layer.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+
+from pfa_jax import rules
+
+RuleSpec = Any  # Rule | str | Mapping[str, Rule | str]
+DEFAULT = "default"
+
+
+def resolve_rule(spec: RuleSpec, path: str) -> rules.Rule:
+    """The rule for the layer at ``path`` under ``spec``."""
+    if isinstance(spec, Mapping):
+        if path in spec:
+            return rules.get(spec[path])
+        if DEFAULT not in spec:
+            raise ValueError(f"no rule for layer {path!r}: the rule mapping has keys {sorted(spec)} "
+                             f"and no {DEFAULT!r} entry")
+        return rules.get(spec[DEFAULT])
+    return rules.get(spec)
+
+
+def layer_paths(params) -> set[str]:
+    """Paths of every ``Dense`` / ``Conv`` layer (modules holding a ``kernel``) in a params tree."""
+    paths = set()
+    for key_path, _ in jax.tree_util.tree_leaves_with_path(params):
+        names = [k.key for k in key_path]
+        if names[-1] == "kernel":
+            paths.add("/".join(names[:-1]))
+    return paths
+
+
+def check_rule_map(spec: RuleSpec, params) -> None:
+    """Raises if a rule mapping names a layer the model does not have."""
+    if not isinstance(spec, Mapping):
+        return
+    known = layer_paths(params)
+    unknown = sorted(set(spec) - known - {DEFAULT})
+    if unknown:
+        raise ValueError(f"rule mapping names unknown layer(s) {unknown}; the model's layers are "
+                         f"{sorted(known)} (plus {DEFAULT!r})")
+
+
+class _RuleLayer(nn.Module):
+    """Shared plumbing: the layer's rule, its feedback variables and its per-step key."""
+
+    def layer_rule(self) -> rules.Rule:
+        return resolve_rule(self.rule, "/".join(self.scope.path))
+
+    def feedback(self, rule: rules.Rule, kernel) -> dict:
+        if self.is_initializing():
+            for name, value in rule.init_feedback(self.make_rng("params"), kernel).items():
+                self.variable("feedback", name, lambda v=value: v)
+        return dict(self.variables.get("feedback", {}))
+
+    def feedback_key(self, rule: rules.Rule):
+        if rule.needs_key and self.has_rng("feedback"):
+            return self.make_rng("feedback")
+        return None
+
+    def add_bias(self, y):
+        if not self.use_bias:
+            return y
+        return y + self.param("bias", self.bias_init, (self.features,), y.dtype)
+
+
+class Dense(_RuleLayer):
+    """``y = x @ kernel + bias`` with the rule's backward. ``kernel_init`` defaults to the rule's."""
+
+    features: int
+    rule: RuleSpec = "bp"
+    use_bias: bool = True
+    kernel_init: Callable | None = None
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x):
+        rule = self.layer_rule()
+        kernel = self.param("kernel", self.kernel_init or rule.kernel_init(),
+                            (x.shape[-1], self.features))
+        y = rule.dense(x, kernel, self.feedback(rule, kernel), self.feedback_key(rule))
+        return self.add_bias(y)
+
+
+class Conv(_RuleLayer):
+    """Channels-last convolution (as ``flax.linen.Conv``) with the rule's backward.
+
+    ``padding``: ``'SAME'``, ``'VALID'``, an int, or one ``(low, high)`` pair per spatial dimension.
+    """
+
+    features: int
+    kernel_size: Sequence[int] | int
+    strides: Sequence[int] | int = 1
+    padding: Any = "SAME"
+    kernel_dilation: Sequence[int] | int = 1
+    feature_group_count: int = 1
+    rule: RuleSpec = "bp"
+    use_bias: bool = True
+    kernel_init: Callable | None = None
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x):
+        rule = self.layer_rule()
+        window = ((self.kernel_size,) * (x.ndim - 2) if isinstance(self.kernel_size, int)
+                  else tuple(self.kernel_size))
+        if len(window) != x.ndim - 2:
+            raise ValueError(f"Conv: kernel_size={self.kernel_size!r} does not match an input of "
+                             f"shape {x.shape} with {x.ndim - 2} spatial dims")
+        if x.shape[-1] % self.feature_group_count:
+            raise ValueError(f"Conv: {x.shape[-1]} input channels are not divisible by "
+                             f"feature_group_count={self.feature_group_count}")
+        shape = window + (x.shape[-1] // self.feature_group_count, self.features)
+        kernel = self.param("kernel", self.kernel_init or rule.kernel_init(), shape)
+        y = rule.conv(x, kernel, self.feedback(rule, kernel), self.feedback_key(rule),
+                      strides=self.strides, padding=self.padding,
+                      kernel_dilation=self.kernel_dilation,
+                      feature_group_count=self.feature_group_count)
+        return self.add_bias(y)
