@@ -13,6 +13,10 @@ A layer's ``rule`` is a ``Rule``, a rule name, or a mapping from layer paths to 
 ``Rule``s) with a ``'default'`` entry, e.g. ``{'default': 'pfa', 'output': 'bp'}``. A layer's path is
 its module path in the model joined by ``/`` (``'stage1_block0/conv0'``), the same as its key path in
 the ``params`` tree. ``check_rule_map`` verifies every path in a mapping names a real layer.
+
+``model.init`` also returns a ``plasticity`` collection mirroring ``feedback`` (True where the rule's
+optimizer steps the array, e.g. KP's ``B`` and PFA's ``R``); ``pfa_jax.train.create_train_state``
+uses it to keep fixed feedback fixed and drops it. ``model.apply`` never needs it.
 """
 from __future__ import annotations
 
@@ -21,11 +25,13 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from pfa_jax import rules
 
 RuleSpec = Any  # Rule | str | Mapping[str, Rule | str]
 DEFAULT = "default"
+PLASTICITY = "plasticity"  # init-only collection: True for feedback arrays the optimizer steps
 
 
 def resolve_rule(spec: RuleSpec, path: str) -> rules.Rule:
@@ -71,6 +77,7 @@ class _RuleLayer(nn.Module):
         if self.is_initializing():
             for name, value in rule.init_feedback(self.make_rng("params"), kernel).items():
                 self.variable("feedback", name, lambda v=value: v)
+                self.variable(PLASTICITY, name, lambda n=name: jnp.asarray(n in rule.plastic))
         return dict(self.variables.get("feedback", {}))
 
     def feedback_key(self, rule: rules.Rule):

@@ -1,0 +1,11 @@
+"""pfa_jax: learning without weight transport in JAX/Flax.
+
+    import pfa_jax as pj
+    rule = pj.rules.get("pfa", expansion=10)
+    model = pj.models.get("ffn2", rule=rule)
+    state = pj.train.create_train_state(key, model, sample_batch, {"learning_rate": 0.01})
+    state, metrics = pj.train.train_step(state, batch)
+"""
+from pfa_jax import data, models, nn, optim, rules, train
+
+__all__ = ["data", "models", "nn", "optim", "rules", "train"]

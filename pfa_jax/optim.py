@@ -1,0 +1,139 @@
+"""Optimizers with per-epoch multi-step schedules of the learning rate and the weight decay.
+
+The papers train with SGD, momentum 0.9 and *coupled* weight decay (PyTorch's ``weight_decay``):
+
+    u = g + wd * w;   m <- mu m + u;   w <- w - lr m
+
+and change ``lr`` and ``wd`` at epoch milestones (PFA needs a large ``wd`` in epoch 0 only). A schedule
+is either one value per segment, ``learning_rate=(0.01, 0.005, 0.0025)`` with ``lr_milestones=(20,
+30)``, or a start value decayed at each milestone, ``learning_rate=0.1, lr_decay=0.1,
+lr_milestones=(100, 150, 200)``. Weight decay takes a constant or one value per segment
+(``weight_decay=(0.03, 9e-5), wd_milestones=(1,)``). Milestones are epochs; ``steps_per_epoch``
+turns them into steps.
+
+``name``: ``'sgd'`` (above; ``nesterov`` optional), ``'adam'`` (coupled decay added to the gradient
+before Adam) or ``'adamw'`` (decoupled: ``w <- w - lr (adam(g) + wd w)``).
+
+Plastic feedback (KP's ``B``, PFA's ``R``) is stepped by the same optimizer unless ``feedback`` gives
+overrides, e.g. ``feedback={'weight_decay': 0.0}``. Fixed feedback is never changed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import jax.numpy as jnp
+import optax
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+Schedule = Callable[[Any], Any]
+
+
+def multistep(values, milestones, steps_per_epoch: int) -> Schedule:
+    """``step -> values[i]`` where ``i`` counts the milestones (epochs) already reached."""
+    boundaries = jnp.asarray(milestones, jnp.int32) * steps_per_epoch
+    values = jnp.asarray(values, jnp.float32)
+    return lambda step: values[jnp.searchsorted(boundaries, step, side="right")]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "sgd"
+    learning_rate: float | tuple[float, ...] = 0.01
+    lr_milestones: tuple[int, ...] = ()
+    lr_decay: float = 0.1
+    weight_decay: float | tuple[float, ...] = 0.0
+    wd_milestones: tuple[int, ...] = ()
+    momentum: float = 0.9
+    nesterov: bool = False
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    steps_per_epoch: int = 1
+    feedback: OptimizerConfig | None = None
+
+    @classmethod
+    def create(cls, config: OptimizerConfig | Mapping | Any | None = None, **overrides
+               ) -> OptimizerConfig:
+        """From an ``OptimizerConfig``, a mapping or an ``ml_collections.ConfigDict``."""
+        if config is None:
+            config = {}
+        if isinstance(config, OptimizerConfig):
+            return dataclasses.replace(config, **overrides)
+        if hasattr(config, "to_dict"):
+            config = config.to_dict()
+        options = {**dict(config), **overrides}
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown optimizer option(s) {unknown}; valid options: {valid}")
+        for key in ("learning_rate", "weight_decay", "lr_milestones", "wd_milestones"):
+            if isinstance(options.get(key), list):
+                options[key] = tuple(options[key])
+        feedback = options.pop("feedback", None)
+        base = cls(**options)
+        if feedback is not None:
+            base = dataclasses.replace(base, feedback=cls.create(base, feedback=None, **dict(
+                feedback.to_dict() if hasattr(feedback, "to_dict") else feedback)))
+        return base
+
+    def __post_init__(self):
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optimizer name={self.name!r} is unknown; valid: {OPTIMIZERS}")
+        if not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch={self.steps_per_epoch!r} must be a positive int")
+        self.segment_values("learning_rate", "lr_milestones")
+        self.segment_values("weight_decay", "wd_milestones")
+
+    def segment_values(self, key: str, milestones_key: str) -> tuple[float, ...]:
+        """One value per schedule segment, validated."""
+        value, milestones = getattr(self, key), tuple(getattr(self, milestones_key))
+        if any(not isinstance(m, int) or m < 1 for m in milestones) or list(milestones) != sorted(
+                set(milestones)):
+            raise ValueError(f"{milestones_key}={milestones!r} must be strictly increasing "
+                             "positive epochs")
+        if isinstance(value, tuple):
+            values = value
+        elif key == "learning_rate":
+            values = tuple(value * self.lr_decay ** i for i in range(len(milestones) + 1))
+        elif milestones:
+            raise ValueError(f"{milestones_key}={milestones!r} needs one {key} per segment: "
+                             f"a tuple of {len(milestones) + 1} values, got {value!r}")
+        else:
+            values = (value,)
+        if len(values) != len(milestones) + 1:
+            raise ValueError(f"{key}={value!r} has {len(values)} values for {len(milestones)} "
+                             f"milestones {milestones_key}={milestones!r}; need "
+                             f"{len(milestones) + 1}")
+        if any(v < 0 for v in values):
+            raise ValueError(f"{key}={value!r} must be non-negative")
+        return values
+
+    def schedules(self) -> tuple[Schedule, Schedule]:
+        """(learning-rate schedule, weight-decay schedule), functions of the step."""
+        return (multistep(self.segment_values("learning_rate", "lr_milestones"), self.lr_milestones,
+                          self.steps_per_epoch),
+                multistep(self.segment_values("weight_decay", "wd_milestones"), self.wd_milestones,
+                          self.steps_per_epoch))
+
+    def transformation(self) -> optax.GradientTransformation:
+        lr, wd = self.schedules()
+        decay = optax.add_decayed_weights(wd)
+        if self.name == "sgd":
+            body = [decay, optax.trace(decay=self.momentum, nesterov=self.nesterov)]
+        elif self.name == "adam":
+            body = [decay, optax.scale_by_adam(self.b1, self.b2, self.eps)]
+        else:
+            body = [optax.scale_by_adam(self.b1, self.b2, self.eps), decay]
+        return optax.chain(*body, optax.scale_by_learning_rate(lr))
+
+
+def make_optimizer(config: OptimizerConfig, labels) -> optax.GradientTransformation:
+    """One transformation over ``{'params', 'feedback'}`` trees labelled ``'params'``, ``'feedback'``
+    (plastic feedback) or ``'frozen'`` (fixed feedback: its update is exactly zero)."""
+    return optax.multi_transform(
+        {"params": config.transformation(),
+         "feedback": (config.feedback or config).transformation(),
+         "frozen": optax.set_to_zero()},
+        labels)

@@ -1,0 +1,214 @@
+"""Training state and pure steps: ``create_train_state``, ``train_step``, ``eval_step``, compiled epochs,
+and data parallelism.
+
+One step is one ``jax.value_and_grad`` of the mean cross-entropy over ``(params, feedback)``; the rules'
+custom VJPs make the feedback gradients their feedback-learning signals. Both are stepped by one optax
+transformation (``pfa_jax.optim``) that leaves fixed feedback bit-identical.
+
+Data parallel, two ways, same numbers as one device:
+
+* ``jax.pmap(train_step, axis_name="batch")`` on replicated state (``replicate``) and a batch split on
+  its leading axis (``split_batch``): inside, ``train_step`` sees the bound axis ``"batch"`` and averages
+  loss, gradients and feedback signals with ``lax.pmean``; BatchNorm statistics are averaged across
+  devices too (the model is cloned with ``axis_name``), so it equals one big batch.
+* ``jax.jit(train_step)`` with the batch sharded over a device mesh (``shard_batch``, a
+  ``NamedSharding`` over axis ``"batch"``) and the state replicated: XLA partitions the same program.
+
+Models are called as ``model.apply(variables, images, train=bool)`` (the ``pfa_jax.models``
+convention); a model with an ``axis_name`` field gets it set under ``pmap``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from pfa_jax import nn as pnn
+from pfa_jax.optim import OptimizerConfig, make_optimizer
+
+AXIS = "batch"
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    feedback: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+    model: nn.Module = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    config: OptimizerConfig = struct.field(pytree_node=False)
+
+    def variables(self) -> dict:
+        return {"params": self.params, "feedback": self.feedback, "batch_stats": self.batch_stats}
+
+
+def create_train_state(key: jax.Array, model: nn.Module, sample_batch, optimizer_config=None
+                       ) -> TrainState:
+    """Initialises ``model`` on ``sample_batch`` (a batch dict with ``'image'``, or an image array).
+
+    ``optimizer_config``: an ``OptimizerConfig``, a mapping or a ConfigDict (see ``pfa_jax.optim``).
+    """
+    config = OptimizerConfig.create(optimizer_config)
+    images = sample_batch["image"] if isinstance(sample_batch, dict) else sample_batch
+    init_key, feedback_key, state_key = jax.random.split(key, 3)
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        {"params": init_key, "feedback": feedback_key}, jnp.asarray(images))
+    params = variables["params"]
+    pnn.check_rule_map(getattr(model, "rule", None), params)
+    feedback = variables.get("feedback", {})
+    plastic = variables.get(pnn.PLASTICITY, {})
+    labels = {"params": jax.tree.map(lambda _: "params", params),
+              "feedback": jax.tree.map(lambda p: "feedback" if bool(p) else "frozen", plastic)}
+    tx = make_optimizer(config, labels)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, feedback=feedback,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init({"params": params, "feedback": feedback}),
+        rng=state_key, model=model, tx=tx, config=config)
+
+
+def cross_entropy(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _bound(axis_name: str | None) -> bool:
+    """Whether ``axis_name`` is a mapped axis here (inside ``pmap`` / ``shard_map``)."""
+    if axis_name is None:
+        return False
+    try:
+        lax.axis_index(axis_name)
+    except NameError:
+        return False
+    return True
+
+
+def train_step(state: TrainState, batch: dict, axis_name: str | None = AXIS):
+    """One step on ``batch = {'image': (n, ...), 'label': (n,)}``; returns ``(state, metrics)``.
+
+    Pure. Under ``pmap`` / ``shard_map`` with ``axis_name`` bound, loss, gradients, feedback signals
+    and BatchNorm statistics are averaged over that axis.
+    """
+    parallel = _bound(axis_name)
+    model = state.model
+    if parallel and hasattr(model, "axis_name"):
+        model = model.clone(axis_name=axis_name)
+    step_key = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params, feedback):
+        variables = {"params": params, "feedback": feedback, "batch_stats": state.batch_stats}
+        logits, updates = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"],
+                                      rngs={"feedback": step_key})
+        return cross_entropy(logits, batch["label"]).mean(), (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+        state.params, state.feedback)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    if parallel:
+        grads, loss, accuracy = lax.pmean((grads, loss, accuracy), axis_name)
+    trainable = {"params": state.params, "feedback": state.feedback}
+    steps, opt_state = state.tx.update({"params": grads[0], "feedback": grads[1]},
+                                       state.opt_state, trainable)
+    new = optax.apply_updates(trainable, steps)
+    lr, wd = state.config.schedules()
+    metrics = {"loss": loss, "accuracy": accuracy, "learning_rate": lr(state.step),
+               "weight_decay": wd(state.step)}
+    state = state.replace(step=state.step + 1, params=new["params"], feedback=new["feedback"],
+                          batch_stats=updates.get("batch_stats", state.batch_stats),
+                          opt_state=opt_state)
+    return state, metrics
+
+
+def eval_step(state: TrainState, batch: dict) -> dict:
+    """Mean loss and accuracy on ``batch``; an optional ``batch['mask']`` weights the examples."""
+    logits = state.model.apply(state.variables(), batch["image"], train=False)
+    mask = batch.get("mask", jnp.ones(logits.shape[:1], logits.dtype))
+    count = jnp.sum(mask)
+    loss = jnp.sum(cross_entropy(logits, batch["label"]) * mask) / count
+    accuracy = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask) / count
+    return {"loss": loss, "accuracy": accuracy, "count": count}
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size",), donate_argnums=(0,))
+def train_epoch(state: TrainState, images, labels, key, batch_size: int):
+    """One shuffled epoch as one compiled ``lax.scan`` of ``train_step`` (drops the last partial
+    batch). Returns the state and per-step metrics (arrays of length ``len(images) // batch_size``).
+    """
+    steps = images.shape[0] // batch_size
+    if steps == 0:
+        raise ValueError(f"batch_size={batch_size} exceeds the {images.shape[0]} training examples")
+    order = jax.random.permutation(key, images.shape[0])[:steps * batch_size]
+
+    def body(state, indices):
+        return train_step(state, {"image": images[indices], "label": labels[indices]})
+
+    return lax.scan(body, state, order.reshape(steps, batch_size))
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size",))
+def evaluate(state: TrainState, images, labels, batch_size: int = 1000) -> dict:
+    """Loss and accuracy over a whole split, as one compiled scan (the last batch is padded and
+    masked)."""
+    n = images.shape[0]
+    steps = -(-n // batch_size)
+    pad = steps * batch_size - n
+    images = jnp.pad(images, [(0, pad)] + [(0, 0)] * (images.ndim - 1))
+    labels = jnp.pad(labels, (0, pad))
+    mask = (jnp.arange(steps * batch_size) < n).astype(jnp.float32)
+
+    def body(totals, i):
+        window = lambda a: lax.dynamic_slice_in_dim(a, i * batch_size, batch_size)
+        m = eval_step(state, {"image": window(images), "label": window(labels), "mask": window(mask)})
+        return jax.tree.map(lambda t, v: t + v * m["count"], totals,
+                            {"loss": m["loss"], "accuracy": m["accuracy"]}), None
+
+    totals, _ = lax.scan(body, {"loss": 0.0, "accuracy": 0.0}, jnp.arange(steps))
+    return jax.tree.map(lambda t: t / n, totals)
+
+
+# -- data parallel ---------------------------------------------------------------------------------
+def replicate(tree, devices=None):
+    """Copies ``tree`` onto every local device along a new leading axis (for ``pmap``)."""
+    devices = devices or jax.local_devices()
+    stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (len(devices),) + jnp.shape(x)), tree)
+    return shard_batch(stacked, batch_mesh(devices))
+
+
+def unreplicate(tree):
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def split_batch(batch, num_devices: int | None = None):
+    """``(n, ...) -> (devices, n / devices, ...)`` for ``pmap``."""
+    num_devices = num_devices or jax.local_device_count()
+
+    def split(x):
+        if x.shape[0] % num_devices:
+            raise ValueError(f"batch of {x.shape[0]} does not split evenly over {num_devices} devices")
+        return x.reshape((num_devices, x.shape[0] // num_devices) + x.shape[1:])
+
+    return jax.tree.map(split, batch)
+
+
+def batch_mesh(devices=None) -> jax.sharding.Mesh:
+    """A 1-D mesh with axis ``"batch"`` over ``devices`` (default: all)."""
+    return jax.sharding.Mesh(np.asarray(devices or jax.devices()), (AXIS,))
+
+
+def shard_batch(batch, mesh: jax.sharding.Mesh):
+    """Places a batch split along its leading axis over ``mesh``'s ``"batch"`` axis."""
+    return jax.device_put(batch, NamedSharding(mesh, PartitionSpec(AXIS)))
+
+
+def replicate_on(tree, mesh: jax.sharding.Mesh):
+    """Places ``tree`` fully replicated on ``mesh`` (the state for batch-sharded ``jit``)."""
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
