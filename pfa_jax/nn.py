@@ -16,7 +16,8 @@ the ``params`` tree. ``check_rule_map`` verifies every path in a mapping names a
 
 ``model.init`` also returns a ``plasticity`` collection mirroring ``feedback`` (True where the rule's
 optimizer steps the array, e.g. KP's ``B`` and PFA's ``R``); ``pfa_jax.train.create_train_state``
-uses it to keep fixed feedback fixed and drops it. ``model.apply`` never needs it.
+uses it to keep fixed feedback fixed and drops it. ``model.apply`` never needs it. Applied with the
+``effective_feedback`` collection mutable, each layer sows ``(kernel, F)`` for the metrics.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from pfa_jax import rules
 RuleSpec = Any  # Rule | str | Mapping[str, Rule | str]
 DEFAULT = "default"
 PLASTICITY = "plasticity"  # init-only collection: True for feedback arrays the optimizer steps
+EFFECTIVE_FEEDBACK = "effective_feedback"  # filled only when applied with this collection mutable
 
 
 def resolve_rule(spec: RuleSpec, path: str) -> rules.Rule:
@@ -80,6 +82,12 @@ class _RuleLayer(nn.Module):
                 self.variable(PLASTICITY, name, lambda n=name: jnp.asarray(n in rule.plastic))
         return dict(self.variables.get("feedback", {}))
 
+    def report(self, rule: rules.Rule, kernel, feedback) -> None:
+        """Sows ``(K, F)`` when ``effective_feedback`` is mutable (``pfa_jax.metrics`` asks)."""
+        if self.is_mutable_collection(EFFECTIVE_FEEDBACK):
+            self.sow(EFFECTIVE_FEEDBACK, "pair", (kernel, rule.effective_feedback(kernel, feedback)),
+                     reduce_fn=lambda _, new: new)
+
     def feedback_key(self, rule: rules.Rule):
         if rule.needs_key and self.has_rng("feedback"):
             return self.make_rng("feedback")
@@ -105,8 +113,9 @@ class Dense(_RuleLayer):
         rule = self.layer_rule()
         kernel = self.param("kernel", self.kernel_init or rule.kernel_init(),
                             (x.shape[-1], self.features))
-        y = rule.dense(x, kernel, self.feedback(rule, kernel), self.feedback_key(rule))
-        return self.add_bias(y)
+        feedback = self.feedback(rule, kernel)
+        self.report(rule, kernel, feedback)
+        return self.add_bias(rule.dense(x, kernel, feedback, self.feedback_key(rule)))
 
 
 class Conv(_RuleLayer):
@@ -139,7 +148,9 @@ class Conv(_RuleLayer):
                              f"feature_group_count={self.feature_group_count}")
         shape = window + (x.shape[-1] // self.feature_group_count, self.features)
         kernel = self.param("kernel", self.kernel_init or rule.kernel_init(), shape)
-        y = rule.conv(x, kernel, self.feedback(rule, kernel), self.feedback_key(rule),
+        feedback = self.feedback(rule, kernel)
+        self.report(rule, kernel, feedback)
+        y = rule.conv(x, kernel, feedback, self.feedback_key(rule),
                       strides=self.strides, padding=self.padding,
                       kernel_dilation=self.kernel_dilation,
                       feature_group_count=self.feature_group_count)

@@ -47,6 +47,7 @@ class TrainState(struct.PyTreeNode):
     model: nn.Module = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     config: OptimizerConfig = struct.field(pytree_node=False)
+    input_shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
     def variables(self) -> dict:
         return {"params": self.params, "feedback": self.feedback, "batch_stats": self.batch_stats}
@@ -74,7 +75,7 @@ def create_train_state(key: jax.Array, model: nn.Module, sample_batch, optimizer
         step=jnp.zeros((), jnp.int32), params=params, feedback=feedback,
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init({"params": params, "feedback": feedback}),
-        rng=state_key, model=model, tx=tx, config=config)
+        rng=state_key, model=model, tx=tx, config=config, input_shape=tuple(images.shape[1:]))
 
 
 def cross_entropy(logits, labels):

@@ -1,0 +1,61 @@
+"""The ``pfa-jax`` command.
+
+    pfa-jax train --rule pfa --model ffn2 --dataset fashion_mnist --epochs 3
+    pfa-jax train --rule pfa --set rule_options.expansion=5 --set optimizer.weight_decay='(0.03, 9e-5)' \
+        --set optimizer.wd_milestones='(1,)'
+    pfa-jax rules | models
+
+Flags set the common keys of ``pfa_jax.config.default_config()``; ``--set key=value`` sets any key.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pfa_jax import config as config_lib
+from pfa_jax import models, rules
+
+_FLAGS = {"rule": str, "model": str, "dataset": str, "epochs": int, "batch_size": int, "seed": int}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pfa-jax", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train one model with one rule, write a run directory")
+    for name, kind in _FLAGS.items():
+        train.add_argument("--" + name.replace("_", "-"), type=kind, dest=name)
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any config key, e.g. optimizer.learning_rate=0.05")
+    train.add_argument("--out", help="run directory (default runs/DATASET-MODEL-RULE-seedN)")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.add_argument("--quiet", action="store_true", help="no progress output")
+    commands.add_parser("rules", help="list the rules")
+    commands.add_parser("models", help="list the models")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "rules":
+        print("\n".join(rules.names()))
+        return 0
+    if args.command == "models":
+        print("\n".join(models.names()))
+        return 0
+    from pfa_jax import experiment  # imports JAX-heavy modules only when training
+
+    config = config_lib.default_config()
+    flags = [f"{name}={getattr(args, name)}" for name in _FLAGS if getattr(args, name) is not None]
+    try:
+        config_lib.override(config, flags + args.set)
+        out = args.out or f"runs/{config.dataset}-{config.model}-{config.rule}-seed{config.seed}"
+        summary = experiment.run(config, out, overwrite=args.overwrite, progress=not args.quiet)
+    except (ValueError, FileExistsError, FileNotFoundError, experiment.DivergenceError) as error:
+        print(f"pfa-jax: error: {error}", file=sys.stderr)
+        return 2
+    print(f"final test accuracy {100 * summary['test_accuracy']:.2f}%  (run directory: {out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

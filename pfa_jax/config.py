@@ -1,0 +1,85 @@
+"""Run configuration as an ``ml_collections.ConfigDict``, with command-line overrides.
+
+    config = default_config()                 # every key, with the defaults below
+    override(config, ["optimizer.learning_rate=0.05", "rule_options.expansion=5"])
+
+Keys:
+
+* ``model`` / ``model_options``: a name of ``pfa_jax.models.names()`` and its options.
+* ``rule`` / ``rule_options``: a name of ``pfa_jax.rules.names()`` and its options;
+  ``layer_rules`` maps layer paths to rule names that override ``rule`` (e.g. ``{'output': 'bp'}``).
+* ``dataset``, ``data_dir``, ``holdout``, ``pad_to``, ``limit``: see ``pfa_jax.data.load``.
+* ``epochs``, ``batch_size``, ``eval_batch_size``, ``seed``.
+* ``optimizer``: the fields of ``pfa_jax.optim.OptimizerConfig`` (``steps_per_epoch`` is derived).
+"""
+from __future__ import annotations
+
+import ast
+from typing import Iterable
+
+import ml_collections
+
+from pfa_jax import nn as pnn
+from pfa_jax import rules
+
+
+def default_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "model": "ffn2",
+        "model_options": {},
+        "rule": "bp",
+        "rule_options": {},
+        "layer_rules": {},
+        "dataset": "fashion_mnist",
+        "data_dir": "",
+        "holdout": 0,
+        "pad_to": 0,
+        "limit": 0,
+        "epochs": 3,
+        "batch_size": 64,
+        "eval_batch_size": 1000,
+        "seed": 0,
+        "optimizer": {
+            "name": "sgd",
+            "learning_rate": 0.01,
+            "lr_milestones": (),
+            "lr_decay": 0.1,
+            "weight_decay": 1e-4,
+            "wd_milestones": (),
+            "momentum": 0.9,
+        },
+    })
+
+
+def override(config: ml_collections.ConfigDict, assignments: Iterable[str]
+             ) -> ml_collections.ConfigDict:
+    """Applies ``key.sub=value`` assignments; values are Python literals (else strings)."""
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {assignment!r} is not of the form key=value")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        *parents, leaf = key.split(".")
+        node = config
+        for i, part in enumerate(parents):
+            if part not in node:
+                raise ValueError(f"unknown config key {'.'.join(parents[:i + 1])!r}; valid keys: "
+                                 f"{sorted(node.keys())}")
+            node = node[part]
+        if isinstance(node, ml_collections.ConfigDict) and leaf not in node and node is config:
+            raise ValueError(f"unknown config key {key!r}; valid keys: {sorted(config.keys())}")
+        if isinstance(value, list):
+            value = tuple(value)
+        node[leaf] = value
+    return config
+
+
+def rule_spec(config: ml_collections.ConfigDict):
+    """The model's rule: one ``Rule``, or a per-layer mapping when ``layer_rules`` is set."""
+    rule = rules.get(config.rule, **config.rule_options.to_dict())
+    if not config.layer_rules:
+        return rule
+    return {pnn.DEFAULT: rule, **{k: rules.get(v) for k, v in config.layer_rules.items()}}
