@@ -1,0 +1,221 @@
+"""Training state, pure steps, optimizers, schedules, compiled epochs and data parallelism."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pfa_jax import metrics, optim, train
+from pfa_jax import nn as pnn
+
+
+class TinyNet(nn.Module):
+    """Dense -> ReLU -> BatchNorm -> Dense, every linear layer following ``rule``."""
+
+    rule: object = "bp"
+    axis_name: object = None
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(pnn.Dense(16, rule=self.rule, name="hidden")(x.reshape(x.shape[0], -1)))
+        x = nn.BatchNorm(use_running_average=not train, axis_name=self.axis_name)(x)
+        return pnn.Dense(4, rule=self.rule, name="output")(x)
+
+
+def toy_data(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(n, 3, 3, 1)).astype(np.float32)
+    labels = np.argmax(images.reshape(n, -1)[:, :4], axis=1).astype(np.int32)
+    return images, labels
+
+
+def make_state(rule, seed=0, **optimizer):
+    images, _ = toy_data()
+    return train.create_train_state(jax.random.key(seed), TinyNet(rule), images[:2],
+                                    {"learning_rate": 0.1, **optimizer})
+
+
+def max_diff(a, b):
+    return max([0.0] + jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.abs(x - y).max()), a, b)))
+
+
+@pytest.mark.parametrize("rule", ["bp", "fa", "usf", "brsf", "frsf", "kp", "pfa", "pfa_o"])
+def test_loss_falls_and_fixed_feedback_is_bit_identical(rule):
+    images, labels = toy_data(256)
+    state = make_state(rule, weight_decay=1e-3)
+    before = jax.tree.map(np.array, state.feedback)
+    plastic = {"kp": {"B"}, "pfa": {"R"}, "pfa_o": {"R"}}.get(rule, set())
+    losses = []
+    for epoch in range(4):
+        state, steps = train.train_epoch(state, jnp.asarray(images), jnp.asarray(labels),
+                                         jax.random.key(epoch), batch_size=32)
+        losses.append(float(steps["loss"].mean()))
+    assert losses[-1] < 0.8 * losses[0], losses
+    for layer, arrays in before.items():
+        for name, value in arrays.items():
+            changed = not np.array_equal(value, np.asarray(state.feedback[layer][name]))
+            assert changed == (name in plastic), (layer, name)
+
+
+def test_train_step_matches_a_hand_written_sgd_step():
+    """BP + SGD momentum with coupled weight decay: w1 = w0 - lr (g + wd w0) on the first step."""
+    images, labels = toy_data(32)
+    state = make_state("bp", weight_decay=0.01, learning_rate=0.2)
+    batch = {"image": images, "label": labels}
+
+    def loss(params):
+        logits, _ = state.model.apply({"params": params, "batch_stats": state.batch_stats},
+                                      images, train=True, mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    grads = jax.grad(loss)(state.params)
+    expected = jax.tree.map(lambda w, g: w - 0.2 * (g + 0.01 * w), state.params, grads)
+    new_state, metrics_ = jax.jit(train.train_step)(state, batch)
+    assert max_diff(new_state.params, expected) < 1e-6
+    assert float(metrics_["loss"]) == pytest.approx(float(loss(state.params)), rel=1e-6)
+
+
+def _train_steps(step, state, batches):
+    for batch in batches:
+        state, _ = step(state, batch)
+    return state
+
+
+@pytest.mark.parametrize("rule", ["pfa", "kp", "brsf"])
+def test_jit_pmap_and_sharded_jit_agree(rule):
+    assert jax.device_count() == 4
+    images, labels = toy_data(64)
+    batches = [{"image": images[i::2], "label": labels[i::2]} for i in range(2)] * 2
+    reference = _train_steps(jax.jit(train.train_step), make_state(rule), batches)
+
+    pmapped = _train_steps(jax.pmap(train.train_step, axis_name=train.AXIS),
+                           train.replicate(make_state(rule)),
+                           [train.split_batch(b) for b in batches])
+    pmapped = train.unreplicate(pmapped)
+
+    mesh = train.batch_mesh()
+    sharded = _train_steps(jax.jit(train.train_step), train.replicate_on(make_state(rule), mesh),
+                           [train.shard_batch(b, mesh) for b in batches])
+    for other in (pmapped, sharded):
+        for part in ("params", "feedback", "batch_stats"):
+            assert max_diff(getattr(reference, part), getattr(other, part)) < 1e-5, part
+
+
+def _converge(rule, steps=1500):
+    """Trains a single dense layer with SGD and weight decay on a regression-like problem."""
+    images, labels = toy_data(64)
+    state = train.create_train_state(
+        jax.random.key(1), TinyNet(rule), images[:2],
+        {"learning_rate": 0.1, "momentum": 0.0, "weight_decay": 0.05})
+    step = jax.jit(train.train_step)
+    batch = {"image": images, "label": labels}
+    for _ in range(steps):
+        state, _ = step(state, batch)
+    return state
+
+
+def test_kolen_pollack_feedback_converges_to_the_kernel():
+    state = _converge("kp")
+    for layer in ("hidden", "output"):
+        assert float(metrics.angle(state.feedback[layer]["B"], state.params[layer]["kernel"])) < 1.0
+
+
+def test_pfa_r_converges_to_kernel_times_bp():
+    state = _converge("pfa")
+    for layer in ("hidden", "output"):
+        fb, kernel = state.feedback[layer], state.params[layer]["kernel"]
+        assert float(metrics.angle(fb["R"], kernel @ fb["Bp"])) < 1.0
+
+
+def test_schedules_change_at_epoch_milestones():
+    config = optim.OptimizerConfig.create({
+        "learning_rate": (0.01, 0.005, 0.0025), "lr_milestones": (2, 3),
+        "weight_decay": (0.03, 9e-5), "wd_milestones": (1,), "steps_per_epoch": 10})
+    lr, wd = config.schedules()
+    assert [float(lr(s)) for s in (0, 19, 20, 29, 30, 1000)] == pytest.approx(
+        [0.01, 0.01, 0.005, 0.005, 0.0025, 0.0025])
+    assert [float(wd(s)) for s in (0, 9, 10)] == pytest.approx([0.03, 0.03, 9e-5])
+    decayed, _ = optim.OptimizerConfig.create(
+        {"learning_rate": 0.1, "lr_milestones": (1, 2), "lr_decay": 0.1}).schedules()
+    assert [float(decayed(s)) for s in (0, 1, 2)] == pytest.approx([0.1, 0.01, 0.001])
+
+
+def test_first_epoch_weight_decay_is_applied_then_dropped():
+    images, labels = toy_data(64)
+    state = make_state("bp", learning_rate=0.0, momentum=0.0, weight_decay=(0.5, 0.0),
+                       wd_milestones=(1,), steps_per_epoch=2)
+    kernel0 = np.asarray(state.params["output"]["kernel"])
+    state, steps = train.train_epoch(state, jnp.asarray(images), jnp.asarray(labels),
+                                     jax.random.key(0), batch_size=32)
+    # learning rate 0: the update is -lr * (...) = 0 whatever the decay; use adamw-free check on wd.
+    assert np.asarray(steps["weight_decay"]).tolist() == pytest.approx([0.5, 0.5])
+    state, steps = train.train_epoch(state, jnp.asarray(images), jnp.asarray(labels),
+                                     jax.random.key(1), batch_size=32)
+    assert np.asarray(steps["weight_decay"]).tolist() == pytest.approx([0.0, 0.0])
+    np.testing.assert_array_equal(kernel0, state.params["output"]["kernel"])
+
+
+def test_plastic_feedback_can_have_its_own_weight_decay():
+    images, labels = toy_data(64)
+    state = make_state("kp", learning_rate=0.0, weight_decay=0.1,
+                       feedback={"learning_rate": 0.1, "weight_decay": 0.0})
+    assert state.config.feedback.weight_decay == 0.0
+    assert state.config.feedback.learning_rate == 0.1
+    kernel0 = np.asarray(state.params["hidden"]["kernel"])
+    b0 = np.asarray(state.feedback["hidden"]["B"])
+    state, _ = jax.jit(train.train_step)(state, {"image": images, "label": labels})
+    np.testing.assert_array_equal(kernel0, state.params["hidden"]["kernel"])
+    assert not np.array_equal(b0, state.feedback["hidden"]["B"])
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_variants_train(name):
+    images, labels = toy_data(256)
+    state = make_state("fa", name=name, learning_rate=0.01, weight_decay=1e-4)
+    losses = []
+    for epoch in range(3):
+        state, steps = train.train_epoch(state, jnp.asarray(images), jnp.asarray(labels),
+                                         jax.random.key(epoch), batch_size=32)
+        losses.append(float(steps["loss"].mean()))
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"name": "rmsprop"}, "rmsprop"),
+    ({"learning_rate": (0.1, 0.01)}, "milestones"),
+    ({"lr_milestones": (3, 2)}, "(3, 2)"),
+    ({"weight_decay": 0.1, "wd_milestones": (1,)}, "one weight_decay per segment"),
+    ({"weight_decay": -1.0}, "-1.0"),
+    ({"steps_per_epoch": 0}, "steps_per_epoch=0"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_bad_optimizer_options_are_named(options, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        optim.OptimizerConfig.create(options)
+
+
+def test_evaluate_matches_eval_step_and_masks_the_padding():
+    images, labels = toy_data(70)
+    state = make_state("bp")
+    full = train.eval_step(state, {"image": images, "label": labels})
+    batched = train.evaluate(state, images, labels, batch_size=32)  # 3 batches, 26 padded
+    assert float(batched["accuracy"]) == pytest.approx(float(full["accuracy"]), abs=1e-6)
+    assert float(batched["loss"]) == pytest.approx(float(full["loss"]), rel=1e-5)
+
+
+def test_unknown_layer_in_rule_mapping_is_reported():
+    images, _ = toy_data()
+    with pytest.raises(ValueError, match="hiddn"):
+        train.create_train_state(jax.random.key(0), TinyNet({"default": "fa", "hiddn": "bp"}),
+                                 images[:2])
+
+
+def test_per_layer_rules_from_a_mapping():
+    images, _ = toy_data()
+    state = train.create_train_state(jax.random.key(0), TinyNet({"default": "pfa", "output": "bp"}),
+                                     images[:2])
+    assert set(state.feedback) == {"hidden"}
+    angles = metrics.alignment(state)
+    assert float(angles["output"]["weight_angle"]) == pytest.approx(0.0, abs=0.1)
+    assert float(angles["hidden"]["weight_angle"]) > 45.0
