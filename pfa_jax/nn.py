@@ -84,7 +84,7 @@ class _RuleLayer(nn.Module):
 
     def report(self, rule: rules.Rule, kernel, feedback) -> None:
         """Sows ``(K, F)`` when ``effective_feedback`` is mutable (``pfa_jax.metrics`` asks)."""
-        if self.is_mutable_collection(EFFECTIVE_FEEDBACK):
+        if self.is_mutable_collection(EFFECTIVE_FEEDBACK) and not self.is_initializing():
             self.sow(EFFECTIVE_FEEDBACK, "pair", (kernel, rule.effective_feedback(kernel, feedback)),
                      reduce_fn=lambda _, new: new)
 

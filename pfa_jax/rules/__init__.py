@@ -30,16 +30,17 @@ def names() -> tuple[str, ...]:
 def get(name: str | Rule, **options) -> Rule:
     """The rule ``name`` with ``options`` (a ``Rule`` instance is returned as it is)."""
     if isinstance(name, Rule):
-        if options:
-            return dataclasses.replace(name, **options)
-        return name
-    if name not in _REGISTRY:
+        cls = type(name)
+    elif name in _REGISTRY:
+        cls = _REGISTRY[name]
+    else:
         raise ValueError(f"unknown rule {name!r}; valid rules: {', '.join(names())}")
-    cls = _REGISTRY[name]
     valid = sorted(f.name for f in dataclasses.fields(cls))
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(f"rule {name!r} has no option(s) {unknown}; valid options: {valid}")
+        raise ValueError(f"rule {cls.name!r} has no option(s) {unknown}; valid options: {valid}")
+    if isinstance(name, Rule):
+        return dataclasses.replace(name, **options) if options else name
     return cls(**options)
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -111,10 +112,10 @@ class PFA(Rule):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.expansion, (int, float)) or self.expansion < 1:
+        if not isinstance(self.expansion, numbers.Real) or self.expansion < 1:
             raise ValueError(f"{self.name}: expansion={self.expansion!r} must be a number >= 1 "
                              "(mid = expansion * out units)")
-        if not isinstance(self.density, (int, float)) or not 0.0 < self.density <= 1.0:
+        if not isinstance(self.density, numbers.Real) or not 0.0 < self.density <= 1.0:
             raise ValueError(f"{self.name}: density={self.density!r} must lie in (0, 1]")
         if self.route not in ROUTES:
             raise ValueError(f"{self.name}: route={self.route!r} is unknown; valid: {ROUTES}")

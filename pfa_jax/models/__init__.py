@@ -1,0 +1,78 @@
+"""The models of the papers' experiments, behind a registry.
+
+    model = pfa_jax.models.get("resnet20", rule="pfa", num_classes=10)
+    variables = model.init({"params": key}, images)              # images: (N, H, W, C) float32
+    logits = model.apply(variables, images)                      # eval mode
+    logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+
+=========  ===================================================================  ==============
+name       architecture                                                         params (10 cl.)
+=========  ===================================================================  ==============
+ffn2       MLP 784-512-512-10, ReLU, bias (option ``widths``)                   669,706
+lenet      LeNet-5: conv 6@5x5, pool, conv 16@5x5, pool, 120, 84, output        61,706 (28x28x1)
+resnet20   CIFAR ResNet, 3 stages x 3 BasicBlocks, option-A shortcuts, BN       269,722
+resnet56   CIFAR ResNet, 3 stages x 9 BasicBlocks, option-A shortcuts, BN       853,018
+resnet18   ImageNet ResNet-18, option-B shortcuts, BN                           11,689,512 (1000)
+=========  ===================================================================  ==============
+
+Every model is a ``flax.linen`` Module with fields ``rule`` (a rule, its name, or a per-layer
+mapping, see ``pfa_jax.nn``), ``num_classes`` and ``axis_name`` (the BatchNorm ``axis_name`` for
+``pmap``), called as ``model(x, train=False)``. Only ``Dense`` / ``Conv`` layers follow the rule;
+BatchNorm, activations, pooling and residual additions use ordinary autodiff.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+
+from pfa_jax.models.base import Model
+from pfa_jax.models.lenet import LeNet
+from pfa_jax.models.mlp import MLP
+from pfa_jax.models.resnet import BasicBlock, CifarResNet, ImageNetResNet
+
+# name -> (class, fields fixed by the name)
+_REGISTRY: dict[str, tuple[type[Model], dict]] = {
+    "ffn2": (MLP, {}),
+    "lenet": (LeNet, {}),
+    "resnet20": (CifarResNet, {"blocks_per_stage": 3}),
+    "resnet56": (CifarResNet, {"blocks_per_stage": 9}),
+    "resnet18": (ImageNetResNet, {"stage_sizes": (2, 2, 2, 2)}),
+}
+
+
+def names() -> tuple[str, ...]:
+    """Names of every registered model."""
+    return tuple(_REGISTRY)
+
+
+def options(name: str) -> tuple[str, ...]:
+    """The keyword arguments ``get(name, ...)`` accepts."""
+    cls, fixed = _entry(name)
+    return tuple(sorted(f.name for f in dataclasses.fields(cls)
+                        if f.init and f.name not in fixed and f.name not in ("parent", "name")))
+
+
+def get(name: str, rule="bp", num_classes: int = 10, **kwargs) -> nn.Module:
+    """The model ``name`` whose ``Dense`` / ``Conv`` layers follow ``rule``.
+
+    Lists among the options (e.g. ``widths`` from a config file) become tuples, so the model stays
+    hashable (a static ``jit`` argument).
+    """
+    cls, fixed = _entry(name)
+    unknown = sorted(set(kwargs) - set(options(name)))
+    if unknown:
+        raise ValueError(f"model {name!r} has no option(s) {unknown}; valid options: "
+                         f"{list(options(name))}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    return cls(rule=rule, num_classes=num_classes, **fixed, **kwargs)
+
+
+def _entry(name: str):
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+__all__ = ["BasicBlock", "CifarResNet", "ImageNetResNet", "LeNet", "MLP", "Model", "get", "names",
+           "options"]

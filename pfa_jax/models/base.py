@@ -1,0 +1,50 @@
+"""What every model shares: the common fields, the layer helpers and the classifier head.
+
+Every ``Dense`` / ``Conv`` is a ``pfa_jax.nn`` layer with the model's ``rule`` passed through
+unchanged (each layer resolves a per-layer mapping from its own path). BatchNorm follows PyTorch's
+defaults (scale 1, bias 0, ``momentum=0.9`` in flax's convention, i.e. PyTorch's 0.1, ``epsilon=1e-5``)
+and averages its batch statistics over ``axis_name`` under ``pmap``. BatchNorm, activations, pooling
+and residual additions use ordinary autodiff: only ``Dense`` and ``Conv`` follow the rule.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+
+from pfa_jax import nn as pnn
+
+
+class Layers(nn.Module):
+    """A module made of rule-following layers and BatchNorm."""
+
+    rule: pnn.RuleSpec = "bp"
+    axis_name: str | None = None
+
+    def conv_bn(self, x, features: int, kernel: int, strides: int, train: bool,
+                names: tuple[str, str]):
+        """Conv without bias, symmetric padding ``kernel // 2`` (as PyTorch), then BatchNorm."""
+        x = pnn.Conv(features, (kernel, kernel), strides=strides, padding=kernel // 2,
+                     use_bias=False, rule=self.rule, name=names[0])(x)
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                            axis_name=self.axis_name, name=names[1])(x)
+
+
+class Model(Layers):
+    """A classifier: ``__call__(x, train=False)`` maps images ``(N, H, W, C)`` to logits."""
+
+    num_classes: int = 10
+
+    def classifier(self, x, widths: Sequence[int] = (), prefix: str = "dense"):
+        """Flattens ``x``, applies ReLU ``Dense`` layers ``{prefix}_{i}`` and the ``output`` layer.
+
+        Every model ends here, so at init this also checks that a rule mapping names only layers the
+        model has (``pfa_jax.nn.check_rule_map``) when the model is the top-level module.
+        """
+        x = x.reshape(x.shape[0], -1)
+        for i, width in enumerate(widths):
+            x = nn.relu(pnn.Dense(width, rule=self.rule, name=f"{prefix}_{i}")(x))
+        logits = pnn.Dense(self.num_classes, rule=self.rule, name="output")(x)
+        if self.is_initializing() and not self.scope.path:
+            pnn.check_rule_map(self.rule, self.variables["params"])
+        return logits
