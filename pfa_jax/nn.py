@@ -69,8 +69,14 @@ def check_rule_map(spec: RuleSpec, params) -> None:
                          f"{sorted(known)} (plus {DEFAULT!r})")
 
 
-class _RuleLayer(nn.Module):
-    """Shared plumbing: the layer's rule, its feedback variables and its per-step key."""
+class _RuleLayer(nn.Module, kw_only=True):
+    """Shared fields (keyword-only) and plumbing: the layer's rule, its feedback variables and its
+    per-step key."""
+
+    rule: RuleSpec = "bp"
+    use_bias: bool = True
+    kernel_init: Callable | None = None
+    bias_init: Callable = nn.initializers.zeros
 
     def layer_rule(self) -> rules.Rule:
         return resolve_rule(self.rule, "/".join(self.scope.path))
@@ -93,7 +99,13 @@ class _RuleLayer(nn.Module):
             return self.make_rng("feedback")
         return None
 
-    def add_bias(self, y):
+    def linear(self, kernel_shape, apply):
+        """Creates kernel and feedback, returns ``apply(rule, kernel, feedback, key)`` plus bias."""
+        rule = self.layer_rule()
+        kernel = self.param("kernel", self.kernel_init or rule.kernel_init(), kernel_shape)
+        feedback = self.feedback(rule, kernel)
+        self.report(rule, kernel, feedback)
+        y = apply(rule, kernel, feedback, self.feedback_key(rule))
         if not self.use_bias:
             return y
         return y + self.param("bias", self.bias_init, (self.features,), y.dtype)
@@ -103,19 +115,11 @@ class Dense(_RuleLayer):
     """``y = x @ kernel + bias`` with the rule's backward. ``kernel_init`` defaults to the rule's."""
 
     features: int
-    rule: RuleSpec = "bp"
-    use_bias: bool = True
-    kernel_init: Callable | None = None
-    bias_init: Callable = nn.initializers.zeros
 
     @nn.compact
     def __call__(self, x):
-        rule = self.layer_rule()
-        kernel = self.param("kernel", self.kernel_init or rule.kernel_init(),
-                            (x.shape[-1], self.features))
-        feedback = self.feedback(rule, kernel)
-        self.report(rule, kernel, feedback)
-        return self.add_bias(rule.dense(x, kernel, feedback, self.feedback_key(rule)))
+        return self.linear((x.shape[-1], self.features),
+                           lambda rule, kernel, feedback, key: rule.dense(x, kernel, feedback, key))
 
 
 class Conv(_RuleLayer):
@@ -130,14 +134,9 @@ class Conv(_RuleLayer):
     padding: Any = "SAME"
     kernel_dilation: Sequence[int] | int = 1
     feature_group_count: int = 1
-    rule: RuleSpec = "bp"
-    use_bias: bool = True
-    kernel_init: Callable | None = None
-    bias_init: Callable = nn.initializers.zeros
 
     @nn.compact
     def __call__(self, x):
-        rule = self.layer_rule()
         window = ((self.kernel_size,) * (x.ndim - 2) if isinstance(self.kernel_size, int)
                   else tuple(self.kernel_size))
         if len(window) != x.ndim - 2:
@@ -147,11 +146,6 @@ class Conv(_RuleLayer):
             raise ValueError(f"Conv: {x.shape[-1]} input channels are not divisible by "
                              f"feature_group_count={self.feature_group_count}")
         shape = window + (x.shape[-1] // self.feature_group_count, self.features)
-        kernel = self.param("kernel", self.kernel_init or rule.kernel_init(), shape)
-        feedback = self.feedback(rule, kernel)
-        self.report(rule, kernel, feedback)
-        y = rule.conv(x, kernel, feedback, self.feedback_key(rule),
-                      strides=self.strides, padding=self.padding,
-                      kernel_dilation=self.kernel_dilation,
-                      feature_group_count=self.feature_group_count)
-        return self.add_bias(y)
+        return self.linear(shape, lambda rule, kernel, feedback, key: rule.conv(
+            x, kernel, feedback, key, strides=self.strides, padding=self.padding,
+            kernel_dilation=self.kernel_dilation, feature_group_count=self.feature_group_count))
