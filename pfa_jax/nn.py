@@ -17,7 +17,9 @@ the ``params`` tree. ``check_rule_map`` verifies every path in a mapping names a
 ``model.init`` also returns a ``plasticity`` collection mirroring ``feedback`` (True where the rule's
 optimizer steps the array, e.g. KP's ``B`` and PFA's ``R``); ``pfa_jax.train.create_train_state``
 uses it to keep fixed feedback fixed and drops it. ``model.apply`` never needs it. Applied with the
-``effective_feedback`` collection mutable, each layer sows ``(kernel, F)`` for the metrics.
+``effective_feedback`` collection mutable, each layer sows ``(kernel, F)`` for the metrics. Each
+layer's output passes through ``self.perturb('output', y)``: gradients w.r.t. the ``perturbations``
+collection are the errors ``dL/dy`` reaching every layer (under the rule), also for the metrics.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ RuleSpec = Any  # Rule | str | Mapping[str, Rule | str]
 DEFAULT = "default"
 PLASTICITY = "plasticity"  # init-only collection: True for feedback arrays the optimizer steps
 EFFECTIVE_FEEDBACK = "effective_feedback"  # filled only when applied with this collection mutable
+PERTURBATION = "output"  # name of each layer's zero perturbation (flax ``perturb``) on its output
 
 
 def resolve_rule(spec: RuleSpec, path: str) -> rules.Rule:
@@ -106,9 +109,9 @@ class _RuleLayer(nn.Module, kw_only=True):
         feedback = self.feedback(rule, kernel)
         self.report(rule, kernel, feedback)
         y = apply(rule, kernel, feedback, self.feedback_key(rule))
-        if not self.use_bias:
-            return y
-        return y + self.param("bias", self.bias_init, (self.features,), y.dtype)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), y.dtype)
+        return self.perturb(PERTURBATION, y)
 
 
 class Dense(_RuleLayer):
