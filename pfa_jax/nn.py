@@ -14,9 +14,15 @@ A layer's ``rule`` is a ``Rule``, a rule name, or a mapping from layer paths to 
 its module path in the model joined by ``/`` (``'stage1_block0/conv0'``), the same as its key path in
 the ``params`` tree. ``check_rule_map`` verifies every path in a mapping names a real layer.
 
-``model.init`` also returns a ``plasticity`` collection mirroring ``feedback`` (True where the rule's
-optimizer steps the array, e.g. KP's ``B`` and PFA's ``R``); ``pfa_jax.train.create_train_state``
-uses it to keep fixed feedback fixed and drops it. ``model.apply`` never needs it. Applied with the
+``model.init`` also returns a ``plasticity`` collection mirroring ``feedback`` (``OPTIMIZED`` where the
+optimizer steps the array, e.g. KP's ``B`` and PFA's ``R``; ``MIRRORED`` for weight-mirror ``B``;
+``FIXED`` otherwise); ``pfa_jax.train.create_train_state`` uses it to keep fixed feedback fixed and
+drops it. ``model.apply`` never needs it. Applied with an RNG stream ``mirror`` (or
+``mirror_warmup``) and ``feedback`` mutable, weight-mirror layers take their mirror steps.
+
+DFA layers (``pfa_jax.rules.direct_feedback``) sow a zero "tap" ``(n, classes)`` into the
+``error_taps`` collection when it is mutable; the model adds the taps to its logits (``add_taps``), so
+the output error reaches every DFA layer in the one backward pass. Applied with the
 ``effective_feedback`` collection mutable, each layer sows ``(kernel, F)`` for the metrics. Each
 layer's output passes through ``self.perturb('output', y)``: gradients w.r.t. the ``perturbations``
 collection are the errors ``dL/dy`` reaching every layer (under the rule), also for the metrics.
@@ -34,7 +40,10 @@ from pfa_jax import rules
 
 RuleSpec = Any  # Rule | str | Mapping[str, Rule | str]
 DEFAULT = "default"
-PLASTICITY = "plasticity"  # init-only collection: True for feedback arrays the optimizer steps
+PLASTICITY = "plasticity"  # init-only collection: how each feedback array learns (codes below)
+FIXED, OPTIMIZED, MIRRORED = 0, 1, 2
+TAPS = "error_taps"  # output-error taps of DFA layers, sown when this collection is mutable
+MIRROR, MIRROR_WARMUP = "mirror", "mirror_warmup"  # RNG streams that ask for mirror steps
 EFFECTIVE_FEEDBACK = "effective_feedback"  # filled only when applied with this collection mutable
 PERTURBATION = "output"  # name of each layer's zero perturbation (flax ``perturb``) on its output
 
@@ -49,6 +58,30 @@ def resolve_rule(spec: RuleSpec, path: str) -> rules.Rule:
                              f"and no {DEFAULT!r} entry")
         return rules.get(spec[DEFAULT])
     return rules.get(spec)
+
+
+def bind_classes(spec: RuleSpec, num_classes: int) -> RuleSpec:
+    """``spec`` with every rule that needs the network's number of classes (DFA) told it; other
+    entries are kept as given."""
+    def bind(rule):
+        bound = rules.get(rule).for_classes(num_classes)
+        return rule if bound == rules.get(rule) else bound
+
+    if isinstance(spec, Mapping):
+        return {path: bind(rule) for path, rule in spec.items()}
+    return bind(spec)
+
+
+def add_taps(module: nn.Module, logits):
+    """``logits`` plus every DFA tap sown below ``module`` (zeros, so the forward value is unchanged;
+    in the backward pass each tap receives ``e = dL/dlogits``). Call it on the logits at the end of a
+    top-level model's ``__call__``; ``pfa_jax.models`` do."""
+    if not module.is_mutable_collection(TAPS):
+        return logits
+    for tap in jax.tree.leaves(module.variables.get(TAPS, {})):
+        logits = logits + tap
+    module.sow(TAPS, "consumed", True)
+    return logits
 
 
 def layer_paths(params) -> set[str]:
@@ -87,15 +120,24 @@ class _RuleLayer(nn.Module, kw_only=True):
     def feedback(self, rule: rules.Rule, kernel) -> dict:
         if self.is_initializing():
             for name, value in rule.init_feedback(self.make_rng("params"), kernel).items():
+                code = OPTIMIZED if name in rule.plastic else MIRRORED if name in rule.mirrored else FIXED
                 self.variable("feedback", name, lambda v=value: v)
-                self.variable(PLASTICITY, name, lambda n=name: jnp.asarray(n in rule.plastic))
-        return dict(self.variables.get("feedback", {}))
+                self.variable(PLASTICITY, name, lambda c=code: jnp.asarray(c))
+        feedback = dict(self.variables.get("feedback", {}))
+        for stream in (MIRROR, MIRROR_WARMUP):
+            if rule.mirrored and self.has_rng(stream) and self.is_mutable_collection("feedback"):
+                feedback = rule.mirror(self.make_rng(stream), kernel, feedback,
+                                       warmup=stream == MIRROR_WARMUP)
+                for name in rule.mirrored:
+                    self.put_variable("feedback", name, feedback[name])
+        return feedback
 
     def report(self, rule: rules.Rule, kernel, feedback) -> None:
         """Sows ``(K, F)`` when ``effective_feedback`` is mutable (``pfa_jax.metrics`` asks)."""
         if self.is_mutable_collection(EFFECTIVE_FEEDBACK) and not self.is_initializing():
-            self.sow(EFFECTIVE_FEEDBACK, "pair", (kernel, rule.effective_feedback(kernel, feedback)),
-                     reduce_fn=lambda _, new: new)
+            effective = rule.effective_feedback(kernel, feedback)
+            if effective is not None:
+                self.sow(EFFECTIVE_FEEDBACK, "pair", (kernel, effective), reduce_fn=lambda _, new: new)
 
     def feedback_key(self, rule: rules.Rule):
         if rule.needs_key and self.has_rng("feedback"):
@@ -109,6 +151,9 @@ class _RuleLayer(nn.Module, kw_only=True):
         feedback = self.feedback(rule, kernel)
         self.report(rule, kernel, feedback)
         y = apply(rule, kernel, feedback, self.feedback_key(rule))
+        if rule.output_error:
+            y, tap = y
+            self.sow(TAPS, "tap", tap)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), y.dtype)
         return self.perturb(PERTURBATION, y)

@@ -3,7 +3,9 @@ and data parallelism.
 
 One step is one ``jax.value_and_grad`` of the mean cross-entropy over ``(params, feedback)``; the rules'
 custom VJPs make the feedback gradients their feedback-learning signals. Both are stepped by one optax
-transformation (``pfa_jax.optim``) that leaves fixed feedback bit-identical.
+transformation (``pfa_jax.optim``) that leaves fixed feedback bit-identical. Weight-mirror feedback
+is stepped by ``mirror`` instead: a mirroring phase in ``create_train_state`` and mirror steps after
+every training step. DFA layers get the output error through taps the model adds to its logits.
 
 Data parallel, two ways, same numbers as one device:
 
@@ -48,6 +50,7 @@ class TrainState(struct.PyTreeNode):
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     config: OptimizerConfig = struct.field(pytree_node=False)
     input_shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
+    mirrored: bool = struct.field(pytree_node=False, default=False)  # has weight-mirror feedback
 
     def variables(self) -> dict:
         return {"params": self.params, "feedback": self.feedback, "batch_stats": self.batch_stats}
@@ -69,13 +72,33 @@ def create_train_state(key: jax.Array, model: nn.Module, sample_batch, optimizer
     feedback = variables.get("feedback", {})
     plastic = variables.get(pnn.PLASTICITY, {})
     labels = {"params": jax.tree.map(lambda _: "params", params),
-              "feedback": jax.tree.map(lambda p: "feedback" if bool(p) else "frozen", plastic)}
+              "feedback": jax.tree.map(lambda c: "feedback" if c == pnn.OPTIMIZED else "frozen",
+                                       plastic)}
     tx = make_optimizer(config, labels)
-    return TrainState(
+    state = TrainState(
         step=jnp.zeros((), jnp.int32), params=params, feedback=feedback,
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init({"params": params, "feedback": feedback}),
-        rng=state_key, model=model, tx=tx, config=config, input_shape=tuple(images.shape[1:]))
+        rng=state_key, model=model, tx=tx, config=config, input_shape=tuple(images.shape[1:]),
+        mirrored=any(c == pnn.MIRRORED for c in jax.tree.leaves(plastic)))
+    if state.mirrored:
+        state = jax.jit(mirror, static_argnames="warmup")(state, warmup=True)
+    return state
+
+
+def mirror(state: TrainState, warmup: bool = False) -> TrainState:
+    """Weight-mirror layers take their mirror steps (``warmup``: the initial mirroring phase).
+
+    Each step feeds noise through the layer's own kernel (``pfa_jax.rules.weight_mirror``), drawn
+    from a key derived from ``state.rng`` and ``state.step`` (so repeated calls at one step repeat
+    the same noise); the model's forward pass on one zero image only carries the layers there and
+    is otherwise unused.
+    """
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
+    images = jnp.zeros((1,) + tuple(state.input_shape), jnp.float32)
+    _, updates = state.model.apply(state.variables(), images, train=False, mutable=["feedback"],
+                                   rngs={pnn.MIRROR_WARMUP if warmup else pnn.MIRROR: key})
+    return state.replace(feedback=updates["feedback"])
 
 
 def cross_entropy(logits, labels):
@@ -107,8 +130,12 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = AXIS):
 
     def loss_fn(params, feedback):
         variables = {"params": params, "feedback": feedback, "batch_stats": state.batch_stats}
-        logits, updates = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"],
-                                      rngs={"feedback": step_key})
+        logits, updates = model.apply(variables, batch["image"], train=True,
+                                      mutable=["batch_stats", pnn.TAPS], rngs={"feedback": step_key})
+        taps = updates.get(pnn.TAPS, {})
+        if taps and "consumed" not in taps:
+            raise ValueError("the model has DFA layers but does not add their error taps to its "
+                             "logits: end its __call__ with pfa_jax.nn.add_taps(self, logits)")
         return cross_entropy(logits, batch["label"]).mean(), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
@@ -126,6 +153,8 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = AXIS):
     state = state.replace(step=state.step + 1, params=new["params"], feedback=new["feedback"],
                           batch_stats=updates.get("batch_stats", state.batch_stats),
                           opt_state=opt_state)
+    if state.mirrored:
+        state = mirror(state)
     return state, metrics
 
 

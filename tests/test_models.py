@@ -17,6 +17,7 @@ import optax
 import pytest
 
 import pfa_jax.models as models
+from pfa_jax import nn as pnn
 from pfa_jax import rules
 from pfa_jax.nn import layer_paths
 
@@ -289,7 +290,7 @@ def test_every_rule_trains(name, rule):
 
     def loss(params, feedback):
         logits, _ = model.apply({**other, "params": params, "feedback": feedback}, x, train=True,
-                                mutable=["batch_stats"], rngs={"feedback": key(1)})
+                                mutable=["batch_stats", pnn.TAPS], rngs={"feedback": key(1)})
         return cross_entropy(logits, len(x))
 
     dparams, dfeedback = jax.grad(loss, argnums=(0, 1))(rule_variables["params"],

@@ -26,6 +26,7 @@ import dataclasses
 
 import flax.linen as nn
 
+from pfa_jax import nn as pnn
 from pfa_jax.models.base import Model
 from pfa_jax.models.lenet import LeNet
 from pfa_jax.models.mlp import MLP
@@ -65,7 +66,7 @@ def get(name: str, rule="bp", num_classes: int = 10, **kwargs) -> nn.Module:
         raise ValueError(f"model {name!r} has no option(s) {unknown}; valid options: "
                          f"{list(options(name))}")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    return cls(rule=rule, num_classes=num_classes, **fixed, **kwargs)
+    return cls(rule=pnn.bind_classes(rule, num_classes), num_classes=num_classes, **fixed, **kwargs)
 
 
 def _entry(name: str):

@@ -36,7 +36,8 @@ class Model(Layers):
     num_classes: int = 10
 
     def classifier(self, x, widths: Sequence[int] = (), prefix: str = "dense"):
-        """Flattens ``x``, applies ReLU ``Dense`` layers ``{prefix}_{i}`` and the ``output`` layer.
+        """Flattens ``x``, applies ReLU ``Dense`` layers ``{prefix}_{i}`` and the ``output`` layer,
+        and adds the DFA error taps of the whole model to the logits (``pfa_jax.nn.add_taps``).
 
         Every model ends here, so at init this also checks that a rule mapping names only layers the
         model has (``pfa_jax.nn.check_rule_map``) when the model is the top-level module.
@@ -47,4 +48,4 @@ class Model(Layers):
         logits = pnn.Dense(self.num_classes, rule=self.rule, name="output")(x)
         if self.is_initializing() and not self.scope.path:
             pnn.check_rule_map(self.rule, self.variables["params"])
-        return logits
+        return pnn.add_taps(self, logits)

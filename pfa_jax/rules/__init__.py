@@ -12,13 +12,15 @@ import dataclasses
 from pfa_jax.rules import ops
 from pfa_jax.rules.base import INITS, Rule, soft_align
 from pfa_jax.rules.bp import BP
+from pfa_jax.rules.direct_feedback import DFA
 from pfa_jax.rules.feedback_alignment import FA, KP
 from pfa_jax.rules.product_feedback import PFA, PFAOrthogonal
 from pfa_jax.rules.sign_symmetry import BRSF, FRSF, USF
+from pfa_jax.rules.weight_mirror import WM
 
 _REGISTRY: dict[str, type[Rule]] = {
-    "bp": BP, "fa": FA, "usf": USF, "brsf": BRSF, "frsf": FRSF, "kp": KP,
-    "pfa": PFA, "pfa_o": PFAOrthogonal,
+    "bp": BP, "fa": FA, "usf": USF, "brsf": BRSF, "frsf": FRSF, "kp": KP, "wm": WM,
+    "pfa": PFA, "pfa_o": PFAOrthogonal, "dfa": DFA,
 }
 
 

@@ -97,8 +97,10 @@ class Rule:
     """
 
     name: ClassVar[str]
-    plastic: ClassVar[tuple[str, ...]] = ()
+    plastic: ClassVar[tuple[str, ...]] = ()   # feedback arrays the optimizer steps
+    mirrored: ClassVar[tuple[str, ...]] = ()  # feedback arrays stepped by ``mirror`` instead
     needs_key: ClassVar[bool] = False
+    output_error: ClassVar[bool] = False      # ops return ``(y, tap)``; see direct_feedback.py
 
     init: str = "xavier_uniform"
 
@@ -122,6 +124,16 @@ class Rule:
         """``E|w|`` of ``kernel_init`` for a kernel of this shape."""
         return self.init_std(shape) * _MEAN_ABS_OVER_STD[INITS[self.init][2]]
 
+    def for_classes(self, num_classes: int) -> Rule:
+        """This rule for a network with ``num_classes`` outputs (only DFA needs to know)."""
+        del num_classes
+        return self
+
+    def mirror(self, key: jax.Array, kernel, feedback: Feedback, warmup: bool) -> Feedback:
+        """Feedback after the rule's mirror steps (only weight mirrors have any)."""
+        del key, kernel, warmup
+        return feedback
+
     def init_feedback(self, key: jax.Array, kernel: jax.Array) -> Feedback:
         """The layer's feedback arrays (a dict, possibly empty) for a kernel in flax layout."""
         del key, kernel
@@ -144,8 +156,9 @@ class Rule:
     def apply(self, op, x, kernel, feedback: Feedback, key: jax.Array | None):
         raise NotImplementedError
 
-    def effective_feedback(self, kernel, feedback: Feedback) -> jax.Array:
-        """The kernel-layout ``F`` through which errors travel down (``F == K`` is backprop)."""
+    def effective_feedback(self, kernel, feedback: Feedback) -> jax.Array | None:
+        """The kernel-layout ``F`` through which errors travel down (``F == K`` is backprop);
+        ``None`` where no such matrix exists (DFA)."""
         raise NotImplementedError
 
     def options(self) -> dict[str, Any]:

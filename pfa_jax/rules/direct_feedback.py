@@ -1,0 +1,105 @@
+"""Direct feedback alignment (Nøkland 2016): every layer's error comes straight from the output.
+
+With ``e = dL/dlogits: (n, classes)``, the error sent to the input ``x`` of every layer (the output of
+the layer below, after its nonlinearity) is a fixed random projection of ``e``:
+
+    dense:  dx = e B,               B: (classes, in)
+    conv:   dx = conv(e broadcast over x's spatial grid, B),  B: (kh, kw, classes, in)
+            (stride 1, SAME: no dense (classes, H*W*C) matrix)
+
+Autodiff then carries ``dx`` through the layer below's nonlinearity (and BatchNorm), so a hidden
+layer's output error is ``(e B) * f'(a)``; its own update stays local, ``dK = x^T g``. The output
+layer's ``g`` is ``e`` itself, so it learns exactly as under backprop.
+
+One forward and one backward pass. Each DFA op returns ``(y, tap)`` with ``tap = zeros(n, classes)``;
+``pfa_jax.nn`` layers sow the taps and the model adds them to its logits (``pfa_jax.nn.add_taps``), so
+the cotangent every tap receives in the backward pass is exactly ``e``. The error arriving from the
+layer above through ordinary backprop is not used: each DFA op sends ``e B`` down instead. Residual
+additions and BatchNorm use ordinary autodiff on these projected errors: a residual block's input
+receives the sum of its branch's projected error and whatever reaches its output through the skip
+connection.
+
+``effective_feedback`` is not defined for DFA (its feedback does not share the kernel's shape): the
+alignment metrics skip DFA layers, and gradient alignment (kernel update against the true gradient)
+is the meaningful measurement. Feature groups are not supported. ``classes`` is set by
+``pfa_jax.models.get`` from ``num_classes``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pfa_jax.rules import ops
+from pfa_jax.rules.base import Rule
+
+
+def project_error(e, b, x_shape):
+    """The fixed projection of the output error ``e: (n, classes)`` onto an input of ``x_shape``."""
+    if b.ndim == 2:
+        return e @ b
+    grid = jnp.broadcast_to(e[:, None, None, :], x_shape[:-1] + e.shape[-1:])
+    return ops.conv_op(2)(grid, b)
+
+
+def _with_tap(op, x, kernel, b):
+    return op(x, kernel), jnp.zeros((x.shape[0], b.shape[-2]), x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def dfa_linear(op, x, kernel, b):
+    """``(op(x, kernel), zeros(n, classes))``; backward sends ``e B`` down, ``e`` = the tap's
+    cotangent."""
+    return _with_tap(op, x, kernel, b)
+
+
+def _dfa_fwd(op, x, kernel, b):
+    return _with_tap(op, x, kernel, b), (x, kernel, b)
+
+
+def _dfa_bwd(op, residuals, cotangents):
+    x, kernel, b = residuals
+    g, e = cotangents
+    return (project_error(e, b, x.shape), ops.kernel_grad(op, x, kernel, g), jnp.zeros_like(b))
+
+
+dfa_linear.defvjp(_dfa_fwd, _dfa_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class DFA(Rule):
+    name = "dfa"
+    output_error = True
+
+    classes: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.classes is not None and (not isinstance(self.classes, int) or self.classes < 1):
+            raise ValueError(f"dfa: classes={self.classes!r} must be a positive int")
+
+    def for_classes(self, num_classes: int) -> Rule:
+        return self if self.classes is not None else dataclasses.replace(self, classes=num_classes)
+
+    def init_feedback(self, key, kernel):
+        if self.classes is None:
+            raise ValueError("dfa needs the number of classes: pfa_jax.rules.get('dfa', classes=N) "
+                             "(pfa_jax.models.get sets it from num_classes)")
+        if kernel.ndim not in (2, 4):
+            raise ValueError(f"dfa supports dense and 2-D conv kernels, not shape {kernel.shape}")
+        shape = (self.classes, kernel.shape[0]) if kernel.ndim == 2 else (
+            kernel.shape[:2] + (self.classes, kernel.shape[2]))
+        return {"B": self.kernel_init()(key, shape, kernel.dtype)}
+
+    def apply(self, op, x, kernel, feedback, key):
+        if op.groups != 1:
+            raise ValueError(f"dfa does not support feature_group_count={op.groups}")
+        if isinstance(op, ops.DenseOp) and x.ndim != 2:
+            raise ValueError(f"dfa dense layers need inputs of shape (batch, in), got {x.shape}")
+        return dfa_linear(op, x, kernel, lax.stop_gradient(feedback["B"]))
+
+    def effective_feedback(self, kernel, feedback):
+        return None
