@@ -11,6 +11,13 @@ Keys:
 * ``dataset``, ``data_dir``, ``holdout``, ``pad_to``, ``limit``: see ``pfa_jax.data.load``.
 * ``epochs``, ``batch_size``, ``eval_batch_size``, ``seed``.
 * ``optimizer``: the fields of ``pfa_jax.optim.OptimizerConfig`` (``steps_per_epoch`` is derived).
+* Metrics (``pfa_jax.metrics``; see ``pfa_jax.experiment``): every epoch, gradient alignment on the
+  first ``metrics_batch_size`` test examples (0: off). At the end, when asked:
+  ``sharpness`` (bool) on the first ``sharpness_examples`` training examples with
+  ``sharpness_iterations``, ``sharpness_tolerance`` and ``sharpness_probes``;
+  ``adversarial_epsilons`` (L-inf radii in pixel units, images in [0, 1]) for each attack of
+  ``adversarial_attacks`` (PGD with ``pgd_steps``); ``noise_sigmas`` (Gaussian noise std in pixel
+  units); both on the first ``robustness_examples`` test examples.
 """
 from __future__ import annotations
 
@@ -48,6 +55,17 @@ def default_config() -> ml_collections.ConfigDict:
             "wd_milestones": (),
             "momentum": 0.9,
         },
+        "metrics_batch_size": 256,
+        "sharpness": False,
+        "sharpness_examples": 1000,
+        "sharpness_iterations": 100,
+        "sharpness_tolerance": 1e-3,
+        "sharpness_probes": 100,
+        "adversarial_epsilons": (),
+        "adversarial_attacks": ("fgsm", "pgd"),
+        "pgd_steps": 10,
+        "noise_sigmas": (),
+        "robustness_examples": 1000,
     })
 
 

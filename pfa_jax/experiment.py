@@ -1,13 +1,20 @@
 """One training run from a config: data -> model(rule) -> state -> compiled epochs -> files.
 
 A run directory holds ``config.json`` (the resolved config), ``metrics.jsonl`` (one JSON record per
-epoch: train / test loss and accuracy, learning rate, weight decay, per-layer alignment, epoch time)
-and ``summary.json`` (the final record and the wall time).
+epoch: train / test loss and accuracy, learning rate, weight decay, per-layer alignment, per-layer
+gradient alignment on a fixed held-out batch, epoch time) and ``summary.json`` (the final record, the
+wall time and, when the config asks, ``sharpness``, ``adversarial`` and ``noise``).
+
+Gradient alignment (``pfa_jax.metrics.gradient_alignment``) uses the first ``metrics_batch_size``
+test (or validation) examples, the same batch every epoch. The closing measurements: sharpness on
+the first ``sharpness_examples`` training examples; adversarial and noise robustness on the first
+``robustness_examples`` test examples, with epsilons and sigmas in pixel units (the images' [0, 1]
+scale): the perturbation of channel ``c`` is scaled by ``1 / std_c`` of the standardisation and
+adversarial images are clipped to the standardised images of pixel values 0 and 1.
 """
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 import shutil
 import time
@@ -42,6 +49,48 @@ def _floats(tree):
     return jax.tree.map(lambda x: float(x), jax.device_get(tree))
 
 
+def check_metrics_config(config: ml_collections.ConfigDict) -> None:
+    """Fails before training on metric options the closing measurements would reject."""
+    for attack in config.adversarial_attacks:
+        metrics.check_attack(attack, "true", *config.adversarial_epsilons)
+    if any(not s >= 0 for s in config.noise_sigmas):
+        raise ValueError(f"noise_sigmas must be >= 0, got {list(config.noise_sigmas)}")
+    sizes = {k: config[k] for k in ("metrics_batch_size", "sharpness_examples",
+                                    "robustness_examples", "sharpness_probes", "pgd_steps")}
+    if min(sizes.values()) < 0:
+        raise ValueError(f"metric sizes must be >= 0, got {sizes}")
+
+
+def _split(images, labels, count: int, batch_size: int) -> list[dict]:
+    """The first ``count`` examples as batches of at most ``batch_size``."""
+    return [{"image": jnp.asarray(images[i:i + batch_size]),
+             "label": jnp.asarray(labels[i:i + batch_size])}
+            for i in range(0, min(count, len(labels)), batch_size)]
+
+
+def closing_metrics(state, dataset: data.Dataset, config: ml_collections.ConfigDict, key) -> dict:
+    """Sharpness, adversarial and noise robustness, as far as ``config`` asks for them."""
+    results = {}
+    if config.sharpness:
+        batches = _split(dataset.train_images, dataset.train_labels, config.sharpness_examples,
+                         config.eval_batch_size)
+        results["sharpness"] = metrics.sharpness(
+            state, batches, jax.random.fold_in(key, 0), iterations=config.sharpness_iterations,
+            tolerance=config.sharpness_tolerance, probes=config.sharpness_probes)
+    test = _split(dataset.test_images, dataset.test_labels, config.robustness_examples,
+                  config.eval_batch_size)
+    mean, std = np.asarray(dataset.mean, np.float32), np.asarray(dataset.std, np.float32)
+    pixels = {"scale": 1.0 / std, "lower": -mean / std, "upper": (1.0 - mean) / std}
+    if config.adversarial_epsilons:
+        results["adversarial"] = {attack: metrics.adversarial(
+            state, test, config.adversarial_epsilons, attack, jax.random.fold_in(key, 1),
+            steps=config.pgd_steps, **pixels) for attack in config.adversarial_attacks}
+    if config.noise_sigmas:
+        results["noise"] = metrics.corruption(state, test, config.noise_sigmas,
+                                              jax.random.fold_in(key, 2), **pixels)
+    return results
+
+
 def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: bool = False,
         progress: bool = True) -> dict:
     """Trains ``config`` and writes the run directory ``out``; returns the summary."""
@@ -56,6 +105,9 @@ def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: b
     model = models.get(config.model, rule=rule_spec(config), num_classes=dataset.num_classes,
                        **config.model_options.to_dict())
     optimizer = OptimizerConfig.create(config.optimizer, steps_per_epoch=steps_per_epoch)
+    check_metrics_config(config)
+    heldout = (_split(dataset.test_images, dataset.test_labels, config.metrics_batch_size,
+                      config.metrics_batch_size)[0] if config.metrics_batch_size else None)
     out = prepare_run_dir(out, overwrite)
     (out / "config.json").write_text(config.to_json(indent=2) + "\n")
 
@@ -77,6 +129,8 @@ def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: b
                                       f"{bad}; lower the learning rate")
             test = train.evaluate(state, dataset.test_images, dataset.test_labels,
                                   config.eval_batch_size)
+            gradients = {} if heldout is None else {
+                "gradient_alignment": _floats(metrics.gradient_alignment(state, heldout))}
             record = {
                 "epoch": epoch + 1,
                 "train_loss": float(np.mean(steps["loss"])),
@@ -86,20 +140,29 @@ def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: b
                 "learning_rate": float(steps["learning_rate"][0]),
                 "weight_decay": float(steps["weight_decay"][0]),
                 "alignment": _floats(metrics.alignment(state)),
+                **gradients,
                 "epoch_time": time.perf_counter() - epoch_start,
             }
             log.write(json.dumps(record) + "\n")
             log.flush()
             if progress:
                 tqdm.write(format_record(record, config.epochs))
-    summary = {**record, "wall_time": time.perf_counter() - start, "steps": int(state.step)}
+    summary = {**record, "wall_time": time.perf_counter() - start, "steps": int(state.step),
+               **closing_metrics(state, dataset, config, jax.random.fold_in(key, config.epochs))}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
+def _per_layer(values: dict, key: str) -> str:
+    return " ".join(f"{layer} {v[key]:.1f}" for layer, v in values.items())
+
+
 def format_record(record: dict, epochs: int) -> str:
-    angles = " ".join(f"{layer} {a['weight_angle']:.1f}" for layer, a in record["alignment"].items())
-    return (f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f} "
-            f"acc {100 * record['train_accuracy']:.2f}%  test loss {record['test_loss']:.4f} "
-            f"acc {100 * record['test_accuracy']:.2f}%  ({record['epoch_time']:.1f}s)\n"
-            f"  feedback-kernel angle (deg): {angles}")
+    lines = [f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f} "
+             f"acc {100 * record['train_accuracy']:.2f}%  test loss {record['test_loss']:.4f} "
+             f"acc {100 * record['test_accuracy']:.2f}%  ({record['epoch_time']:.1f}s)",
+             f"  feedback-kernel angle (deg): {_per_layer(record['alignment'], 'weight_angle')}"]
+    if "gradient_alignment" in record:
+        lines.append("  gradient angle to BP (deg): "
+                     + _per_layer(record["gradient_alignment"], "grad_angle"))
+    return "\n".join(lines)

@@ -1,25 +1,74 @@
 """Measurements of learning without weight transport (SPEC.md, "Metrics").
 
-Per layer, in degrees unless stated:
+Every function takes a ``TrainState`` (``pfa_jax.train``) and a batch ``{'image', 'label'}`` or (where
+it says ``batches``) a sequence of them, whose means are over all their examples; none changes the
+state. Per layer, angles in degrees:
 
-* ``weight_angle = arccos(<vec F, vec K> / (||F|| ||K||))``: the angle between a layer's effective
-  feedback ``F`` and its kernel ``K`` (0 for backprop; for PFA the paper's "path alignment");
-* ``norm_ratio = ||F|| / ||K||``.
+* ``alignment(state)``: ``weight_angle = angle(F, K)`` between each layer's effective feedback ``F``
+  and its kernel ``K`` (0 for backprop; for PFA the paper's "path alignment") and
+  ``norm_ratio = ||F|| / ||K||``; layers without a kernel-shaped ``F`` (DFA) are left out.
+* ``gradient_alignment(state, batch)``: ``grad_angle = angle(dK_rule, dL/dK)`` between the rule's
+  kernel gradient and the true one; ``delta_angle = angle(g_rule, g_bp)`` between the error
+  ``g = dL/dy`` reaching the layer's output under the rule and the true one; ``delta_norm_rule`` and
+  ``delta_norm_bp``: their norms (gradient flow across depth).
+* ``sharpness(state, batches)``: top Hessian eigenvalue (power iteration) and Hessian trace (Hutchinson)
+  of the loss w.r.t. ``params``, BatchNorm in eval mode.
+* ``adversarial(state, batches, epsilons, attack=...)``: clean and robust accuracy under L-inf FGSM or
+  PGD; ``attack_images`` returns the perturbed images themselves.
+* ``corruption(state, batches, sigmas)``: accuracy under additive Gaussian noise.
+
+The true quantities (gradients, Hessian, input gradients) are plain autodiff of the same forward
+function: the state's model cloned with ``rule='bp'`` (``true_model``). This needs the model to have a
+``rule`` field, as every ``pfa_jax.models`` model does; since every rule leaves the forward pass
+identical to BP, the clone computes the same function with the same variables. Rule layers are
+found by what they hold, never by feedback names: a ``kernel`` in ``params`` and their output
+perturbation (``pfa_jax.nn.PERTURBATION``) in the ``perturbations`` collection.
 """
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Mapping, Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
+from jax import lax
+from jax.flatten_util import ravel_pytree
 
 from pfa_jax import nn as pnn
+from pfa_jax.train import apply_with_rule, cross_entropy, eval_step
+
+ATTACKS = ("fgsm", "pgd")
+GRADIENTS = ("true", "rule")
+PERTURBATIONS = "perturbations"  # flax's collection for ``Module.perturb``
 
 
 def angle(a, b) -> jax.Array:
-    """Angle in degrees between two tensors, as flat vectors."""
-    a, b = jnp.ravel(a), jnp.ravel(b)
-    cos = jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b))
-    return jnp.degrees(jnp.arccos(jnp.clip(cos, -1.0, 1.0)))
+    """Angle in degrees between two tensors as flat vectors.
+
+    ``arccos(<a, b> / (||a|| ||b||))``, computed as ``2 atan2(||u - v||, ||u + v||)`` with
+    ``u = a / ||a||``, ``v = b / ||b||`` (``||u -+ v|| = 2 sin, 2 cos`` of half the angle), which keeps
+    full precision near 0 and 180 degrees where arccos loses half the digits. NaN if either is zero.
+    """
+    u, v = (jnp.ravel(t) / jnp.linalg.norm(t) for t in (a, b))
+    return jnp.degrees(2 * jnp.arctan2(jnp.linalg.norm(u - v), jnp.linalg.norm(u + v)))
+
+
+def _by_layer(tree, leaf: str) -> dict:
+    """``{layer path: value}`` for every entry ``.../layer/leaf`` of a nested dict."""
+    return {"/".join(path[:-1]): value for path, value in traverse_util.flatten_dict(tree).items()
+            if path[-1] == leaf}
+
+
+def true_model(model):
+    """``model`` with plain autodiff (``rule='bp'``) everywhere: the same forward function."""
+    if not hasattr(model, "rule"):
+        raise ValueError(f"{type(model).__name__} has no 'rule' field; the metrics compare a rule with "
+                         "backprop by cloning the model with rule='bp' (every pfa_jax.models model "
+                         "has one)")
+    return model.clone(rule="bp")
 
 
 def kernels_and_feedback(state) -> dict[str, tuple[jax.Array, jax.Array]]:
@@ -27,8 +76,7 @@ def kernels_and_feedback(state) -> dict[str, tuple[jax.Array, jax.Array]]:
     images = jnp.zeros((1,) + tuple(state.input_shape), jnp.float32)
     _, captured = state.model.apply(state.variables(), images, train=False,
                                     mutable=[pnn.EFFECTIVE_FEEDBACK])
-    flat = traverse_util.flatten_dict(captured[pnn.EFFECTIVE_FEEDBACK])
-    return {"/".join(path[:-1]): pair for path, pair in flat.items()}
+    return _by_layer(captured.get(pnn.EFFECTIVE_FEEDBACK, {}), "pair")
 
 
 @jax.jit
@@ -36,3 +84,255 @@ def alignment(state) -> dict[str, dict[str, jax.Array]]:
     """Per layer ``{'weight_angle': degrees, 'norm_ratio': ||F|| / ||K||}``."""
     return {path: {"weight_angle": angle(f, k), "norm_ratio": jnp.linalg.norm(f) / jnp.linalg.norm(k)}
             for path, (k, f) in kernels_and_feedback(state).items()}
+
+
+# -- gradient alignment -----------------------------------------------------------------------------
+def layer_gradients(model, state, batch, key) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """``{layer path: (dL/dK, dL/dy)}`` under ``model``'s backward pass, for every rule layer.
+
+    ``L`` is the batch's mean cross-entropy of a training-mode forward pass (``apply_with_rule``),
+    ``y`` each layer's output: ``dL/dy`` is the gradient w.r.t. a zero ``perturbations`` collection.
+    """
+    def loss(params, perturbations):
+        variables = {**state.variables(), "params": params, PERTURBATIONS: perturbations}
+        logits, _ = apply_with_rule(model, variables, batch["image"], True, key)
+        return cross_entropy(logits, batch["label"]).mean()
+
+    _, shapes = jax.eval_shape(functools.partial(
+        apply_with_rule, model, state.variables(), batch["image"], True, key, [PERTURBATIONS]))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[PERTURBATIONS])
+    dparams, dperturbations = jax.grad(loss, argnums=(0, 1))(state.params, zeros)
+    kernels = _by_layer(dparams, "kernel")
+    return {path: (kernels[path], delta)
+            for path, delta in _by_layer(dperturbations, pnn.PERTURBATION).items()}
+
+
+@jax.jit
+def gradient_alignment(state, batch) -> dict[str, dict[str, jax.Array]]:
+    """Per layer, how far the rule's gradients are from backprop's on ``batch``, in one compiled call.
+
+    ``{'grad_angle': angle(dK_rule, dL/dK), 'delta_angle': angle(g_rule, g_bp),
+    'delta_norm_rule': ||g_rule||, 'delta_norm_bp': ||g_bp||}`` where ``dK`` is the kernel gradient,
+    ``g = dL/dy`` the error reaching the layer's output (Frobenius norms over the batch, of the mean
+    loss) and the true values come from plain autodiff of the same forward pass (``true_model``).
+    Both passes are in training mode (see ``layer_gradients``) with the feedback key of the state's
+    next train step. The output layer receives the true error under every layer-wise rule, so its
+    angles are 0.
+    """
+    key = jax.random.fold_in(state.rng, state.step)
+    rule = layer_gradients(state.model, state, batch, key)
+    true = layer_gradients(true_model(state.model), state, batch, key)
+    return {path: {"grad_angle": angle(dk, true[path][0]), "delta_angle": angle(g, true[path][1]),
+                   "delta_norm_rule": jnp.linalg.norm(g),
+                   "delta_norm_bp": jnp.linalg.norm(true[path][1])}
+            for path, (dk, g) in rule.items()}
+
+
+# -- batches ----------------------------------------------------------------------------------------
+def _batch_list(batches) -> list[dict]:
+    """One batch dict or a sequence of them, as a non-empty list."""
+    batches = [batches] if isinstance(batches, Mapping) else list(batches)
+    if not batches:
+        raise ValueError("no batches given; pass a batch {'image', 'label'} or a list of them")
+    return batches
+
+
+def _mean_over(batches: list[dict], fn):
+    """``sum_b (n_b / N) fn(b, i_b)``: the mean over all examples of per-batch means."""
+    total = sum(len(b["label"]) for b in batches)
+    return sum(fn(b, i) * (len(b["label"]) / total) for i, b in enumerate(batches))
+
+
+@jax.jit
+def _accuracy(state, images, labels) -> jax.Array:
+    return eval_step(state, {"image": images, "label": labels})["accuracy"]
+
+
+def _default_key(state, key, salt: int):
+    return jax.random.fold_in(state.rng, salt) if key is None else key
+
+
+# -- sharpness --------------------------------------------------------------------------------------
+@jax.jit
+def hessian_vector_product(state, batch, vector) -> jax.Array:
+    """``H v`` for the batch's mean loss, ``H`` the Hessian w.r.t. ``params`` flattened
+    (``jax.flatten_util.ravel_pytree`` order), of the true model in eval mode (BatchNorm with running
+    statistics), as forward-over-reverse ``jvp(grad(L))``."""
+    model = true_model(state.model)
+    flat, unravel = ravel_pytree(state.params)
+
+    def grad(flat_params):
+        def loss(params):
+            logits = model.apply({**state.variables(), "params": params}, batch["image"], train=False)
+            return cross_entropy(logits, batch["label"]).mean()
+        return ravel_pytree(jax.grad(loss)(unravel(flat_params)))[0]
+
+    return jax.jvp(grad, (flat,), (vector.astype(flat.dtype),))[1]
+
+
+def sharpness(state, batches, key=None, *, iterations: int = 100, tolerance: float = 1e-3,
+              probes: int = 100) -> dict:
+    """Top Hessian eigenvalue and Hessian trace of the mean loss over ``batches`` w.r.t. ``params``.
+
+    ``params`` are all forward parameters (kernels, biases, BatchNorm scales and offsets), never the
+    feedback; BatchNorm is in eval mode; ``H v`` by ``hessian_vector_product`` (one compiled call per
+    batch shape, summed over the batches with weights ``n_b / N``).
+
+    * Power iteration: ``v <- H v / ||H v||`` from a random normal ``v``; the estimate is the Rayleigh
+      quotient ``lambda = v^T H v``, stopped when ``|lambda_k - lambda_{k-1}| / |lambda_k| < tolerance``
+      or after ``iterations``. It finds the eigenvalue of largest magnitude (the top one near a
+      minimum, where the Hessian is close to positive semi-definite).
+    * Hutchinson: ``tr H = E[z^T H z]`` over ``probes`` Rademacher vectors ``z``; reported with the
+      standard error of the mean.
+
+    Returns Python numbers: ``top_eigenvalue``, ``iterations`` (run), ``converged``,
+    ``relative_change`` (the last one), ``trace``, ``trace_std_error``, ``probes``.
+    ``key`` defaults to one derived from ``state.rng``.
+    """
+    if iterations < 1 or tolerance < 0 or probes < 2:
+        raise ValueError(f"sharpness: iterations={iterations!r} must be >= 1, tolerance={tolerance!r} "
+                         f">= 0 and probes={probes!r} >= 2")
+    batches = _batch_list(batches)
+    size = ravel_pytree(state.params)[0].size
+    power_key, probe_key = jax.random.split(_default_key(state, key, 1))
+
+    def hvp(v):
+        return _mean_over(batches, lambda b, _: hessian_vector_product(state, b, v))
+
+    v = jax.random.normal(power_key, (size,))
+    estimate, change = math.nan, math.inf
+    for iteration in range(1, iterations + 1):
+        v = v / jnp.linalg.norm(v)
+        hv = hvp(v)
+        estimate, previous = float(jnp.vdot(v, hv)), estimate
+        change = abs(estimate - previous) / abs(estimate) if iteration > 1 else math.inf
+        v = hv
+        if change < tolerance:
+            break
+    samples = np.asarray([float(jnp.vdot(z, hvp(z))) for z in (
+        jax.random.rademacher(k, (size,), jnp.float32) for k in jax.random.split(probe_key, probes))])
+    return {"top_eigenvalue": estimate, "iterations": iteration, "converged": change < tolerance,
+            "relative_change": change, "trace": float(samples.mean()),
+            "trace_std_error": float(samples.std(ddof=1) / math.sqrt(probes)), "probes": probes}
+
+
+# -- robustness -------------------------------------------------------------------------------------
+def _clip(x, lower, upper):
+    if lower is not None:
+        x = jnp.maximum(x, lower)
+    if upper is not None:
+        x = jnp.minimum(x, upper)
+    return x
+
+
+def input_gradient(state, images, labels, key, gradient: str = "true") -> jax.Array:
+    """``d(sum of losses)/d images`` in eval mode: of the true model (``"true"``) or through the rule's
+    own backward pass (``"rule"``, a diagnostic: it is not the gradient of the function attacked)."""
+    model = true_model(state.model) if gradient == "true" else state.model
+
+    def loss(x):
+        logits, _ = apply_with_rule(model, state.variables(), x, False, key)
+        return cross_entropy(logits, labels).sum()
+
+    return jax.grad(loss)(images)
+
+
+@functools.partial(jax.jit, static_argnames=("attack", "steps", "gradient"))
+def attack_images(state, batch, epsilon, key=None, *, attack: str = "fgsm", steps: int = 10,
+                  step_size=None, gradient: str = "true", lower=None, upper=None, scale=None):
+    """Adversarial versions of ``batch['image']`` in the L-inf ball of radius ``epsilon * scale``.
+
+    * FGSM: ``x + r sign(grad_x L)``, ``r = epsilon * scale``;
+    * PGD (Madry et al. 2018): random start ``x + U(-r, r)``, then ``steps`` times
+      ``x <- P(x + step_size * scale * sign(grad_x L))``, ``P`` the projection onto the ball (and the
+      bounds); ``step_size`` defaults to ``2.5 * epsilon / steps``.
+
+    ``L`` is the cross-entropy of the eval-mode model, ``grad_x`` its true input gradient, or with
+    ``gradient='rule'`` the rule's (``input_gradient``). ``scale`` (default 1) is a per-channel
+    multiplier broadcast against the images, e.g. ``1 / std`` so that ``epsilon`` is in pixel units
+    for standardised images. ``lower`` / ``upper``: optional bounds on the result (e.g. the
+    standardised images of pixel values 0 and 1); without them nothing is clipped, since the images'
+    valid range is unknown here. ``key`` (PGD's start, ``brsf``'s feedback) defaults to one derived
+    from ``state.rng``.
+    """
+    check_attack(attack, gradient)
+    x0, labels = batch["image"], batch["label"]
+    start_key, key = jax.random.split(_default_key(state, key, 2))
+    unit = 1.0 if scale is None else jnp.asarray(scale)
+    radius = epsilon * unit
+
+    def project(x):
+        return _clip(jnp.clip(x, x0 - radius, x0 + radius), lower, upper)
+
+    def step(i, x, size):
+        g = input_gradient(state, x, labels, jax.random.fold_in(key, i), gradient)
+        return project(x + size * jnp.sign(g))
+
+    if attack == "fgsm":
+        return step(0, x0, radius)
+    size = (2.5 * epsilon / steps if step_size is None else step_size) * unit
+    start = project(x0 + radius * jax.random.uniform(start_key, x0.shape, minval=-1.0, maxval=1.0))
+    return lax.fori_loop(0, steps, lambda i, x: step(i, x, size), start)
+
+
+def check_attack(attack: str, gradient: str = "true", *epsilons) -> None:
+    """Raises ``ValueError`` for an unknown attack or gradient or a negative epsilon."""
+    if attack not in ATTACKS:
+        raise ValueError(f"unknown attack {attack!r}; valid attacks: {', '.join(ATTACKS)}")
+    if gradient not in GRADIENTS:
+        raise ValueError(f"unknown gradient {gradient!r}; valid: {', '.join(GRADIENTS)}")
+    bad = [e for e in epsilons if not e >= 0]
+    if bad:
+        raise ValueError(f"epsilons must be >= 0, got {bad}")
+
+
+def adversarial(state, batches, epsilons: Sequence[float], attack: str = "fgsm", key=None, *,
+                steps: int = 10, step_size: float | None = None, gradient: str = "true",
+                lower=None, upper=None, scale=None) -> dict:
+    """Clean and robust accuracy over ``batches`` under an L-inf attack for each epsilon.
+
+    See ``attack_images`` for the attacks and options. Returns ``{'attack', 'gradient', 'diagnostic',
+    'epsilons', 'clean_accuracy', 'robust_accuracy'}`` (``robust_accuracy[i]`` at ``epsilons[i]``;
+    PGD also ``steps``). ``gradient='rule'`` attacks through the rule's own backward pass and is
+    labelled ``diagnostic: True``: it measures how useful the rule's input error is to an attacker,
+    not the model's robustness.
+    """
+    check_attack(attack, gradient, *epsilons)
+    batches = _batch_list(batches)
+    key = _default_key(state, key, 2)
+    options = dict(attack=attack, steps=steps, step_size=step_size, gradient=gradient, lower=lower,
+                   upper=upper, scale=scale)
+
+    def robust(epsilon):
+        return float(_mean_over(batches, lambda b, i: _accuracy(state, attack_images(
+            state, b, epsilon, jax.random.fold_in(key, i), **options), b["label"])))
+
+    result = {"attack": attack, "gradient": gradient, "diagnostic": gradient == "rule",
+              "epsilons": [float(e) for e in epsilons],
+              "clean_accuracy": float(_mean_over(batches, lambda b, _: _accuracy(state, b["image"],
+                                                                                 b["label"]))),
+              "robust_accuracy": [robust(e) for e in epsilons]}
+    return {**result, "steps": steps} if attack == "pgd" else result
+
+
+@jax.jit
+def _noisy_accuracy(state, batch, sigma, key, lower, upper, scale):
+    noise = jax.random.normal(key, batch["image"].shape, batch["image"].dtype)
+    return _accuracy(state, _clip(batch["image"] + sigma * scale * noise, lower, upper), batch["label"])
+
+
+def corruption(state, batches, sigmas: Sequence[float], key=None, *, lower=None, upper=None,
+               scale=None) -> dict:
+    """Accuracy under additive Gaussian noise, ``x + sigma * scale * N(0, 1)``, for each ``sigma``.
+
+    ``scale``, ``lower``, ``upper`` as in ``attack_images`` (default: no scaling, no clipping).
+    Returns ``{'sigmas', 'accuracy'}``; ``sigma = 0`` is the clean accuracy.
+    """
+    if any(not s >= 0 for s in sigmas):
+        raise ValueError(f"noise sigmas must be >= 0, got {list(sigmas)}")
+    batches = _batch_list(batches)
+    key = _default_key(state, key, 3)
+    scale = 1.0 if scale is None else scale
+    accuracy = [float(_mean_over(batches, lambda b, i: _noisy_accuracy(
+        state, b, sigma, jax.random.fold_in(key, i), lower, upper, scale))) for sigma in sigmas]
+    return {"sigmas": [float(s) for s in sigmas], "accuracy": accuracy}

@@ -116,6 +116,21 @@ def _bound(axis_name: str | None) -> bool:
     return True
 
 
+def apply_with_rule(model, variables, images, train: bool, key, collections=()):
+    """``model.apply`` wired as in a train step, so that differentiating it follows the rule: the
+    ``feedback`` RNG stream (``key``; rules that redraw feedback per step need it) and the DFA error
+    taps (``pfa_jax.nn.TAPS``) mutable. In training mode BatchNorm normalises with the batch's
+    statistics; its updated running statistics come back in the updates. ``collections``: further
+    mutable collections. Returns ``(logits, updates)``."""
+    logits, updates = model.apply(variables, images, train=train, rngs={"feedback": key},
+                                  mutable=["batch_stats", pnn.TAPS, *collections])
+    taps = updates.get(pnn.TAPS, {})
+    if taps and "consumed" not in taps:
+        raise ValueError("the model has DFA layers but does not add their error taps to its "
+                         "logits: end its __call__ with pfa_jax.nn.add_taps(self, logits)")
+    return logits, updates
+
+
 def train_step(state: TrainState, batch: dict, axis_name: str | None = AXIS):
     """One step on ``batch = {'image': (n, ...), 'label': (n,)}``; returns ``(state, metrics)``.
 
@@ -130,12 +145,7 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = AXIS):
 
     def loss_fn(params, feedback):
         variables = {"params": params, "feedback": feedback, "batch_stats": state.batch_stats}
-        logits, updates = model.apply(variables, batch["image"], train=True,
-                                      mutable=["batch_stats", pnn.TAPS], rngs={"feedback": step_key})
-        taps = updates.get(pnn.TAPS, {})
-        if taps and "consumed" not in taps:
-            raise ValueError("the model has DFA layers but does not add their error taps to its "
-                             "logits: end its __call__ with pfa_jax.nn.add_taps(self, logits)")
+        logits, updates = apply_with_rule(model, variables, batch["image"], True, step_key)
         return cross_entropy(logits, batch["label"]).mean(), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(

@@ -4,7 +4,7 @@ import json
 import pytest
 from test_data import raw_fashion, write_idx
 
-from pfa_jax import cli, rules
+from pfa_jax import cli, experiment, rules
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +61,40 @@ def test_bad_input_gives_a_clear_error(fashion_dir, tmp_path, capsys, extra, mes
 def test_lists(capsys):
     assert cli.main(["rules"]) == 0
     assert capsys.readouterr().out.split() == list(rules.names())
+
+
+def test_train_logs_gradient_alignment_and_closing_metrics(fashion_dir, tmp_path):
+    out = tmp_path / "run"
+    metric_options = ["metrics_batch_size=64", "sharpness=True", "sharpness_examples=64",
+                      "sharpness_iterations=5", "sharpness_probes=4", "adversarial_epsilons=(0.0, 0.1)",
+                      "pgd_steps=2", "noise_sigmas=(0.0, 0.5)", "robustness_examples=50"]
+    assert cli.main(train_args(fashion_dir, out, "--rule", "fa",
+                               *[a for option in metric_options for a in ("--set", option)])) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        assert set(record["gradient_alignment"]) == {"hidden_0", "output"}
+        assert set(record["gradient_alignment"]["hidden_0"]) == {
+            "grad_angle", "delta_angle", "delta_norm_rule", "delta_norm_bp"}
+        assert record["gradient_alignment"]["output"]["grad_angle"] < 1e-3
+    assert "gradient angle to BP (deg): hidden_0" in experiment.format_record(records[-1], 2)
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"top_eigenvalue", "converged", "trace", "trace_std_error"} <= set(summary["sharpness"])
+    assert set(summary["adversarial"]) == {"fgsm", "pgd"}
+    for result in summary["adversarial"].values():
+        assert result["epsilons"] == [0.0, 0.1] and not result["diagnostic"]
+        assert result["robust_accuracy"][0] == result["clean_accuracy"]
+        assert result["robust_accuracy"][1] <= result["clean_accuracy"]
+    clean = summary["adversarial"]["fgsm"]["clean_accuracy"]
+    assert summary["noise"]["accuracy"][0] == pytest.approx(clean)
+
+
+@pytest.mark.parametrize("option, message", [
+    ("adversarial_attacks=('cw',)", "valid attacks: fgsm, pgd"),
+    ("adversarial_epsilons=(-0.1,)", "epsilons must be >= 0"),
+    ("noise_sigmas=(-1.0,)", "noise_sigmas must be >= 0"),
+])
+def test_bad_metric_options_fail_before_training(fashion_dir, tmp_path, capsys, option, message):
+    out = tmp_path / "run"
+    assert cli.main(train_args(fashion_dir, out, "--set", option)) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
