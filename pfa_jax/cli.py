@@ -3,6 +3,7 @@
     pfa-jax train --rule pfa --model ffn2 --dataset fashion_mnist --epochs 3
     pfa-jax train --rule pfa --set rule_options.expansion=5 --set optimizer.weight_decay='(0.03, 9e-5)' \
         --set optimizer.wd_milestones='(1,)'
+    pfa-jax train --resume --out runs/DIR --epochs 40     # continue from the newest checkpoint
     pfa-jax rules | models
 
 Flags set the common keys of ``pfa_jax.config.default_config()``; ``--set key=value`` sets any key.
@@ -28,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="override any config key, e.g. optimizer.learning_rate=0.05")
     train.add_argument("--out", help="run directory (default runs/DATASET-MODEL-RULE-seedN)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run directory --out from its newest checkpoint, with its "
+                            "saved config (flags and --set change it, e.g. --epochs to train longer)")
     train.add_argument("--quiet", action="store_true", help="no progress output")
     commands.add_parser("rules", help="list the rules")
     commands.add_parser("models", help="list the models")
@@ -44,12 +48,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from pfa_jax import experiment  # imports JAX-heavy modules only when training
 
-    config = config_lib.default_config()
     flags = [f"{name}={getattr(args, name)}" for name in _FLAGS if getattr(args, name) is not None]
     try:
+        if args.resume and not args.out:
+            raise ValueError("--resume needs --out, the run directory to continue")
+        config = experiment.load_config(args.out) if args.resume else config_lib.default_config()
         config_lib.override(config, flags + args.set)
         out = args.out or f"runs/{config.dataset}-{config.model}-{config.rule}-seed{config.seed}"
-        summary = experiment.run(config, out, overwrite=args.overwrite, progress=not args.quiet)
+        summary = experiment.run(config, out, overwrite=args.overwrite, progress=not args.quiet,
+                                 resume=args.resume)
     except (ValueError, FileExistsError, FileNotFoundError, experiment.DivergenceError) as error:
         print(f"pfa-jax: error: {error}", file=sys.stderr)
         return 2

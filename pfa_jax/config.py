@@ -31,7 +31,9 @@ from pfa_jax import rules
 
 
 def default_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({
+    """Every key with its default. Not type-locked: a schedule value may replace a scalar, e.g.
+    ``optimizer.weight_decay=(0.03, 9e-5)``; the values are validated where they are used."""
+    return ml_collections.ConfigDict(type_safe=False, initial_dictionary={
         "model": "ffn2",
         "model_options": {},
         "rule": "bp",

@@ -2,8 +2,14 @@
 
 A run directory holds ``config.json`` (the resolved config), ``metrics.jsonl`` (one JSON record per
 epoch: train / test loss and accuracy, learning rate, weight decay, per-layer alignment, per-layer
-gradient alignment on a fixed held-out batch, epoch time) and ``summary.json`` (the final record, the
-wall time and, when the config asks, ``sharpness``, ``adversarial`` and ``noise``).
+gradient alignment on a fixed held-out batch, epoch time), ``checkpoints/`` (orbax, after every
+epoch, the newest two kept) and ``summary.json`` (the final record, the wall time and, when the
+config asks, ``sharpness``, ``adversarial`` and ``noise``).
+
+``resume=True`` continues a run directory from its newest checkpoint: ``metrics.jsonl`` is cut back
+to the checkpoint's epoch and training goes on to ``config.epochs`` (which may be larger than the
+first run's). Every epoch's data order and noise come from ``(seed, epoch)`` and the state carries its
+own key, so a resumed run ends with the same metrics as one never interrupted.
 
 Gradient alignment (``pfa_jax.metrics.gradient_alignment``) uses the first ``metrics_batch_size``
 test (or validation) examples, the same batch every epoch. The closing measurements: sharpness on
@@ -26,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pfa_jax import data, metrics, models, train
+from pfa_jax.checkpoint import Checkpoints
 from pfa_jax.config import rule_spec
 from pfa_jax.optim import OptimizerConfig
 
@@ -38,8 +45,8 @@ def prepare_run_dir(out: str | pathlib.Path, overwrite: bool) -> pathlib.Path:
     out = pathlib.Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"run directory {out} already exists; pass --overwrite to replace "
-                                  "it or choose another --out")
+            raise FileExistsError(f"run directory {out} already exists; pass --resume to continue "
+                                  "it, --overwrite to replace it, or choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -91,9 +98,29 @@ def closing_metrics(state, dataset: data.Dataset, config: ml_collections.ConfigD
     return results
 
 
+def load_config(out: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """The resolved config of an existing run directory."""
+    path = pathlib.Path(out) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: {out} is not a run directory to resume")
+    return ml_collections.ConfigDict(json.loads(path.read_text()), type_safe=False)
+
+
+def _resume_point(out: pathlib.Path, checkpoints: Checkpoints, epochs: int) -> tuple[int, list[str]]:
+    """(completed epochs of the newest checkpoint, the metrics lines of those epochs)."""
+    done = checkpoints.latest()
+    if done is None:
+        raise FileNotFoundError(f"no checkpoint in {out / 'checkpoints'} to resume from")
+    if done > epochs:
+        raise ValueError(f"epochs={epochs} is fewer than the {done} epochs already checkpointed")
+    lines = (out / "metrics.jsonl").read_text().splitlines()[:done]
+    return done, lines
+
+
 def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: bool = False,
-        progress: bool = True) -> dict:
-    """Trains ``config`` and writes the run directory ``out``; returns the summary."""
+        progress: bool = True, resume: bool = False) -> dict:
+    """Trains ``config`` and writes the run directory ``out`` (``resume``: continues it from its
+    newest checkpoint); returns the summary."""
     if config.epochs < 1 or config.batch_size < 1:
         raise ValueError(f"epochs={config.epochs} and batch_size={config.batch_size} must be positive")
     dataset = data.load(config.dataset, data_dir=config.data_dir or None, holdout=config.holdout,
@@ -108,17 +135,23 @@ def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: b
     check_metrics_config(config)
     heldout = (_split(dataset.test_images, dataset.test_labels, config.metrics_batch_size,
                       config.metrics_batch_size)[0] if config.metrics_batch_size else None)
-    out = prepare_run_dir(out, overwrite)
+    out = pathlib.Path(out) if resume else prepare_run_dir(out, overwrite)
     (out / "config.json").write_text(config.to_json(indent=2) + "\n")
 
     key = jax.random.key(config.seed)
     init_key, key = jax.random.split(key)
     state = train.create_train_state(init_key, model, dataset.train_images[:1], optimizer)
+    checkpoints = Checkpoints(out / "checkpoints")
+    first, kept = _resume_point(out, checkpoints, config.epochs) if resume else (0, [])
+    if first:
+        state = checkpoints.restore(first, state)
     train_images, train_labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
     start = time.perf_counter()
-    record = {}
+    record = json.loads(kept[-1]) if kept else {}
     with open(out / "metrics.jsonl", "w") as log:
-        for epoch in tqdm(range(config.epochs), desc="epochs", disable=not progress):
+        log.writelines(line + "\n" for line in kept)
+        for epoch in tqdm(range(first, config.epochs), desc="epochs", disable=not progress,
+                          initial=first, total=config.epochs):
             epoch_start = time.perf_counter()
             state, steps = train.train_epoch(state, train_images, train_labels,
                                              jax.random.fold_in(key, epoch), config.batch_size)
@@ -145,6 +178,7 @@ def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: b
             }
             log.write(json.dumps(record) + "\n")
             log.flush()
+            checkpoints.save(epoch + 1, state)
             if progress:
                 tqdm.write(format_record(record, config.epochs))
     summary = {**record, "wall_time": time.perf_counter() - start, "steps": int(state.step),

@@ -98,3 +98,43 @@ def test_bad_metric_options_fail_before_training(fashion_dir, tmp_path, capsys, 
     assert cli.main(train_args(fashion_dir, out, "--set", option)) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def _records(out):
+    """metrics.jsonl without the wall-clock field."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "epoch_time"} for line in lines]
+
+
+def _assert_close(a, b):
+    if isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_close(x, y)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_close(a[key], b[key])
+    else:
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-6)
+
+
+def test_resume_ends_with_the_metrics_of_an_uninterrupted_run(fashion_dir, tmp_path):
+    rule = ["--rule", "pfa", "--set", "rule_options.expansion=2",
+            "--set", "optimizer.weight_decay=(0.01, 1e-4)", "--set", "optimizer.wd_milestones=(1,)"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert cli.main(train_args(fashion_dir, straight, *rule, "--epochs", "4")) == 0
+    assert cli.main(train_args(fashion_dir, resumed, *rule)) == 0
+    assert len(_records(resumed)) == 2
+    assert cli.main(["train", "--resume", "--out", str(resumed), "--epochs", "4", "--quiet"]) == 0
+    _assert_close(_records(resumed), _records(straight))
+    assert json.loads((resumed / "config.json").read_text())["epochs"] == 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--resume", "--quiet"], "--resume needs --out"),
+    (["train", "--resume", "--out", "/nonexistent/run", "--quiet"], "not a run directory"),
+])
+def test_resume_errors(argv, message, capsys):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
