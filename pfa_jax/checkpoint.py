@@ -20,6 +20,10 @@ def _arrays(state: TrainState) -> dict:
             "rng": jax.random.key_data(state.rng)}
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be restored (corrupted, truncated or from another config)."""
+
+
 class Checkpoints:
     """``save(epoch, state)``, ``latest()`` and ``restore(epoch, like)`` under one directory."""
 
@@ -39,6 +43,12 @@ class Checkpoints:
     def restore(self, epoch: int, like: TrainState) -> TrainState:
         """The state saved after ``epoch`` epochs, with the static fields of ``like``."""
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays(like))
-        arrays = self.manager.restore(epoch, args=ocp.args.StandardRestore(target))
+        try:
+            arrays = self.manager.restore(epoch, args=ocp.args.StandardRestore(target))
+        except Exception as error:  # noqa: BLE001 - orbax raises many kinds; all mean unreadable
+            raise CheckpointError(
+                f"checkpoint {self.manager.directory / str(epoch)} cannot be read "
+                f"({type(error).__name__}: {error}); it is left as it is. Remove that directory "
+                "to resume from an older checkpoint, or start a new run") from None
         return like.replace(**{k: v for k, v in arrays.items() if k != "rng"},
                             rng=jax.random.wrap_key_data(arrays["rng"]))

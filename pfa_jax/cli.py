@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or f"runs/{config.dataset}-{config.model}-{config.rule}-seed{config.seed}"
         summary = experiment.run(config, out, overwrite=args.overwrite, progress=not args.quiet,
                                  resume=args.resume)
-    except (ValueError, FileExistsError, FileNotFoundError, experiment.DivergenceError) as error:
+    except (ValueError, FileExistsError, FileNotFoundError, experiment.DivergenceError,
+            experiment.CheckpointError) as error:
         print(f"pfa-jax: error: {error}", file=sys.stderr)
         return 2
     print(f"final test accuracy {100 * summary['test_accuracy']:.2f}%  (run directory: {out})")

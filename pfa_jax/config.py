@@ -26,8 +26,9 @@ from typing import Iterable
 
 import ml_collections
 
+from pfa_jax import data, models, rules
 from pfa_jax import nn as pnn
-from pfa_jax import rules
+from pfa_jax.optim import OptimizerConfig
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -103,3 +104,37 @@ def rule_spec(config: ml_collections.ConfigDict):
     if not config.layer_rules:
         return rule
     return {pnn.DEFAULT: rule, **{k: rules.get(v) for k, v in config.layer_rules.items()}}
+
+
+def _positive_int(config, key: str) -> None:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"config {key}={value!r} must be a positive int")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks every key before any data is read or anything compiled; errors name the key, the bad
+    value and what is valid. (Whether the model fits the dataset's images is checked once the data
+    is loaded, by ``pfa_jax.experiment``.)"""
+    for key, valid in (("model", models.names()), ("rule", rules.names()),
+                       ("dataset", data.DATASETS)):
+        if config[key] not in valid:
+            raise ValueError(f"config {key}={config[key]!r} is unknown; valid: {', '.join(valid)}")
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        _positive_int(config, key)
+    try:
+        rule_spec(config)
+    except ValueError as error:
+        raise ValueError(f"config rule_options={config.rule_options.to_dict()!r} / layer_rules="
+                         f"{config.layer_rules.to_dict()!r}: {error}") from None
+    try:
+        models.get(config.model, **config.model_options.to_dict())
+        optimizer = OptimizerConfig.create(config.optimizer)
+    except ValueError as error:
+        raise ValueError(f"config: {error}") from None
+    for key in ("lr_milestones", "wd_milestones"):
+        late = [m for m in getattr(optimizer, key) if m >= config.epochs]
+        if late:
+            raise ValueError(f"config optimizer.{key}={tuple(getattr(optimizer, key))!r} has "
+                             f"milestone(s) {late} at or beyond epochs={config.epochs}: valid "
+                             f"milestones lie in 1..{config.epochs - 1}")

@@ -32,13 +32,27 @@ import numpy as np
 from tqdm import tqdm
 
 from pfa_jax import data, metrics, models, train
-from pfa_jax.checkpoint import Checkpoints
-from pfa_jax.config import rule_spec
+from pfa_jax.checkpoint import CheckpointError, Checkpoints
+from pfa_jax.config import rule_spec, validate
 from pfa_jax.optim import OptimizerConfig
 
 
 class DivergenceError(RuntimeError):
-    """The training loss became non-finite."""
+    """The training loss or the parameters became non-finite."""
+
+
+def check_finite(state, losses, epoch: int, out: pathlib.Path) -> None:
+    """Raises ``DivergenceError`` naming the epoch (1-based) and step of the first non-finite loss,
+    or the epoch whose parameters are non-finite; earlier epochs' checkpoints stay as they are."""
+    finite = np.isfinite(losses)
+    params_finite = all(bool(np.all(np.isfinite(p))) for p in jax.tree.leaves(state.params))
+    if finite.all() and params_finite:
+        return
+    where = f"step {int(np.argmin(finite)) + 1}" if not finite.all() else "its end (parameters)"
+    raise DivergenceError(
+        f"training diverged in epoch {epoch + 1} at {where}: non-finite values. The last good "
+        f"checkpoint (after epoch {epoch}) is kept in {out / 'checkpoints'}; lower the learning "
+        "rate and start again, or --resume with a changed config")
 
 
 def prepare_run_dir(out: str | pathlib.Path, overwrite: bool) -> pathlib.Path:
@@ -66,6 +80,17 @@ def check_metrics_config(config: ml_collections.ConfigDict) -> None:
                                     "robustness_examples", "sharpness_probes", "pgd_steps")}
     if min(sizes.values()) < 0:
         raise ValueError(f"metric sizes must be >= 0, got {sizes}")
+
+
+def check_fits(model, name: str, dataset: data.Dataset) -> None:
+    """Raises if the model cannot take the dataset's images (traced with shapes only, no compile)."""
+    try:
+        jax.eval_shape(model.init, {"params": jax.random.key(0)},
+                       jax.ShapeDtypeStruct((1,) + dataset.image_shape, jnp.float32))
+    except Exception as error:  # noqa: BLE001 - any tracing failure means the shapes do not fit
+        raise ValueError(f"config model={name!r} does not fit {dataset.name} images of shape "
+                         f"{dataset.image_shape} ({type(error).__name__}: {error}); choose another "
+                         "model or pad_to") from None
 
 
 def _split(images, labels, count: int, batch_size: int) -> list[dict]:
@@ -121,8 +146,8 @@ def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: b
         progress: bool = True, resume: bool = False) -> dict:
     """Trains ``config`` and writes the run directory ``out`` (``resume``: continues it from its
     newest checkpoint); returns the summary."""
-    if config.epochs < 1 or config.batch_size < 1:
-        raise ValueError(f"epochs={config.epochs} and batch_size={config.batch_size} must be positive")
+    validate(config)
+    check_metrics_config(config)
     dataset = data.load(config.dataset, data_dir=config.data_dir or None, holdout=config.holdout,
                         pad_to=config.pad_to or None, limit=config.limit or None)
     steps_per_epoch = len(dataset.train_images) // config.batch_size
@@ -131,8 +156,8 @@ def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: b
                          f"{len(dataset.train_images)} training examples")
     model = models.get(config.model, rule=rule_spec(config), num_classes=dataset.num_classes,
                        **config.model_options.to_dict())
+    check_fits(model, config.model, dataset)
     optimizer = OptimizerConfig.create(config.optimizer, steps_per_epoch=steps_per_epoch)
-    check_metrics_config(config)
     heldout = (_split(dataset.test_images, dataset.test_labels, config.metrics_batch_size,
                       config.metrics_batch_size)[0] if config.metrics_batch_size else None)
     out = pathlib.Path(out) if resume else prepare_run_dir(out, overwrite)
@@ -156,10 +181,7 @@ def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: b
             state, steps = train.train_epoch(state, train_images, train_labels,
                                              jax.random.fold_in(key, epoch), config.batch_size)
             steps = jax.device_get(steps)
-            if not np.all(np.isfinite(steps["loss"])):
-                bad = int(np.argmin(np.isfinite(steps["loss"])))
-                raise DivergenceError(f"training diverged: non-finite loss at epoch {epoch}, step "
-                                      f"{bad}; lower the learning rate")
+            check_finite(state, steps["loss"], epoch, out)
             test = train.evaluate(state, dataset.test_images, dataset.test_labels,
                                   config.eval_batch_size)
             gradients = {} if heldout is None else {

@@ -48,7 +48,7 @@ def test_existing_run_directory_is_kept(fashion_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--rule", "nope"], "valid rules: " + ", ".join(rules.names())),
+    (["--rule", "nope"], "valid: " + ", ".join(rules.names())),
     (["--model", "vgg"], "vgg"),
     (["--set", "bogus=1"], "unknown config key 'bogus'"),
     (["--set", "optimizer.learning_rate=1e12"], "diverged"),
