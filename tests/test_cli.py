@@ -2,19 +2,14 @@
 import json
 
 import pytest
-from test_data import raw_fashion, write_idx
+from test_data import make_fashion_dir
 
 from pfa_jax import cli, experiment, rules
 
 
 @pytest.fixture(scope="module")
 def fashion_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("fashion")
-    for prefix, seed, n in [("train", 0, 256), ("t10k", 1, 100)]:
-        images, labels = raw_fashion(seed, n)
-        write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images, True)
-        write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels, True)
-    return directory
+    return make_fashion_dir(tmp_path_factory.mktemp("fashion"), 256, 100)
 
 
 def train_args(fashion_dir, out, *extra):

@@ -36,6 +36,15 @@ def raw_fashion(seed, n):
     return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), (np.arange(n) % 10).astype(np.uint8)
 
 
+def make_fashion_dir(directory, n_train, n_test):
+    """A gzip Fashion-MNIST-layout directory of random images (for end-to-end runs)."""
+    for prefix, seed, n in [("train", 0, n_train), ("t10k", 1, n_test)]:
+        images, labels = raw_fashion(seed, n)
+        write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images, True)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels, True)
+    return directory
+
+
 @pytest.fixture
 def idx_dir(tmp_path):
     """A Fashion-MNIST-layout directory: gzip training files, plain test files."""

@@ -9,19 +9,14 @@ import time
 
 import numpy as np
 import pytest
-from test_data import raw_fashion, write_idx
+from test_data import make_fashion_dir
 
 from pfa_jax import cli, config as config_lib, data, experiment, models
 
 
 @pytest.fixture(scope="module")
 def fashion_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("fashion")
-    for prefix, seed, n in [("train", 0, 2048), ("t10k", 1, 200)]:
-        images, labels = raw_fashion(seed, n)
-        write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images, True)
-        write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels, True)
-    return directory
+    return make_fashion_dir(tmp_path_factory.mktemp("fashion"), 2048, 200)
 
 
 def args(fashion_dir, out, *extra):
