@@ -46,6 +46,7 @@ def test_existing_run_directory_is_kept(fashion_dir, tmp_path, capsys):
     (["--rule", "nope"], "valid: " + ", ".join(rules.names())),
     (["--model", "vgg"], "vgg"),
     (["--set", "bogus=1"], "unknown config key 'bogus'"),
+    (["--set", "data_dir='/nonexistent'"], "apt-get install -y dataset-fashion-mnist"),
     (["--set", "optimizer.learning_rate=1e12"], "diverged"),
 ])
 def test_bad_input_gives_a_clear_error(fashion_dir, tmp_path, capsys, extra, message):
