@@ -34,7 +34,7 @@ def records(out):
     (["model='vgg'"], "model='vgg' is unknown; valid: ffn2"),
     (["rule='nope'"], "rule='nope' is unknown; valid: bp, fa"),
     (["dataset='imagenet'"], "dataset='imagenet' is unknown; valid: fashion_mnist"),
-    (["rule='pfa'", "rule_options.expansion=0.5"], "expansion=0.5 must be a number >= 1"),
+    (["rule='pfa'", "rule_options.expansion=0.5"], "expansion=0.5 must be a finite number >= 1"),
     (["rule='pfa'", "rule_options.density=0.0"], "density=0.0 must lie in (0, 1]"),
     (["rule='pfa'", "rule_options.density=1.5"], "density=1.5 must lie in (0, 1]"),
     (["rule='fa'", "rule_options.rho=1.5"], "rho=1.5 must lie in [-1, 1]"),

@@ -677,7 +677,7 @@ def test_get_rule_instance_unknown_option():
                          ids=["int64-expansion", "float32-density"])
 def test_pfa_accepts_numpy_scalars(options):
     """NumPy scalars (sweeps over ``np.arange`` / arrays) are numbers: ``expansion=np.int64(4)`` was refused
-    with "expansion=np.int64(4) must be a number >= 1"."""
+    with "expansion=np.int64(4) must be a finite number >= 1"."""
     rule = R.get("pfa", **options)
     fb = rule.init_feedback(prng(0), jnp.ones((5, 3)))
     assert fb["Bp"].shape == (3, round(float(options.get("expansion", 10)) * 3))

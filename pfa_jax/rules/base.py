@@ -55,11 +55,20 @@ def fans(shape) -> tuple[int, int]:
     return shape[-2] * receptive, shape[-1] * receptive
 
 
+def _unit(x):
+    """``x / ||x||``, and zeros for ``x == 0``."""
+    norm = jnp.linalg.norm(x)
+    return jnp.where(norm > 0, x / jnp.where(norm > 0, norm, 1.0), 0.0)
+
+
 def soft_align(kernel: jax.Array, draw: jax.Array, rho: float) -> jax.Array:
     """``B`` with ``cos(B, kernel) == rho`` and ``||B|| == ||draw||`` (Cheon, Bae & Paik 2025)."""
-    k_hat = kernel / jnp.linalg.norm(kernel)
-    perp = draw - jnp.vdot(draw, k_hat) * k_hat
-    direction = rho * k_hat + math.sqrt(1.0 - rho * rho) * perp / jnp.linalg.norm(perp)
+    k_hat = _unit(kernel)
+    # No orthogonal direction exists for a one-entry kernel (or a draw parallel to it), and no
+    # direction at all for an all-zero kernel: the unit vectors are then taken as zero, so B stays
+    # finite (cos(B, K) can only be +-1 there), never NaN.
+    unit_perp = _unit(draw - jnp.vdot(draw, k_hat) * k_hat)
+    direction = rho * k_hat + math.sqrt(1.0 - rho * rho) * unit_perp
     return jnp.linalg.norm(draw) * direction
 
 

@@ -112,9 +112,9 @@ class PFA(Rule):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.expansion, numbers.Real) or self.expansion < 1:
-            raise ValueError(f"{self.name}: expansion={self.expansion!r} must be a number >= 1 "
-                             "(mid = expansion * out units)")
+        if not isinstance(self.expansion, numbers.Real) or not 1 <= self.expansion < math.inf:
+            raise ValueError(f"{self.name}: expansion={self.expansion!r} must be a finite number "
+                             ">= 1 (mid = expansion * out units)")
         if not isinstance(self.density, numbers.Real) or not 0.0 < self.density <= 1.0:
             raise ValueError(f"{self.name}: density={self.density!r} must lie in (0, 1]")
         if self.route not in ROUTES:
