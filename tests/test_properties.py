@@ -12,8 +12,10 @@ rule options and float32 / float64 data are checked against references written h
 4. one-time soft alignment sets ``cos(B, K) = rho`` and keeps the norm of the independent draw;
 5. invalid options and mismatched shapes raise ``ValueError``.
 
-Speed: every new shape is a new XLA compile on CPU, so shapes are tiny, data comes from NumPy, keys are
-"rbg" keys, every example runs every rule on one set of shapes, and examples are few and derandomized.
+Speed: every new shape is a new XLA compile on CPU (ops run eagerly, op by op), so shapes are tiny, data
+and feedback contents come from NumPy, the references are NumPy except for the conv transposes (the same
+compiled ops as the rules'), keys are "rbg" keys, the rules of an example share its shapes, and examples are
+few and derandomized.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ import pfa_jax.rules as R
 
 def examples(n):
     return settings(max_examples=n, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+                    suppress_health_check=[HealthCheck.too_slow])
 
 
 TOLERANCES = {"float32": dict(rtol=2e-4, atol=2e-5), "float64": dict(rtol=1e-9, atol=1e-11)}
@@ -152,12 +154,13 @@ def make_rules(names=R.names(), expansion=2, density=1.0, classes=3):
 OPTIONS = dict(expansion=st.sampled_from([1, 1.5, 2, 3]), density=st.sampled_from([1.0, 0.5]),
                classes=st.integers(1, 3))
 ALL_RULES = st.builds(make_rules, **OPTIONS)
+
+
 # An example's cost is mostly compiles of each rule's own ops for its shapes, so an example of the main test
-# runs every rule but one of the sign-concordant rules and one of PFA / PFA-o (each in every route).
-SIGN_NAMES = ("usf", "brsf", "frsf")
-OTHER_NAMES = tuple(name for name in R.names() if name not in SIGN_NAMES + PFA_NAMES)
-SOME_RULES = st.builds(make_rules, names=st.tuples(st.sampled_from(SIGN_NAMES), st.sampled_from(PFA_NAMES)).map(
-    lambda picked: OTHER_NAMES + picked), **OPTIONS)
+# runs one of two halves of the rules, of about equal cost (BP, the baseline, in both).
+COSTLY_NAMES = ("brsf", "pfa")
+HALVES = (("bp",) + COSTLY_NAMES, tuple(name for name in R.names() if name not in COSTLY_NAMES))
+SOME_RULES = st.builds(make_rules, names=st.sampled_from(HALVES), **OPTIONS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,18 +267,19 @@ def check_all(rules, check):
 # 1-3. Forward and cotangents of every rule against the references; PFA's routes agree
 # --------------------------------------------------------------------------------------------------
 
-@examples(20)
+@examples(15)
 @given(layer=LAYERS, rules=SOME_RULES, dtype=st.sampled_from(["float32", "float32", "float64"]), seed=SEEDS)
 @example(layer=Layer((2, 7, 6, 4), (3, 2, 2, 4), {"strides": 2, "padding": "VALID", "kernel_dilation": (2, 1),
                                                   "feature_group_count": 2}),
          rules=make_rules(expansion=1.5, density=0.5), dtype="float32", seed=1)
 @example(layer=Layer((3, 5, 4, 3), (2, 3, 3, 2), {"strides": (1, 2), "padding": [[2, 0], [1, 1]],
                                                   "kernel_dilation": 2}),
-         rules=make_rules(OTHER_NAMES + ("frsf", "pfa"), expansion=1.5, classes=2), dtype="float64", seed=2)
+         rules=make_rules(HALVES[0], expansion=1.5), dtype="float64", seed=2)
 def test_every_rule_matches_reference(layer, rules, dtype, seed):
     """Forward identical to the plain op; ``(dx, dK, dfb)`` equal to the references; ``effective_feedback``
-    equal to the hand-computed ``F``; PFA's "mid", "product" and "auto" routes agree with each other (one
-    example runs every rule on one set of shapes, so compiled ops are shared)."""
+    equal to the hand-computed ``F``; PFA's "mid", "product" and "auto" routes agree with each other. DFA
+    refuses feature groups. The explicit examples run every rule on a strided, dilated, grouped VALID conv
+    and on explicitly padded float64 data."""
     tolerance = TOLERANCES[dtype]
     results = {}
     with precision(dtype):
@@ -315,6 +319,7 @@ def test_every_rule_matches_reference(layer, rules, dtype, seed):
 @examples(6)
 @given(layer=LAYERS, rules=ALL_RULES, dtype=st.sampled_from(["bfloat16", "float16"]), seed=SEEDS)
 def test_forward_is_plain_op_in_low_precision(layer, rules, dtype, seed):
+    """bfloat16 / float16: every rule's output is the plain op's, bit for bit, in the input dtype."""
     x, kernel = (normal(seed + i, shape, dtype) for i, shape in enumerate(layer.shapes()))
     want = np.asarray(layer.plain()(x, kernel))
 
@@ -380,11 +385,10 @@ def test_soft_alignment_of_degenerate_kernels_is_never_nan(kernel):
             assert rule.rho not in attainable, f"rho = {rule.rho} is attainable for a one-entry kernel"
             return
         assert np.all(np.isfinite(b)), (
-            f"LIBRARY BUG (pfa_jax/rules/base.py, soft_align): init_feedback(key, K) with K of shape "
-            f"{kernel.shape} and norm {float(jnp.linalg.norm(kernel))} returned {b.ravel()}: the draw's "
-            "component orthogonal to K is exactly zero for a one-entry K (and K / ||K|| is 0/0 for a zero "
-            "K), so perp / ||perp|| is 0/0 = NaN, and NaN even for rho = +-1 where its weight sqrt(1 - rho^2) "
-            "is 0")
+            f"soft_align (pfa_jax/rules/base.py): init_feedback(key, K) with K of shape {kernel.shape} and "
+            f"norm {float(jnp.linalg.norm(kernel))} returned {b.ravel()}: the draw's component orthogonal to "
+            "K is exactly zero for a one-entry K (and K / ||K|| is 0/0 for a zero K); normalising it must "
+            "not give 0/0 = NaN, even for rho = +-1 where its weight sqrt(1 - rho^2) is 0")
         if rule.rho in attainable:
             assert cosine(b, kernel) == pytest.approx(rule.rho)
 
@@ -428,17 +432,16 @@ def test_bad_options_raise(bad):
                                          ("fa", "rho"), ("frsf", "rho"), ("kp", "rho"), ("wm", "rho")])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
 def test_non_finite_options_raise(name, option, value):
-    """NaN and infinities are invalid values of every numeric option. Library bug: PFA's check
-    ``expansion < 1`` (pfa_jax/rules/product_feedback.py, ``PFA.__post_init__``) is False for nan and inf, so
-    ``R.get('pfa', expansion=nan)`` is accepted and ``init_feedback`` then fails in ``PFA.mid`` with
-    "ValueError: cannot convert float NaN to integer" (inf: OverflowError)."""
+    """NaN and infinities are invalid values of every numeric option (a check written ``expansion < 1`` is
+    False for both and let them through, to fail later in ``PFA.mid`` with "cannot convert float NaN to
+    integer" or an OverflowError)."""
     try:
         rule = R.get(name, **{option: value})
     except ValueError as error:
         assert option in str(error)
     else:
-        pytest.fail(f"LIBRARY BUG: R.get({name!r}, {option}={value}) is accepted as {rule}; a non-finite "
-                    f"{option} must raise ValueError (see the docstring)")
+        pytest.fail(f"R.get({name!r}, {option}={value}) is accepted as {rule}; a non-finite {option} must "
+                    "raise ValueError")
 
 
 BAD_CONV_OPTIONS = st.one_of(
