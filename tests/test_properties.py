@@ -278,8 +278,8 @@ def check_all(rules, check):
 def test_every_rule_matches_reference(layer, rules, dtype, seed):
     """Forward identical to the plain op; ``(dx, dK, dfb)`` equal to the references; ``effective_feedback``
     equal to the hand-computed ``F``; PFA's "mid", "product" and "auto" routes agree with each other. DFA
-    refuses feature groups. The explicit examples run every rule on a strided, dilated, grouped VALID conv
-    and on explicitly padded float64 data."""
+    refuses feature groups. The explicit examples: every rule on a strided, dilated, grouped VALID conv with
+    sparse PFA; BP, brsf and PFA on a float64 conv with explicit padding given as lists."""
     tolerance = TOLERANCES[dtype]
     results = {}
     with precision(dtype):
