@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -169,9 +169,6 @@ class Rule:
         """The kernel-layout ``F`` through which errors travel down (``F == K`` is backprop);
         ``None`` where no such matrix exists (DFA)."""
         raise NotImplementedError
-
-    def options(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 @dataclasses.dataclass(frozen=True)
