@@ -9,6 +9,10 @@ Keys:
 * ``rule`` / ``rule_options``: a name of ``pfa_jax.rules.names()`` and its options;
   ``layer_rules`` maps layer paths to rule names that override ``rule`` (e.g. ``{'output': 'bp'}``).
 * ``dataset``, ``data_dir``, ``holdout``, ``pad_to``, ``limit``: see ``pfa_jax.data.load``.
+* ``augment``: a training-time augmentation of ``pfa_jax.augment.AUGMENTATIONS`` (``crop_flip``:
+  the CIFAR pad-4 crop and horizontal flip).
+* ``noise_pretrain_steps``: train steps on Gaussian noise with random labels before the data
+  (``pfa_jax.train.noise_pretrain``; 0: none), at ``batch_size``.
 * ``epochs``, ``batch_size``, ``eval_batch_size``, ``seed``.
 * ``optimizer``: the fields of ``pfa_jax.optim.OptimizerConfig`` (``steps_per_epoch`` is derived).
 * Metrics (``pfa_jax.metrics``; see ``pfa_jax.experiment``): every epoch, gradient alignment on the
@@ -26,7 +30,7 @@ from typing import Iterable
 
 import ml_collections
 
-from pfa_jax import data, models, rules
+from pfa_jax import augment, data, models, rules
 from pfa_jax import nn as pnn
 from pfa_jax.optim import OptimizerConfig
 
@@ -45,6 +49,8 @@ def default_config() -> ml_collections.ConfigDict:
         "holdout": 0,
         "pad_to": 0,
         "limit": 0,
+        "augment": "none",
+        "noise_pretrain_steps": 0,
         "epochs": 3,
         "batch_size": 64,
         "eval_batch_size": 1000,
@@ -72,6 +78,20 @@ def default_config() -> ml_collections.ConfigDict:
     })
 
 
+def set_value(config: ml_collections.ConfigDict, key: str, value) -> None:
+    """Sets the dotted ``key`` (e.g. ``'optimizer.learning_rate'``); a top-level key must exist."""
+    *parents, leaf = key.split(".")
+    node = config
+    for i, part in enumerate(parents):
+        if part not in node:
+            raise ValueError(f"unknown config key {'.'.join(parents[:i + 1])!r}; valid keys: "
+                             f"{sorted(node.keys())}")
+        node = node[part]
+    if node is config and leaf not in config:
+        raise ValueError(f"unknown config key {key!r}; valid keys: {sorted(config.keys())}")
+    node[leaf] = tuple(value) if isinstance(value, list) else value
+
+
 def override(config: ml_collections.ConfigDict, assignments: Iterable[str]
              ) -> ml_collections.ConfigDict:
     """Applies ``key.sub=value`` assignments; values are Python literals (else strings)."""
@@ -83,18 +103,7 @@ def override(config: ml_collections.ConfigDict, assignments: Iterable[str]
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text
-        *parents, leaf = key.split(".")
-        node = config
-        for i, part in enumerate(parents):
-            if part not in node:
-                raise ValueError(f"unknown config key {'.'.join(parents[:i + 1])!r}; valid keys: "
-                                 f"{sorted(node.keys())}")
-            node = node[part]
-        if isinstance(node, ml_collections.ConfigDict) and leaf not in node and node is config:
-            raise ValueError(f"unknown config key {key!r}; valid keys: {sorted(config.keys())}")
-        if isinstance(value, list):
-            value = tuple(value)
-        node[leaf] = value
+        set_value(config, key, value)
     return config
 
 
@@ -106,10 +115,10 @@ def rule_spec(config: ml_collections.ConfigDict):
     return {pnn.DEFAULT: rule, **{k: rules.get(v) for k, v in config.layer_rules.items()}}
 
 
-def _positive_int(config, key: str) -> None:
+def _check_int(config, key: str, low: int = 1) -> None:
     value = config[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"config {key}={value!r} must be a positive int")
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"config {key}={value!r} must be an int >= {low}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -121,7 +130,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if config[key] not in valid:
             raise ValueError(f"config {key}={config[key]!r} is unknown; valid: {', '.join(valid)}")
     for key in ("epochs", "batch_size", "eval_batch_size"):
-        _positive_int(config, key)
+        _check_int(config, key)
+    _check_int(config, "noise_pretrain_steps", low=0)
+    try:
+        augment.check(config.augment)
+    except ValueError as error:
+        raise ValueError(f"config {error}") from None
     try:
         rule_spec(config)
     except ValueError as error:

@@ -3,8 +3,13 @@
 A run directory holds ``config.json`` (the resolved config), ``metrics.jsonl`` (one JSON record per
 epoch: train / test loss and accuracy, learning rate, weight decay, per-layer alignment, per-layer
 gradient alignment on a fixed held-out batch, epoch time), ``checkpoints/`` (orbax, after every
-epoch, the newest two kept) and ``summary.json`` (the final record, the wall time and, when the
-config asks, ``sharpness``, ``adversarial`` and ``noise``).
+epoch, the newest two kept), ``curves.png`` (accuracy and alignment against the epoch,
+``pfa_jax.plots``) and ``summary.json`` (the final record, the wall time and, when the config asks,
+``sharpness``, ``adversarial`` and ``noise``). The progress bar shows the last epoch's train loss and
+accuracy and test accuracy (an epoch is one compiled scan, so nothing finer is live).
+
+With ``noise_pretrain_steps`` the fresh state is first trained on noise
+(``pfa_jax.train.noise_pretrain``); ``augment`` is applied to every training batch.
 
 ``resume=True`` continues a run directory from its newest checkpoint: ``metrics.jsonl`` is cut back
 to the checkpoint's epoch and training goes on to ``config.epochs`` (which may be larger than the
@@ -31,7 +36,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from pfa_jax import data, metrics, models, train
+from pfa_jax import data, metrics, models, plots, train
 from pfa_jax.checkpoint import CheckpointError, Checkpoints
 from pfa_jax.config import rule_spec, validate
 from pfa_jax.optim import OptimizerConfig
@@ -170,16 +175,22 @@ def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: b
     first, kept = _resume_point(out, checkpoints, config.epochs) if resume else (0, [])
     if first:
         state = checkpoints.restore(first, state)
+    elif config.noise_pretrain_steps:
+        state, _ = train.noise_pretrain(state, jax.random.fold_in(key, 2**31),
+                                        config.noise_pretrain_steps, config.batch_size,
+                                        dataset.num_classes)
     train_images, train_labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
     start = time.perf_counter()
     record = json.loads(kept[-1]) if kept else {}
     with open(out / "metrics.jsonl", "w") as log:
         log.writelines(line + "\n" for line in kept)
-        for epoch in tqdm(range(first, config.epochs), desc="epochs", disable=not progress,
-                          initial=first, total=config.epochs):
+        bar = tqdm(range(first, config.epochs), desc="epochs", disable=not progress,
+                   initial=first, total=config.epochs)
+        for epoch in bar:
             epoch_start = time.perf_counter()
             state, steps = train.train_epoch(state, train_images, train_labels,
-                                             jax.random.fold_in(key, epoch), config.batch_size)
+                                             jax.random.fold_in(key, epoch), config.batch_size,
+                                             config.augment)
             steps = jax.device_get(steps)
             check_finite(state, steps["loss"], epoch, out)
             test = train.evaluate(state, dataset.test_images, dataset.test_labels,
@@ -201,8 +212,14 @@ def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: b
             log.write(json.dumps(record) + "\n")
             log.flush()
             checkpoints.save(epoch + 1, state)
+            bar.set_postfix(loss=f"{record['train_loss']:.4f}",
+                            acc=f"{100 * record['train_accuracy']:.2f}%",
+                            test_acc=f"{100 * record['test_accuracy']:.2f}%")
             if progress:
                 tqdm.write(format_record(record, config.epochs))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    plots.run_curves(records, out / "curves.png", title=f"{config.dataset} {config.model} "
+                     f"{config.rule} seed {config.seed}")
     summary = {**record, "wall_time": time.perf_counter() - start, "steps": int(state.step),
                **closing_metrics(state, dataset, config, jax.random.fold_in(key, config.epochs))}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

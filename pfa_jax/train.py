@@ -33,6 +33,7 @@ from flax import struct
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from pfa_jax import augment as pfa_augment
 from pfa_jax import nn as pnn
 from pfa_jax.optim import OptimizerConfig, make_optimizer
 
@@ -178,20 +179,47 @@ def eval_step(state: TrainState, batch: dict) -> dict:
     return {"loss": loss, "accuracy": accuracy, "count": count}
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size",), donate_argnums=(0,))
-def train_epoch(state: TrainState, images, labels, key, batch_size: int):
+@functools.partial(jax.jit, static_argnames=("batch_size", "augment"), donate_argnums=(0,))
+def train_epoch(state: TrainState, images, labels, key, batch_size: int, augment: str = "none"):
     """One shuffled epoch as one compiled ``lax.scan`` of ``train_step`` (drops the last partial
-    batch). Returns the state and per-step metrics (arrays of length ``len(images) // batch_size``).
+    batch); ``augment`` names a ``pfa_jax.augment`` recipe applied to each batch. Returns the state
+    and per-step metrics (arrays of length ``len(images) // batch_size``).
     """
+    pfa_augment.check(augment)
     steps = images.shape[0] // batch_size
     if steps == 0:
         raise ValueError(f"batch_size={batch_size} exceeds the {images.shape[0]} training examples")
     order = jax.random.permutation(key, images.shape[0])[:steps * batch_size]
+    augment_key = jax.random.fold_in(key, 1)
 
-    def body(state, indices):
-        return train_step(state, {"image": images[indices], "label": labels[indices]})
+    def body(state, step):
+        i, indices = step
+        batch_images = pfa_augment.apply(augment, jax.random.fold_in(augment_key, i),
+                                         images[indices])
+        return train_step(state, {"image": batch_images, "label": labels[indices]})
 
-    return lax.scan(body, state, order.reshape(steps, batch_size))
+    return lax.scan(body, state, (jnp.arange(steps), order.reshape(steps, batch_size)))
+
+
+@functools.partial(jax.jit, static_argnames=("steps", "batch_size", "num_classes"))
+def noise_pretrain(state: TrainState, key, steps: int, batch_size: int, num_classes: int):
+    """Noise pretraining (Cheon, Lee & Paik, NeurIPS 2024): ``steps`` train steps with the rule on
+    ``N(0, 1)`` images shaped like the data (``state.input_shape``, i.e. in the standardised pixel
+    space) with uniformly random labels in ``0..num_classes-1``, before any data.
+
+    The parameters, feedback and BatchNorm statistics it reaches are kept; the optimizer then starts
+    afresh (new optimizer state, ``step = 0``), so the data phase runs its usual learning-rate and
+    weight-decay schedule from its first epoch. Returns ``(state, per-step metrics)``.
+    """
+    def body(state, step_key):
+        image_key, label_key = jax.random.split(step_key)
+        batch = {"image": jax.random.normal(image_key, (batch_size,) + tuple(state.input_shape)),
+                 "label": jax.random.randint(label_key, (batch_size,), 0, num_classes)}
+        return train_step(state, batch)
+
+    state, metrics = lax.scan(body, state, jax.random.split(key, steps))
+    fresh = state.tx.init({"params": state.params, "feedback": state.feedback})
+    return state.replace(step=jnp.zeros_like(state.step), opt_state=fresh), metrics
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))

@@ -1,0 +1,174 @@
+"""Runs experiments' sweeps into run directories (``experiments/configs`` describes the configs).
+
+    python -m experiments.run fig2_fashion_mnist                 # 30 runs, one after another
+    python -m experiments.run soft_alignment_mlp --only 'fa*' --set epochs=5 --out /tmp/results
+    python -m experiments.run fig2_fashion_mnist expansion_fashion_mnist --workers 8   # a GPU
+    python -m experiments.run fig2_fashion_mnist --list          # the runs and their state
+
+Each run of experiment ``E`` writes ``OUT/E/RUN/`` (``pfa_jax.experiment``: ``config.json``,
+``metrics.jsonl``, ``checkpoints/``, ``curves.png``, ``summary.json``). Running again is safe and
+picks up where it stopped: finished runs (with ``summary.json``) are skipped, interrupted ones resume
+from their newest checkpoint and end with the same metrics as an uninterrupted run. A run whose
+training diverges gets ``diverged.json`` (the error) and the sweep goes on. ``OUT/E/experiment.json``
+records the runs, their labels, the hardware and each invocation's wall time.
+
+Every run's config is validated before the first one starts. ``--workers N`` runs N runs at once in
+separate processes (useful on a GPU, which small models leave mostly idle); GPU memory is then
+allocated on demand (``XLA_PYTHON_CLIENT_PREALLOCATE=false``).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before JAX starts: shared GPUs
+
+import argparse  # noqa: E402
+import concurrent.futures  # noqa: E402
+import datetime  # noqa: E402
+import fnmatch  # noqa: E402
+import json  # noqa: E402
+import multiprocessing  # noqa: E402
+import pathlib  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+
+from experiments import configs  # noqa: E402
+from pfa_jax import config as config_lib  # noqa: E402
+from pfa_jax import experiment  # noqa: E402
+
+DEFAULT_OUT = pathlib.Path(__file__).parent / "results"
+
+
+def run_config(name: str, run: "configs.common.Run", assignments=()) -> ml_collections.ConfigDict:
+    """The resolved config of one run: the experiment's base, the run's values, then overrides."""
+    config = configs.load(name).get_config()
+    for key, value in run.overrides.items():
+        config_lib.set_value(config, key, value)
+    return config_lib.override(config, assignments)
+
+
+def state(run_dir: pathlib.Path) -> str:
+    """``done``, ``diverged``, ``partial`` (checkpointed, will resume) or ``new``."""
+    if (run_dir / "summary.json").exists():
+        return "done"
+    if (run_dir / "diverged.json").exists():
+        return "diverged"
+    if any((run_dir / "checkpoints").glob("*")):
+        return "partial"
+    return "new"
+
+
+def hardware() -> dict:
+    """What the runs ran on."""
+    device = jax.devices()[0]
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as lines:
+            cpu = next((line.split(":", 1)[1].strip() for line in lines
+                        if line.startswith("model name")), cpu)
+    return {"platform": device.platform, "device": device.device_kind,
+            "devices": jax.device_count(), "cpu": cpu, "cpu_cores": os.cpu_count(),
+            "jax": jax.__version__, "python": platform.python_version()}
+
+
+def train_one(config_json: str, run_dir: str, progress: bool) -> dict:
+    """Trains (or resumes) one run; returns its summary, or ``{'diverged': message}``."""
+    run_dir = pathlib.Path(run_dir)
+    config = ml_collections.ConfigDict(json.loads(config_json), type_safe=False)
+    resume = state(run_dir) == "partial"
+    try:
+        return experiment.run(config, run_dir, overwrite=not resume, progress=progress,
+                              resume=resume)
+    except experiment.DivergenceError as error:
+        (run_dir / "diverged.json").write_text(json.dumps({"error": str(error)}, indent=2) + "\n")
+        return {"diverged": str(error)}
+
+
+def _record_invocation(exp_dir: pathlib.Path, name: str, runs, started: float, info: dict) -> None:
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    path = exp_dir / "experiment.json"
+    record = json.loads(path.read_text()) if path.exists() else {"invocations": []}
+    record.update({"name": name, "description": configs.load(name).__doc__.strip(),
+                   "runs": [{"name": r.name, "labels": r.labels} for r in runs]})
+    record["invocations"].append({**info, "finished": datetime.datetime.now().isoformat(
+        timespec="seconds"), "wall_time": time.time() - started})
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _train_all(todo, out: pathlib.Path, workers: int, progress: bool):
+    """Yields ``((experiment, run), summary)`` as runs finish: in this process with one worker,
+    else in ``workers`` spawned processes."""
+    if workers == 1:
+        for name, run, config in todo:
+            yield (name, run), train_one(config.to_json(), str(out / name / run.name), progress)
+        return
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = {pool.submit(train_one, config.to_json(), str(out / name / run.name), False):
+                   (name, run) for name, run, config in todo}
+        for future in concurrent.futures.as_completed(futures):
+            yield futures[future], future.result()
+
+
+def _cost(config: ml_collections.ConfigDict) -> float:
+    """A rough relative cost, to start the longest runs first."""
+    return config.epochs * (50 if config.model.startswith("resnet") else 1)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.run",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
+                        help=f"one or more of: {', '.join(configs.names())}")
+    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
+                        help="results directory (default experiments/results)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key in every run, e.g. epochs=5")
+    parser.add_argument("--only", default="*", metavar="GLOB", help="runs whose name matches")
+    parser.add_argument("--workers", type=int, default=1, help="runs trained at once")
+    parser.add_argument("--list", action="store_true", help="list the runs and their state")
+    parser.add_argument("--quiet", action="store_true", help="no per-epoch output")
+    args = parser.parse_args(argv)
+    try:
+        if args.workers < 1:
+            raise ValueError(f"--workers={args.workers} must be >= 1")
+        sweeps = {name: [r for r in configs.load(name).runs() if fnmatch.fnmatch(r.name, args.only)]
+                  for name in args.experiments}
+        jobs = []
+        for name, runs in sweeps.items():
+            for run in runs:
+                config = run_config(name, run, args.set)
+                config_lib.validate(config)
+                experiment.check_metrics_config(config)
+                jobs.append((name, run, config))
+    except ValueError as error:
+        print(f"experiments.run: error: {error}", file=sys.stderr)
+        return 2
+    for name, run, _ in jobs:
+        if args.list:
+            print(f"{name}/{run.name}: {state(args.out / name / run.name)}")
+    if args.list:
+        return 0
+    info = {"started": datetime.datetime.now().isoformat(timespec="seconds"), **hardware(),
+            "workers": args.workers, "overrides": args.set}
+    started = time.time()
+    todo = sorted([job for job in jobs
+                   if state(args.out / job[0] / job[1].name) in ("new", "partial")],
+                  key=lambda job: -_cost(job[2]))
+    print(f"{len(todo)} of {len(jobs)} runs to train ({len(jobs) - len(todo)} finished before)")
+    for (name, run), summary in _train_all(todo, args.out, args.workers, not args.quiet):
+        outcome = (f"diverged: {summary['diverged']}" if "diverged" in summary else
+                   f"test accuracy {100 * summary['test_accuracy']:.2f}% "
+                   f"({summary['wall_time']:.0f} s)")
+        print(f"{name}/{run.name}: {outcome}", flush=True)
+    for name, runs in sweeps.items():
+        _record_invocation(args.out / name, name, runs, started, info)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
