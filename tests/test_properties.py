@@ -44,6 +44,7 @@ TOLERANCES = {"float32": dict(rtol=2e-4, atol=2e-5), "float64": dict(rtol=1e-9, 
 PFA_NAMES = ("pfa", "pfa_o")
 ROUTES = ("mid", "product", "auto")
 ALIGNED = {"fa": "B", "frsf": "M", "kp": "B", "wm": "B"}  # rules with option rho -> the aligned array
+SPARSE = ("fa", "usf", "dfa")  # rules besides PFA with option density (sparse fixed feedback)
 SEEDS = st.integers(0, 2**16)
 
 
@@ -144,8 +145,10 @@ LAYERS = st.one_of(dense_layers(), conv_layers())
 
 
 def make_rules(names=R.names(), expansion=2, density=1.0, classes=3):
-    """The named rules with these options; PFA and PFA-o once per route."""
-    options = {"pfa": {"expansion": expansion, "density": density}, "dfa": {"classes": classes}}
+    """The named rules with these options (``density`` for PFA and the SPARSE rules); PFA and PFA-o once
+    per route."""
+    options = {"pfa": {"expansion": expansion, "density": density}, "fa": {"density": density},
+               "usf": {"density": density}, "dfa": {"classes": classes, "density": density}}
     return [R.get(name, route=route, **options.get(name, {})) if name in PFA_NAMES
             else R.get(name, **options.get(name, {}))
             for name in names for route in (ROUTES if name in PFA_NAMES else (None,))]
@@ -169,10 +172,10 @@ SOME_RULES = st.builds(make_rules, names=st.sampled_from(HALVES), **OPTIONS)
 
 def random_feedback(rule, kernel, seed):
     """Arrays of the structure and shapes ``rule.init_feedback`` gives (traced abstractly: nothing drawn or
-    compiled) with random contents, 0/1 for masks: the op properties hold for any feedback state (``R``
-    nonzero off its mask included)."""
+    compiled) with random contents, 0/1 for masks (``R_mask``, usf's ``mask``): the op properties hold
+    for any feedback state (``R`` nonzero off its mask included)."""
     rng = np.random.default_rng(seed)
-    return {name: jnp.asarray((rng.integers(0, 2, s.shape) if name.endswith("_mask")
+    return {name: jnp.asarray((rng.integers(0, 2, s.shape) if name.endswith("mask")
                                else rng.standard_normal(s.shape)).astype(s.dtype))
             for name, s in jax.eval_shape(rule.init_feedback, prng(0), kernel).items()}
 
@@ -184,13 +187,14 @@ def masked_r(fb):
 def reference_feedback(rule, kernel, fb, key):
     """The SPEC's effective feedback ``F`` in kernel layout, by hand in NumPy (xavier-uniform init, so
     ``std = sqrt(2 / (fan_in + fan_out))`` and ``E|M| = limit / 2 = sqrt(3) std / 2``). brsf: ``|M| sign K``
-    for the draw ``M`` with ``key``, its expectation ``E|M| sign K`` without one."""
+    for the draw ``M`` with ``key``, its expectation ``E|M| sign K`` without one. Sparse usf:
+    ``std sign(K) mask / sqrt(density)``."""
     kernel, fb = np.asarray(kernel), {k: np.asarray(v) for k, v in fb.items()}
     receptive = math.prod(kernel.shape[:-2])
     std = math.sqrt(2.0 / (kernel.shape[-2] * receptive + kernel.shape[-1] * receptive))
     magnitude = {
         "bp": lambda: 1, "fa": lambda: fb["B"], "kp": lambda: fb["B"], "wm": lambda: fb["B"],
-        "usf": lambda: std * np.sign(kernel),
+        "usf": lambda: std * np.sign(kernel) * (fb["mask"] / math.sqrt(rule.density) if "mask" in fb else 1),
         "brsf": lambda: np.sign(kernel) * (math.sqrt(3.0) * std / 2 if key is None else
                                            np.abs(rule.kernel_init()(key, kernel.shape, kernel.dtype))),
         "frsf": lambda: np.abs(fb["M"]) * np.sign(kernel),
@@ -413,7 +417,7 @@ def outside(low, high):
 
 BAD_OPTIONS = st.one_of(
     st.tuples(st.sampled_from(PFA_NAMES), st.just("expansion"), outside(1, None)),
-    st.tuples(st.sampled_from(PFA_NAMES), st.just("density"),
+    st.tuples(st.sampled_from(PFA_NAMES + SPARSE), st.just("density"),
               st.one_of(outside(0, 1), st.sampled_from([0, 0.0, -0.0]))),
     st.tuples(st.sampled_from(sorted(ALIGNED)), st.just("rho"), outside(-1, 1)),
     st.tuples(st.just("dfa"), st.just("classes"), st.integers(max_value=0)),
@@ -429,7 +433,8 @@ def test_bad_options_raise(bad):
 
 
 @pytest.mark.parametrize("name,option", [("pfa", "expansion"), ("pfa_o", "expansion"), ("pfa", "density"),
-                                         ("fa", "rho"), ("frsf", "rho"), ("kp", "rho"), ("wm", "rho")])
+                                         ("fa", "rho"), ("frsf", "rho"), ("kp", "rho"), ("wm", "rho"),
+                                         ("fa", "density"), ("usf", "density"), ("dfa", "density")])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
 def test_non_finite_options_raise(name, option, value):
     """NaN and infinities are invalid values of every numeric option (a check written ``expansion < 1`` is

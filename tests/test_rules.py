@@ -23,6 +23,7 @@ import pytest
 from jax import lax
 
 import pfa_jax.rules as R
+from pfa_jax import models, train
 from pfa_jax.rules import product_feedback
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -48,7 +49,9 @@ def normal(seed, shape, scale=1.0):
 RULE_CASES = {
     "bp": ("bp", {}),
     "fa": ("fa", {}),
+    "fa-sparse": ("fa", {"density": 0.5}),
     "usf": ("usf", {}),
+    "usf-sparse": ("usf", {"density": 0.5}),
     "usf-he_normal": ("usf", {"init": "he_normal"}),
     "brsf": ("brsf", {}),
     "frsf": ("frsf", {}),
@@ -133,8 +136,9 @@ def reference_feedback(rule, kernel, fb, key):
         return kernel
     if rule.name in ("fa", "kp"):
         return fb["B"]
-    if rule.name == "usf":
-        return INIT_STD[rule.init](*fans(kernel.shape)) * jnp.sign(kernel)
+    if rule.name == "usf":  # sparse: F = s sign(K) m / sqrt(p)
+        mask = fb["mask"] / math.sqrt(rule.density) if "mask" in fb else 1.0
+        return INIT_STD[rule.init](*fans(kernel.shape)) * jnp.sign(kernel) * mask
     if rule.name == "brsf":
         return jnp.abs(INIT_DRAW[rule.init](key, kernel.shape, kernel.dtype)) * jnp.sign(kernel)
     if rule.name == "frsf":
@@ -498,7 +502,8 @@ def test_soft_alignment(rho, kernel_shape, name, field):
 
 FIXED = [("fa", {}, ("B",)), ("frsf", {}, ("M",)), ("pfa", {"expansion": 2}, ("Bp",)),
          ("pfa", {"expansion": 2, "density": 0.5}, ("Bp", "R_mask")), ("pfa_o", {}, ("Bp",)),
-         ("fa", {"rho": 0.5}, ("B",))]
+         ("fa", {"rho": 0.5}, ("B",)), ("fa", {"density": 0.5}, ("B",)),
+         ("usf", {"density": 0.5}, ("mask",))]
 
 
 @pytest.mark.parametrize("name,options,fixed", FIXED)
@@ -521,6 +526,155 @@ def test_plastic_declarations():
     assert R.get("pfa_o").plastic == ("R",)
     for name in ("bp", "fa", "usf", "brsf", "frsf"):
         assert R.get(name).plastic == ()
+
+
+# --------------------------------------------------------------------------------------------------
+# Sparse fixed feedback (option density of fa, usf, dfa): B = m * B0 / sqrt(p), m ~ Bernoulli(p) fixed
+# --------------------------------------------------------------------------------------------------
+
+SPARSE_NAMES = ("fa", "usf", "dfa")
+
+
+def sparse_rule(name, density, classes=3):
+    return R.get(name, density=density, **({"classes": classes} if name == "dfa" else {}))
+
+
+def dfa_feedback_shape(kernel_shape, classes):
+    """DFA's ``B``: ``(classes, in)`` dense, ``(kh, kw, classes, in)`` conv."""
+    if len(kernel_shape) == 2:
+        return (classes, kernel_shape[0])
+    return kernel_shape[:2] + (classes, kernel_shape[2])
+
+
+def sparse_reference(rule, key, kernel, fb):
+    """``(m, F0, F)`` by hand in NumPy: the mask read off the rule's feedback (``B``'s nonzeros; usf's
+    stored 0/1 ``mask``), the dense feedback for the same key (the init draw; ``s sign K`` for usf) and
+    the SPEC'd sparse feedback ``F = m * F0 / sqrt(p)`` in the rule's own layout."""
+    if rule.name == "usf":
+        mask = np.asarray(fb["mask"])
+        assert set(np.unique(mask)) <= {0.0, 1.0}
+        dense = INIT_STD["xavier_uniform"](*fans(kernel.shape)) * np.sign(np.asarray(kernel))
+        mask = mask == 1
+    else:
+        shape = kernel.shape if rule.name == "fa" else dfa_feedback_shape(kernel.shape, rule.classes)
+        dense = np.asarray(INIT_DRAW["xavier_uniform"](key, shape))
+        mask = np.asarray(fb["B"]) != 0
+    return mask, dense, np.where(mask, dense / math.sqrt(rule.density), 0.0)
+
+
+def stored_feedback(rule, kernel, fb):
+    """The fixed feedback matrix a sparse rule uses (usf: its effective ``F``, mask included)."""
+    return np.asarray(rule.effective_feedback(kernel, fb) if rule.name == "usf" else fb["B"])
+
+
+@pytest.mark.parametrize("density", [0.5, 0.1])
+@pytest.mark.parametrize("kernel_shape", [(300, 256), (3, 3, 32, 64)], ids=["dense", "conv"])
+@pytest.mark.parametrize("name", SPARSE_NAMES)
+def test_sparse_feedback_fraction_and_values(name, kernel_shape, density):
+    """On a big layer: ~``p`` of the entries kept; the kept ones are the dense draw (usf: ``s sign K``)
+    times ``1 / sqrt(p)``, the rest exactly ``+0.0``; ``E[F_ij^2]`` matches the dense feedback's."""
+    rule = sparse_rule(name, density, classes=256)
+    kernel = normal(0, kernel_shape)
+    fb = rule.init_feedback(prng(1), kernel)
+    assert set(fb) == ({"mask"} if name == "usf" else {"B"})
+    if name == "usf":
+        assert fb["mask"].shape == kernel.shape and fb["mask"].dtype == kernel.dtype
+    mask, dense, _ = sparse_reference(rule, prng(1), kernel, fb)
+    assert abs(mask.mean() - density) < 4 * math.sqrt(density * (1 - density) / mask.size)
+    f = stored_feedback(rule, kernel, fb)
+    assert f.shape == dense.shape
+    np.testing.assert_allclose(f[mask], dense[mask] / math.sqrt(density), rtol=1e-6)
+    assert np.all(f[~mask] == 0) and not np.any(np.signbit(f[~mask]))
+    np.testing.assert_allclose(np.mean(f ** 2), np.mean(dense ** 2), rtol=0.05)
+
+
+@pytest.mark.parametrize("x_shape,kernel_shape,conv_kwargs", SMALL_LAYERS)
+@pytest.mark.parametrize("name", SPARSE_NAMES)
+def test_sparse_dx_matches_reference(name, x_shape, kernel_shape, conv_kwargs):
+    """The custom VJP's ``dx`` against ``g F^T`` (dfa: ``e F``, conv: through a plain conv) for the
+    hand-built ``F = m * F0 / sqrt(p)``; ``dK = x^T g``; zero cotangents for the fixed feedback."""
+    rule = sparse_rule(name, 0.5)
+    x, kernel, key = normal(0, x_shape), normal(1, kernel_shape, 0.5), prng(2)
+    fb = rule.init_feedback(key, kernel)
+    mask, _, f = sparse_reference(rule, key, kernel, fb)
+    assert 0 < mask.sum() < mask.size
+    plain = jnp.matmul if conv_kwargs is None else functools.partial(plain_conv, **conv_kwargs)
+    f32 = jnp.asarray(f, jnp.float32)
+    out, pullback = jax.vjp(apply_fn(rule, conv_kwargs), x, kernel, fb)
+    g = normal(7, (out[0] if name == "dfa" else out).shape)
+    if name == "dfa":  # e F; conv: a stride-1 SAME conv through F of e broadcast over x's grid
+        e = normal(8, out[1].shape)
+        dx, dkernel, dfb = pullback((g, e))
+        want_dx = np.asarray(e) @ f if conv_kwargs is None else plain_conv(
+            jnp.broadcast_to(e[:, None, None, :], x.shape[:-1] + e.shape[-1:]), f32)
+    else:  # g F^T; conv: the input-transpose of the plain conv at F
+        dx, dkernel, dfb = pullback(g)
+        want_dx = np.asarray(g) @ f.T if conv_kwargs is None else jax.vjp(
+            lambda x_: plain(x_, f32), x)[1](g)[0]
+    want_dkernel = jax.vjp(lambda k_: plain(x, k_), kernel)[1](g)[0]
+    assert_close((dx, dkernel), (jnp.asarray(want_dx, jnp.float32), want_dkernel))
+    chex.assert_trees_all_equal(dfb, jax.tree.map(jnp.zeros_like, fb))
+
+
+@pytest.mark.parametrize("name", SPARSE_NAMES)
+def test_sparse_feedback_stays_fixed_through_training(name):
+    """A few optimizer steps (SGD, momentum, weight decay) through ``pfa_jax.train`` on a tiny ffn2: the
+    weights move, the masked feedback (usf: its stored mask) stays bit-for-bit what init drew."""
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(16, 4, 4, 1)).astype(np.float32)
+    labels = rng.integers(0, 3, 16).astype(np.int32)
+    model = models.get("ffn2", rule=R.get(name, density=0.3), num_classes=3, widths=(24,))
+    state = train.create_train_state(jax.random.key(0), model, images[:2],
+                                     {"learning_rate": 0.1, "weight_decay": 1e-2})
+    before = jax.tree.map(np.array, (state.params, state.feedback))
+    assert set(before[1]) == {"hidden_0", "output"}
+    for arrays in before[1].values():
+        (field, value), = arrays.items()
+        assert field == ("mask" if name == "usf" else "B")
+        assert 0 < np.count_nonzero(value) < value.size
+    step = jax.jit(train.train_step)
+    for _ in range(3):
+        state, _ = step(state, {"image": images, "label": labels})
+    after = jax.tree.map(np.array, (state.params, state.feedback))
+    assert jax.tree.structure(after[1]) == jax.tree.structure(before[1])
+    assert [(a.dtype, a.tobytes()) for a in jax.tree.leaves(after[1])] == [
+        (b.dtype, b.tobytes()) for b in jax.tree.leaves(before[1])], "fixed sparse feedback changed"
+    assert not np.array_equal(before[0]["hidden_0"]["kernel"], after[0]["hidden_0"]["kernel"])
+
+
+@pytest.mark.parametrize("kernel_shape", KERNEL_SHAPES)
+@pytest.mark.parametrize("name", SPARSE_NAMES)
+def test_density_one_is_the_dense_rule(name, kernel_shape):
+    """``density=1`` (float or int) is the default: the same rule, the same feedback arrays and keys."""
+    dense = sparse_rule(name, 1.0)
+    assert dense.density == 1.0
+    kernel = normal(0, kernel_shape)
+    fb = dense.init_feedback(prng(3), kernel)
+    assert set(fb) == (set() if name == "usf" else {"B"})
+    for options in ({}, {"density": 1}):
+        rule = R.get(name, **options, **({"classes": 3} if name == "dfa" else {}))
+        assert rule == dense and hash(rule) == hash(dense)
+        chex.assert_trees_all_equal(rule.init_feedback(prng(3), kernel), fb)
+
+
+@pytest.mark.parametrize("name", SPARSE_NAMES)
+@pytest.mark.parametrize("density", [0, -0.1, 1.5, float("nan"), float("inf"), "x"])
+def test_bad_density(name, density):
+    with pytest.raises(ValueError, match=re.escape(f"{name}: density={density!r}")) as info:
+        R.get(name, density=density)
+    assert "(0, 1]" in str(info.value)
+
+
+def test_sparse_usf_without_its_mask():
+    """Feedback without ``mask`` (e.g. from a dense usf) is an error, not silently dense feedback."""
+    with pytest.raises(ValueError, match="'mask'"):
+        R.get("usf", density=0.5).dense(normal(0, (7, 4)), normal(1, (4, 6)), {})
+
+
+def test_fa_rho_and_sparse_density_do_not_combine():
+    with pytest.raises(ValueError, match=r"rho=0\.5 and density=0\.5 cannot be combined"):
+        R.get("fa", rho=0.5, density=0.5)
+    assert R.get("fa", rho=0.5, density=1.0) == R.get("fa", rho=0.5)
 
 
 # --------------------------------------------------------------------------------------------------

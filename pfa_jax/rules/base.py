@@ -15,12 +15,26 @@ Initialisation of feedback (SPEC.md):
   kernel-shaped draw: with ``R`` an independent draw and ``K^ = K / ||K||``,
   ``B = ||R|| (rho K^ + sqrt(1 - rho^2) Rperp / ||Rperp||)``, ``Rperp = R - <R, K^> K^``,
   so ``cos(B, K) = rho`` exactly and ``||B|| = ||R||``.
+
+Sparse fixed feedback (option ``density = p`` of ``fa``, ``usf`` and ``dfa``, via ``SparseFeedback``;
+PFA has its own, see product_feedback.py): a fixed mask ``m ~ Bernoulli(p)`` per entry, drawn once at
+init from the layer's feedback key, multiplies the fixed feedback matrix ``B0``, and the kept entries
+are scaled by ``1 / sqrt(p)``:
+
+    B = m * B0 / sqrt(p),      E[B_ij^2] = p * E[B0_ij^2] / p = E[B0_ij^2]
+
+so the feedback's variance per entry and its expected squared norm ``E||B||^2`` match the dense case
+(a plain mask without the scale would shrink both by ``p``, and the error sent down by about
+``sqrt(p)``; PFA's ``Bp`` is scaled the same way). ``B0`` is the dense draw from the same key (the mask
+comes from ``fold_in(key, 1)``), so only the mask depends on ``p``. ``density = 1`` (the default) draws
+no mask: the feedback arrays are exactly those of the dense rule.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
+import numbers
 from typing import ClassVar
 
 import jax
@@ -70,6 +84,14 @@ def soft_align(kernel: jax.Array, draw: jax.Array, rho: float) -> jax.Array:
     unit_perp = _unit(draw - jnp.vdot(draw, k_hat) * k_hat)
     direction = rho * k_hat + math.sqrt(1.0 - rho * rho) * unit_perp
     return jnp.linalg.norm(draw) * direction
+
+
+def check_density(rule_name: str, density) -> None:
+    """Raises ``ValueError`` unless ``density`` is a real number in ``(0, 1]`` (NaN and infinities are
+    not)."""
+    if not isinstance(density, numbers.Real) or not 0.0 < density <= 1.0:
+        raise ValueError(f"{rule_name}: density={density!r} must be a finite number in (0, 1] "
+                         "(the fraction of feedback entries kept)")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -204,3 +226,42 @@ class DrawnFeedbackRule(KernelFeedbackRule):
         if self.rho is not None:
             draw = soft_align(kernel, draw, self.rho)
         return {self.feedback_name: draw}
+
+
+_MASK_STREAM = 1  # the mask is drawn from fold_in(feedback key, _MASK_STREAM)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseFeedback:
+    """Option ``density = p`` for a rule with fixed random feedback (a mixin listed before the rule's
+    ``Rule`` base): ``B = m * B0 / sqrt(p)``, ``m ~ Bernoulli(p)`` fixed (module docstring).
+
+    Not combined with one-time soft alignment: ``rho`` sets ``cos(B0, K)``, which a mask would then
+    change, so a rule given both ``rho`` and ``density < 1`` raises ``ValueError``.
+    """
+
+    density: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_density(self.name, self.density)
+        if getattr(self, "rho", None) is not None and self.density < 1.0:
+            raise ValueError(f"{self.name}: rho={self.rho!r} and density={self.density!r} cannot be "
+                             "combined (soft alignment sets the cosine of the dense feedback, which a "
+                             "sparse mask would change); use density=1 or rho=None")
+
+    def feedback_mask(self, key: jax.Array, shape) -> jax.Array:
+        """The fixed boolean mask ``m ~ Bernoulli(density)`` of a layer whose feedback draws use
+        ``key`` (it is drawn from ``fold_in(key, 1)``, so it is independent of those draws)."""
+        return jax.random.bernoulli(jax.random.fold_in(key, _MASK_STREAM), self.density, shape)
+
+    def masked(self, array: jax.Array, mask: jax.Array) -> jax.Array:
+        """``m * array / sqrt(density)`` for a 0/1 (or boolean) ``mask``; exactly ``+0.0`` off it."""
+        return jnp.where(mask.astype(bool), array / math.sqrt(self.density), jnp.zeros((), array.dtype))
+
+    def sparsify(self, key: jax.Array, array: jax.Array) -> jax.Array:
+        """``array`` masked and scaled with the layer's mask (``key``: the layer's feedback key);
+        ``array`` itself when ``density == 1``."""
+        if self.density == 1.0:
+            return array
+        return self.masked(array, self.feedback_mask(key, array.shape))

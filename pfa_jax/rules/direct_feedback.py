@@ -11,6 +11,13 @@ Autodiff then carries ``dx`` through the layer below's nonlinearity (and BatchNo
 layer's output error is ``(e B) * f'(a)``; its own update stays local, ``dK = x^T g``. The output
 layer's ``g`` is ``e`` itself, so it learns exactly as under backprop.
 
+Option ``density = p`` (sparse feedback; base.py): ``B`` (dense or conv layout) is the dense draw
+``B0`` times a fixed mask ``m ~ Bernoulli(p)`` drawn once at init, scaled to keep ``E[B_ij^2]``:
+
+    B = m * B0 / sqrt(p),      dx = e B   (conv: the conv through this B)
+
+stored as ``B`` (fixed; no mask is stored). ``density = 1`` (default) is the dense rule.
+
 One forward and one backward pass. Each DFA op returns ``(y, tap)`` with ``tap = zeros(n, classes)``;
 ``pfa_jax.nn`` layers sow the taps and the model adds them to its logits (``pfa_jax.nn.add_taps``), so
 the cotangent every tap receives in the backward pass is exactly ``e``. The error arriving from the
@@ -34,7 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pfa_jax.rules import ops
-from pfa_jax.rules.base import Rule
+from pfa_jax.rules.base import Rule, SparseFeedback
 
 
 def project_error(e, b, x_shape):
@@ -70,7 +77,7 @@ dfa_linear.defvjp(_dfa_fwd, _dfa_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
-class DFA(Rule):
+class DFA(SparseFeedback, Rule):
     name = "dfa"
     output_error = True
 
@@ -92,7 +99,7 @@ class DFA(Rule):
             raise ValueError(f"dfa supports dense and 2-D conv kernels, not shape {kernel.shape}")
         shape = (self.classes, kernel.shape[0]) if kernel.ndim == 2 else (
             kernel.shape[:2] + (self.classes, kernel.shape[2]))
-        return {"B": self.kernel_init()(key, shape, kernel.dtype)}
+        return {"B": self.sparsify(key, self.kernel_init()(key, shape, kernel.dtype))}
 
     def apply(self, op, x, kernel, feedback, key):
         if op.groups != 1:

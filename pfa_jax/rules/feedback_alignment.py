@@ -3,7 +3,13 @@
 Both send the error down through a kernel-shaped matrix ``B`` drawn from the kernel's init
 distribution (optionally soft-aligned to it, option ``rho``): ``dx = g B^T``.
 
-* ``fa``: ``B`` is fixed; it never changes.
+* ``fa``: ``B`` is fixed; it never changes. Option ``density = p`` (sparse feedback; base.py): with
+  ``B0`` the dense draw and a fixed mask ``m ~ Bernoulli(p)`` drawn once at init,
+
+      B = m * B0 / sqrt(p),      dx = g B^T
+
+  stored as ``B`` (no mask is stored: ``B`` is fixed); ``E[B_ij^2]`` equals the dense draw's.
+  ``density = 1`` (default) is the dense rule. ``rho`` and ``density < 1`` cannot be combined.
 * ``kp``: ``B`` is plastic and receives the kernel's own local update, ``dB = dK = x^T g``. Stepped by
   the same optimizer with weight decay ``lam``, ``B - K`` shrinks by ``(1 - lr lam)`` every step, so
   ``B -> K``.
@@ -14,12 +20,15 @@ import dataclasses
 
 from jax import lax
 
-from pfa_jax.rules.base import DrawnFeedbackRule
+from pfa_jax.rules.base import DrawnFeedbackRule, SparseFeedback
 
 
 @dataclasses.dataclass(frozen=True)
-class FA(DrawnFeedbackRule):
+class FA(SparseFeedback, DrawnFeedbackRule):
     name = "fa"
+
+    def init_feedback(self, key, kernel):
+        return {"B": self.sparsify(key, super().init_feedback(key, kernel)["B"])}
 
     def feedback_kernel(self, kernel, feedback, key):
         return lax.stop_gradient(feedback["B"])

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pfa_jax.rules import ops
-from pfa_jax.rules.base import Rule
+from pfa_jax.rules.base import Rule, check_density
 
 ROUTES = ("auto", "mid", "product")
 
@@ -115,8 +115,7 @@ class PFA(Rule):
         if not isinstance(self.expansion, numbers.Real) or not 1 <= self.expansion < math.inf:
             raise ValueError(f"{self.name}: expansion={self.expansion!r} must be a finite number "
                              ">= 1 (mid = expansion * out units)")
-        if not isinstance(self.density, numbers.Real) or not 0.0 < self.density <= 1.0:
-            raise ValueError(f"{self.name}: density={self.density!r} must lie in (0, 1]")
+        check_density(self.name, self.density)
         if self.route not in ROUTES:
             raise ValueError(f"{self.name}: route={self.route!r} is unknown; valid: {ROUTES}")
 

@@ -2,7 +2,14 @@
 ``F = magnitude * sign(K)``, so feedback shares the kernel's signs but not its magnitudes.
 
 * ``usf`` (uniform sign-concordant): ``F = s sign(K)``, ``s`` the standard deviation of the kernel's
-  init distribution. No feedback state.
+  init distribution. No feedback state. Option ``density = p`` (sparse feedback; base.py): a fixed
+  mask ``m ~ Bernoulli(p)`` drawn once at init and stored as feedback ``mask`` (0/1 in the kernel's
+  dtype; fixed, so the optimizer never changes it),
+
+      F = s * sign(K) * m / sqrt(p)
+
+  so ``E[F_ij^2] = s^2`` as in the dense rule; ``effective_feedback`` includes the mask.
+  ``density = 1`` (default) keeps ``usf`` without feedback state.
 * ``brsf`` (batchwise random magnitude): ``F = |M| sign(K)``, ``M`` redrawn from the init distribution
   every step from the ``feedback`` RNG stream (pass ``key``). ``effective_feedback`` reports the
   expectation ``E|M| sign(K)``. Without a key the forward pass still works, but differentiating it
@@ -20,15 +27,26 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pfa_jax.rules.base import DrawnFeedbackRule, KernelFeedbackRule
+from pfa_jax.rules.base import DrawnFeedbackRule, KernelFeedbackRule, SparseFeedback
 
 
 @dataclasses.dataclass(frozen=True)
-class USF(KernelFeedbackRule):
+class USF(SparseFeedback, KernelFeedbackRule):
     name = "usf"
 
+    def init_feedback(self, key, kernel):
+        if self.density == 1.0:
+            return {}
+        return {"mask": self.feedback_mask(key, kernel.shape).astype(kernel.dtype)}
+
     def feedback_kernel(self, kernel, feedback, key):
-        return lax.stop_gradient(self.init_std(kernel.shape) * jnp.sign(kernel))
+        f = self.init_std(kernel.shape) * jnp.sign(kernel)
+        if self.density < 1.0:
+            if "mask" not in feedback:
+                raise ValueError(f"usf: density={self.density!r} needs the layer's fixed feedback "
+                                 f"'mask' (from init_feedback); got feedback {sorted(feedback)}")
+            f = self.masked(f, feedback["mask"])
+        return lax.stop_gradient(f)
 
 
 @jax.custom_vjp
