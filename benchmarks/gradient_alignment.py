@@ -3,58 +3,51 @@
 For ``ffn2`` (batch 256, 28x28x1) and ResNet-20 (batch 64, 32x32x3) with one rule (default PFA):
 the median wall time of a jitted ``pfa_jax.train.train_step`` and of the jitted
 ``pfa_jax.metrics.gradient_alignment`` (two forward and two backward passes: the rule's and plain
-autodiff's) over ``--repeats`` runs after compilation and one warm-up run, and their ratio. Prints JSON.
+autodiff's), measured interleaved over ``--repeats`` rounds after compilation and one warm-up run,
+and their ratio. Prints JSON (and writes it to ``--json PATH``), then a markdown table.
 
-    .venv/bin/python benchmarks/gradient_alignment.py [--rule pfa] [--repeats 20]
+    .venv/bin/python benchmarks/gradient_alignment.py [--rule pfa] [--repeats 20] [--quick]
 """
 from __future__ import annotations
-
-import argparse
-import json
-import statistics
-import time
 
 import jax
 
 import pfa_jax as pj
+from common import IMAGE_SHAPES, interleaved_ms, machine, markdown_table, parser, random_batch, \
+    report, train_state
 
-CASES = {"ffn2": (256, 28, 28, 1), "resnet20": (64, 32, 32, 3)}
-
-
-def median_ms(fn, args, repeats: int) -> float:
-    """Median milliseconds of ``fn(*args)`` over ``repeats`` runs, after compiling and one warm-up."""
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+BATCHES = {"ffn2": 256, "resnet20": 64}
 
 
-def measure(model_name: str, rule: str, repeats: int) -> dict:
-    shape = CASES[model_name]
-    images_key, labels_key, init_key = jax.random.split(jax.random.key(0), 3)
-    batch = {"image": jax.random.normal(images_key, shape),
-             "label": jax.random.randint(labels_key, shape[:1], 0, 10)}
-    state = pj.train.create_train_state(init_key, pj.models.get(model_name, rule=rule),
-                                        batch["image"][:1], {"learning_rate": 0.01})
-    step = median_ms(jax.jit(pj.train.train_step), (state, batch), repeats)
-    alignment = median_ms(pj.metrics.gradient_alignment, (state, batch), repeats)
-    return {"batch_shape": list(shape), "train_step_ms": round(step, 3),
-            "gradient_alignment_ms": round(alignment, 3), "ratio": round(alignment / step, 3)}
+def measure(model_name: str, rule: str, batch_size: int, repeats: int) -> dict:
+    batch = random_batch((batch_size,) + IMAGE_SHAPES[model_name])
+    state = train_state(model_name, rule, batch)
+    step = jax.jit(pj.train.train_step)
+    times = interleaved_ms({"train_step": lambda: step(state, batch),
+                            "gradient_alignment": lambda: pj.metrics.gradient_alignment(state, batch)},
+                           repeats)
+    step_ms, alignment_ms = (times[k]["median_ms"] for k in ("train_step", "gradient_alignment"))
+    return {"batch_shape": list(batch["image"].shape), "train_step_ms": round(step_ms, 3),
+            "gradient_alignment_ms": round(alignment_ms, 3),
+            "ratio": round(alignment_ms / step_ms, 3), "timings": times}
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rule", default="pfa", choices=pj.rules.names())
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
-    args = parser.parse_args(argv)
-    results = {name: measure(name, args.rule, args.repeats) for name in args.models}
-    print(json.dumps({"device": str(jax.devices()[0]), "jax": jax.__version__, "rule": args.rule,
-                      "repeats": args.repeats, "results": results}, indent=2))
+    p = parser(__doc__, repeats=20)
+    p.add_argument("--rule", default="pfa", choices=pj.rules.names())
+    p.add_argument("--models", nargs="+", default=list(BATCHES), choices=list(BATCHES))
+    args = p.parse_args(argv)
+    info = machine()
+    repeats = 3 if args.quick else args.repeats
+    results = {name: measure(name, args.rule, 16 if args.quick else BATCHES[name], repeats)
+               for name in args.models}
+    table = markdown_table(
+        ["model", "batch", "train_step ms", "gradient_alignment ms", "ratio"],
+        [[m, r["batch_shape"][0], r["train_step_ms"], r["gradient_alignment_ms"], r["ratio"]]
+         for m, r in results.items()])
+    report({"benchmark": "gradient_alignment", "machine": info, "rule": args.rule,
+            "repeats": repeats, "results": results}, {f"gradient alignment cost ({args.rule})": table},
+           args.json)
 
 
 if __name__ == "__main__":
