@@ -88,12 +88,15 @@ def train_one(config_json: str, run_dir: str, progress: bool) -> dict:
         return {"diverged": str(error)}
 
 
-def _record_invocation(exp_dir: pathlib.Path, name: str, runs, started: float, info: dict) -> None:
+def _record_invocation(exp_dir: pathlib.Path, name: str, started: float, info: dict) -> None:
+    """Adds this invocation to ``experiment.json``, which lists the whole sweep (all runs, whether
+    this invocation trained them or not)."""
     exp_dir.mkdir(parents=True, exist_ok=True)
     path = exp_dir / "experiment.json"
     record = json.loads(path.read_text()) if path.exists() else {"invocations": []}
     record.update({"name": name, "description": configs.load(name).__doc__.strip(),
-                   "runs": [{"name": r.name, "labels": r.labels} for r in runs]})
+                   "runs": [{"name": r.name, "labels": r.labels}
+                            for r in configs.load(name).runs()]})
     record["invocations"].append({**info, "finished": datetime.datetime.now().isoformat(
         timespec="seconds"), "wall_time": time.time() - started})
     path.write_text(json.dumps(record, indent=2) + "\n")
@@ -165,8 +168,8 @@ def main(argv=None) -> int:
                    f"test accuracy {100 * summary['test_accuracy']:.2f}% "
                    f"({summary['wall_time']:.0f} s)")
         print(f"{name}/{run.name}: {outcome}", flush=True)
-    for name, runs in sweeps.items():
-        _record_invocation(args.out / name, name, runs, started, info)
+    for name in sweeps:
+        _record_invocation(args.out / name, name, started, info)
     return 0
 
 

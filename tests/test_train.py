@@ -1,4 +1,5 @@
 """Training state, pure steps, optimizers, schedules, compiled epochs and data parallelism."""
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -6,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+import pfa_jax as pj
 from pfa_jax import metrics, optim, train
 from pfa_jax import nn as pnn
 
@@ -219,3 +221,19 @@ def test_per_layer_rules_from_a_mapping():
     angles = metrics.alignment(state)
     assert float(angles["output"]["weight_angle"]) == pytest.approx(0.0, abs=0.1)
     assert float(angles["hidden"]["weight_angle"]) > 45.0
+
+
+def test_noise_pretraining_trains_on_noise_then_restarts_the_optimizer():
+    images = jnp.zeros((1, 6, 6, 1))
+    model = pj.models.get("ffn2", rule="fa", widths=(16,), num_classes=3)
+    state = pj.train.create_train_state(jax.random.key(0), model, images,
+                                        {"learning_rate": 0.1, "momentum": 0.9})
+    pretrained, steps = pj.train.noise_pretrain(state, jax.random.key(1), 7, 32, 3)
+    assert int(pretrained.step) == 0
+    assert steps["loss"].shape == (7,) and bool(jnp.all(jnp.isfinite(steps["loss"])))
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params,
+                         pretrained.params)
+    assert min(jax.tree.leaves(moved)) > 0
+    fresh = state.tx.init({"params": pretrained.params, "feedback": pretrained.feedback})
+    chex.assert_trees_all_equal(pretrained.opt_state, fresh)
+    chex.assert_trees_all_equal(pretrained.feedback, state.feedback)  # FA's B stays fixed

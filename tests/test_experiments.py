@@ -1,0 +1,137 @@
+"""The experiment harness: every config validates, the sweep runner trains, skips, resumes and
+records divergence, the report renders from run directories alone, and the Colab notebook runs."""
+import json
+import os
+import shutil
+
+import pytest
+from test_data import make_fashion_dir
+
+from experiments import configs, report
+from experiments import run as runner
+from pfa_jax import config as config_lib
+from pfa_jax import experiment
+
+TINY = ["epochs=2", "batch_size=32", "optimizer.lr_milestones=()", "metrics_batch_size=32",
+        "sharpness_examples=64", "sharpness_iterations=3", "sharpness_probes=2",
+        "robustness_examples=64", "pgd_steps=2", "eval_batch_size=100"]
+
+
+@pytest.fixture(scope="module")
+def fashion_dir(tmp_path_factory):
+    return make_fashion_dir(tmp_path_factory.mktemp("fashion"), 256, 100)
+
+
+@pytest.mark.parametrize("name", configs.names())
+def test_every_run_of_every_config_validates(name):
+    module = configs.load(name)
+    runs = module.runs()
+    assert runs and len({r.name for r in runs}) == len(runs)
+    for run in runs:
+        config = runner.run_config(name, run, ["epochs=50"] if "resnet20" in name else [])
+        config_lib.validate(config)
+        experiment.check_metrics_config(config)
+        assert config.rule == run.labels.get("rule", config.rule)
+        assert config.seed == run.labels["seed"]
+
+
+def test_paper_settings():
+    fig2 = {r.name: r for r in configs.load("fig2_mnist").runs()}
+    pfa = runner.run_config("fig2_mnist", fig2["pfa-seed3"])
+    assert (pfa.epochs, pfa.batch_size, pfa.optimizer.learning_rate) == (40, 64, 0.01)
+    assert pfa.optimizer.lr_milestones == (20, 30) and pfa.optimizer.lr_decay == 0.5
+    assert pfa.optimizer.weight_decay == (0.03, 9e-5) and pfa.optimizer.wd_milestones == (1,)
+    assert runner.run_config("fig2_mnist", fig2["bp-seed0"]).optimizer.weight_decay == 1e-4
+    fig4 = {r.labels["rule"]: runner.run_config("fig4_cifar10", r)
+            for r in configs.load("fig4_cifar10").runs()}
+    assert fig4["dfa"].optimizer.learning_rate == 0.001 and fig4["bp"].optimizer.learning_rate == 0.1
+    assert (fig4["bp"].holdout, fig4["bp"].augment, fig4["bp"].epochs) == (5000, "crop_flip", 250)
+    assert fig4["pfa"].optimizer.weight_decay == (0.005, 1e-4)
+    sparse = configs.load("sparse_fashion_mnist").runs()
+    assert {(r.labels["rule"], r.labels["density"]) for r in sparse} == {
+        (rule, d) for rule in ("fa", "dfa", "usf", "pfa") for d in (1, .5, .3, .17, .1, .05)}
+
+
+def test_unknown_experiment_and_bad_override_are_refused(capsys):
+    with pytest.raises(ValueError, match="unknown experiment 'fig9'; valid: fig2_fashion_mnist"):
+        configs.load("fig9")
+    assert runner.main(["fig2_fashion_mnist", "--set", "epochs=0", "--list"]) == 2
+    assert "epochs=0 must be an int >= 1" in capsys.readouterr().err
+
+
+def _records(run_dir):
+    """The run's epoch records without their wall times."""
+    return [{k: v for k, v in json.loads(line).items() if k != "epoch_time"}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _run(out, fashion_dir, *extra):
+    return runner.main(["soft_alignment_mlp", "--out", str(out), "--quiet", "--only",
+                        "*depth2*", *[a for s in TINY + [f"data_dir={fashion_dir}",
+                                                         "noise_pretrain_steps=5"]
+                                      for a in ("--set", s)], *extra])
+
+
+def test_sweep_runs_skips_resumes_and_reports(fashion_dir, tmp_path, capsys):
+    out = tmp_path / "results"
+    only = ["--only", "[bf]*_rho0.5-depth2*"]
+    assert _run(out, fashion_dir, "--only", "fa_rho0.5-depth2*") == 0
+    exp_dir = out / "soft_alignment_mlp"
+    summary = json.loads((exp_dir / "fa_rho0.5-depth2-seed0" / "summary.json").read_text())
+    assert summary["epoch"] == 2 and "sharpness" in summary and "adversarial" in summary
+    # Interrupt a finished run back to its first epoch: the runner resumes it to the same end.
+    run_dir = exp_dir / "fa_rho0.5-depth2-seed0"
+    records = _records(run_dir)
+    (run_dir / "summary.json").unlink()
+    checkpoints = sorted((run_dir / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["1", "2"]
+    shutil.rmtree(checkpoints[1])
+    capsys.readouterr()
+    assert runner.main(["soft_alignment_mlp", "--out", str(out), "--list", *only]) == 0
+    assert "fa_rho0.5-depth2-seed0: partial" in capsys.readouterr().out
+    assert _run(out, fashion_dir, *only) == 0
+    assert "1 of 1 runs to train" in capsys.readouterr().out
+    assert _records(run_dir) == records
+    assert _run(out, fashion_dir, *only) == 0
+    assert "0 of 1 runs to train (1 finished before)" in capsys.readouterr().out
+    record = json.loads((exp_dir / "experiment.json").read_text())
+    assert len(record["invocations"]) == 3 and record["invocations"][0]["platform"] == "cpu"
+
+    page = tmp_path / "page" / "RESULTS.md"
+    page.parent.mkdir()
+    text = report.render(out, page)
+    row = next(line for line in text.splitlines() if line.startswith("| fa rho=0.5 | 2 |"))
+    assert f"| {100 * summary['test_accuracy']:.2f} |" in row
+    assert "(1 finished, 0 diverged, 26 missing)" in text and "`bp-depth2-seed0` has not finished." in text
+    assert (page.parent / "figures" / "soft_alignment_mlp_curves.png").stat().st_size > 10_000
+
+
+def test_diverging_run_is_recorded_and_the_sweep_goes_on(fashion_dir, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert _run(out, fashion_dir, "--only", "bp-depth2*", "--set", "optimizer.learning_rate=1e9",
+                "--set", "adversarial_epsilons=()", "--set", "sharpness=False") == 0
+    assert "bp-depth2-seed0: diverged: training diverged in epoch 1" in capsys.readouterr().out
+    text = report.render(out, tmp_path / "RESULTS.md")
+    assert "1 diverged" in text and "`bp-depth2-seed0` diverged: training diverged" in text
+
+
+def test_report_without_results_names_the_fix(tmp_path, capsys):
+    assert report.main(["--results", str(tmp_path), "--out", str(tmp_path / "R.md")]) == 2
+    assert "python -m experiments.run NAME" in capsys.readouterr().err
+
+
+def test_colab_notebook_runs(fashion_dir, tmp_path, monkeypatch):
+    notebook = json.loads(open(os.path.join(os.path.dirname(__file__), "..", "experiments",
+                                            "colab.ipynb")).read())
+    code = "\n".join(line for cell in notebook["cells"] if cell["cell_type"] == "code"
+                     for line in "".join(cell["source"]).splitlines()
+                     if not line.lstrip().startswith(("%", "!")))
+    monkeypatch.setenv("PFA_JAX_NOTEBOOK_SMOKE", "1")
+    monkeypatch.setenv("PFA_JAX_FASHION_MNIST_DIR", str(fashion_dir))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "colab.ipynb", "exec"), namespace)
+    assert set(namespace["summaries"]) == {"bp", "pfa"}
+    assert [r["epoch"] for r in namespace["records"]["pfa"]] == [1, 2]
+    assert (tmp_path / "runs" / "colab-pfa" / "curves.png").exists()
