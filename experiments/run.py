@@ -88,17 +88,24 @@ def train_one(config_json: str, run_dir: str, progress: bool) -> dict:
         return {"diverged": str(error)}
 
 
-def _record_invocation(exp_dir: pathlib.Path, name: str, started: float, info: dict) -> None:
-    """Adds this invocation to ``experiment.json``, which lists the whole sweep (all runs, whether
-    this invocation trained them or not)."""
+def _record_invocation(exp_dir: pathlib.Path, name: str, started: float, info: dict,
+                       new: bool) -> None:
+    """Writes this invocation into ``experiment.json`` (``new``: as another invocation, else over
+    the last one), which lists the whole sweep (all runs, whether this invocation trained them or
+    not). Written when the invocation starts and again after each run it finishes, so a killed
+    invocation still leaves its hardware and the time until its last finished run."""
     exp_dir.mkdir(parents=True, exist_ok=True)
     path = exp_dir / "experiment.json"
     record = json.loads(path.read_text()) if path.exists() else {"invocations": []}
     record.update({"name": name, "description": configs.load(name).__doc__.strip(),
                    "runs": [{"name": r.name, "labels": r.labels}
                             for r in configs.load(name).runs()]})
-    record["invocations"].append({**info, "finished": datetime.datetime.now().isoformat(
-        timespec="seconds"), "wall_time": time.time() - started})
+    invocation = {**info, "updated": datetime.datetime.now().isoformat(timespec="seconds"),
+                  "wall_time": time.time() - started}
+    if new or not record["invocations"]:
+        record["invocations"].append(invocation)
+    else:
+        record["invocations"][-1] = invocation
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
@@ -163,13 +170,16 @@ def main(argv=None) -> int:
                    if state(args.out / job[0] / job[1].name) in ("new", "partial")],
                   key=lambda job: -_cost(job[2]))
     print(f"{len(todo)} of {len(jobs)} runs to train ({len(jobs) - len(todo)} finished before)")
+    for name in sweeps:
+        _record_invocation(args.out / name, name, started, info, new=True)
     for (name, run), summary in _train_all(todo, args.out, args.workers, not args.quiet):
+        _record_invocation(args.out / name, name, started, info, new=False)
         outcome = (f"diverged: {summary['diverged']}" if "diverged" in summary else
                    f"test accuracy {100 * summary['test_accuracy']:.2f}% "
                    f"({summary['wall_time']:.0f} s)")
         print(f"{name}/{run.name}: {outcome}", flush=True)
     for name in sweeps:
-        _record_invocation(args.out / name, name, started, info)
+        _record_invocation(args.out / name, name, started, info, new=False)
     return 0
 
 
