@@ -1,7 +1,9 @@
 """Every model trains with every rule: the training loss falls on a small set of noisy prototypes.
 
-ResNet-56 and ResNet-18 compile slowly on a CPU, so the fast suite trains them with one rule (PFA);
-all their other rules run under ``-m slow``.
+ResNets compile slowly on a CPU, so the fast suite trains ResNet-20 with the rules whose machinery
+differs most (PFA's two-matrix feedback, DFA's taps, the weight mirror's mirror steps, BRSF's
+per-step draws); every other ResNet case, ResNet-56 and ResNet-18 included, runs under ``-m slow``.
+The rules' conv ops are checked against references in test_rules.py for every rule.
 """
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,7 @@ import pfa_jax as pj
 
 SHAPES = {"ffn2": (28, 28, 1), "lenet": (28, 28, 1), "resnet20": (8, 8, 3),
           "resnet56": (8, 8, 3), "resnet18": (16, 16, 3)}
-SLOW_MODELS = ("resnet56", "resnet18")
+FAST_RESNET_CASES = {("resnet20", rule) for rule in ("pfa", "dfa", "wm", "brsf")}
 # Plain SGD for LeNet: without BatchNorm, feedback alignment in its conv layers diverges with momentum,
 # and DFA needs a ten times smaller step there and in the deep ResNet-56 (the PFA paper's CIFAR DFA
 # runs use lr 0.001 too).
@@ -24,7 +26,7 @@ OPTIMIZER = {"lenet": {"learning_rate": 0.01, "momentum": 0.0, "weight_decay": 1
 def cases():
     for model in pj.models.names():
         for rule in pj.rules.names():
-            slow = model in SLOW_MODELS and rule != "pfa"
+            slow = model.startswith("resnet") and (model, rule) not in FAST_RESNET_CASES
             yield pytest.param(model, rule, marks=[pytest.mark.slow] if slow else [],
                                id=f"{model}-{rule}")
 
