@@ -9,6 +9,8 @@ Keys:
 * ``rule`` / ``rule_options``: a name of ``pfa_jax.rules.names()`` and its options;
   ``layer_rules`` maps layer paths to rule names that override ``rule`` (e.g. ``{'output': 'bp'}``).
 * ``dataset``, ``data_dir``, ``holdout``, ``pad_to``, ``limit``: see ``pfa_jax.data.load``.
+* ``image_size``: the crop size of streamed datasets (``pfa_jax.streaming``; 0: 224); in-memory
+  datasets keep their size and take only 0.
 * ``augment``: a training-time augmentation of ``pfa_jax.augment.AUGMENTATIONS`` (``crop_flip``:
   the CIFAR pad-4 crop and horizontal flip).
 * ``noise_pretrain_steps``: train steps on Gaussian noise with random labels before the data
@@ -49,6 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
         "holdout": 0,
         "pad_to": 0,
         "limit": 0,
+        "image_size": 0,
         "augment": "none",
         "noise_pretrain_steps": 0,
         "epochs": 3,
@@ -121,6 +124,20 @@ def _check_int(config, key: str, low: int = 1) -> None:
         raise ValueError(f"config {key}={value!r} must be an int >= {low}")
 
 
+def _check_streamed(config: ml_collections.ConfigDict) -> None:
+    """Options that streamed and in-memory datasets do not share."""
+    if config.dataset in data.STREAMED_DATASETS:
+        for key, plain in (("augment", "none"), ("holdout", 0), ("pad_to", 0)):
+            if config[key] != plain:
+                raise ValueError(f"config {key}={config[key]!r} is for in-memory datasets; "
+                                 f"{config.dataset} is streamed (pfa_jax.streaming: random-resized "
+                                 f"crop and flip, the validation split as test set): use {key}={plain!r}")
+    elif config.image_size:
+        raise ValueError(f"config image_size={config.image_size!r} applies to streamed datasets "
+                         f"({', '.join(data.STREAMED_DATASETS)}) only; {config.dataset} images keep "
+                         "their size (see pad_to): use image_size=0")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks every key before any data is read or anything compiled; errors name the key, the bad
     value and what is valid. (Whether the model fits the dataset's images is checked once the data
@@ -132,6 +149,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size"):
         _check_int(config, key)
     _check_int(config, "noise_pretrain_steps", low=0)
+    _check_int(config, "image_size", low=0)
+    _check_streamed(config)
     try:
         augment.check(config.augment)
     except ValueError as error:

@@ -10,6 +10,8 @@
   TensorFlow), from `data_dir` or tfds's default (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
   tfds downloads and prepares them on first use where it can; preparing needs TensorFlow and internet
   (``tfds build NAME --file_format=array_record``), reading afterwards needs neither.
+- ``imagenet2012`` (in `STREAMED_DATASETS`) does not fit in memory: ``pfa_jax.streaming.load`` reads it
+  batch by batch; `load` refuses it.
 
 Processing, in this order:
 
@@ -36,10 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
-DATASETS = ("fashion_mnist", "mnist", "cifar10")
+STREAMED_DATASETS = ("imagenet2012",)  # read by pfa_jax.streaming, not by `load`
+DATASETS = ("fashion_mnist", "mnist", "cifar10") + STREAMED_DATASETS
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _FASHION_MNIST_DIR_ENV = "PFA_JAX_FASHION_MNIST_DIR"
-_NUM_CLASSES = 10  # every dataset in DATASETS
+_NUM_CLASSES = 10  # every dataset that `load` reads
 
 _IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -140,6 +143,9 @@ def load(
     """Loads dataset `name` (one of `DATASETS`); see the module docstring for sources and processing."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if name in STREAMED_DATASETS:
+        raise ValueError(f"{name} does not fit in memory: read it batch by batch with "
+                         "pfa_jax.streaming.load (pfa_jax.experiment does)")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of examples, got {limit!r}")
 

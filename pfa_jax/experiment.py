@@ -22,9 +22,22 @@ the first ``sharpness_examples`` training examples; adversarial and noise robust
 ``robustness_examples`` test examples, with epsilons and sigmas in pixel units (the images' [0, 1]
 scale): the perturbation of channel ``c`` is scaled by ``1 / std_c`` of the standardisation and
 adversarial images are clipped to the standardised images of pixel values 0 and 1.
+
+Streamed datasets (``pfa_jax.streaming``: ``imagenet2012``) do not fit in memory. Their epochs are a
+Python loop of one jitted ``train.train_step`` (state donated) per prefetched batch (an inner progress
+bar counts the steps), evaluation a loop of jitted ``train.eval_step``, with the same per-epoch
+records, checkpoints, resume and divergence guard. Every batch depends on ``(seed, epoch)`` only (see
+``pfa_jax.streaming``). ``image_size`` (a config key that only these datasets take; 0 or absent: 224)
+sets the crop size. ``augment`` must be ``'none'``: the training batches always get the standard
+random-resized crop and flip. The fixed-batch and closing measurements use the first examples of a
+split, centre-cropped as for evaluation and held in memory: gradient alignment the first
+``metrics_batch_size`` validation images, sharpness the first ``sharpness_examples`` training images,
+robustness the first ``robustness_examples`` validation images.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import pathlib
 import shutil
@@ -36,7 +49,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from pfa_jax import data, metrics, models, plots, train
+from pfa_jax import data, metrics, models, plots, streaming, train
 from pfa_jax.checkpoint import CheckpointError, Checkpoints
 from pfa_jax.config import rule_spec, validate
 from pfa_jax.optim import OptimizerConfig
@@ -87,7 +100,7 @@ def check_metrics_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"metric sizes must be >= 0, got {sizes}")
 
 
-def check_fits(model, name: str, dataset: data.Dataset) -> None:
+def check_fits(model, name: str, dataset: data.Dataset | streaming.StreamedDataset) -> None:
     """Raises if the model cannot take the dataset's images (traced with shapes only, no compile)."""
     try:
         jax.eval_shape(model.init, {"params": jax.random.key(0)},
@@ -128,6 +141,98 @@ def closing_metrics(state, dataset: data.Dataset, config: ml_collections.ConfigD
     return results
 
 
+def _load_options(config: ml_collections.ConfigDict) -> dict:
+    """The keyword arguments of ``data.load`` and ``streaming.load`` that ``config`` sets."""
+    return {"data_dir": config.data_dir or None, "holdout": config.holdout,
+            "pad_to": config.pad_to or None, "limit": config.limit or None}
+
+
+class _InMemory:
+    """A ``data.Dataset`` on the device: an epoch is one compiled scan (``train.train_epoch``),
+    evaluation another (``train.evaluate``)."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.dataset = data.load(config.dataset, **_load_options(config))
+        self.num_train = len(self.dataset.train_images)
+        self._train = None
+
+    def sample(self) -> np.ndarray:
+        return self.dataset.train_images[:1]
+
+    def heldout(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.dataset.test_images[:count], self.dataset.test_labels[:count]
+
+    def train_epoch(self, state, key, epoch: int, progress: bool):
+        del epoch, progress  # the key alone sets the epoch's order and augmentation
+        if self._train is None:
+            self._train = jnp.asarray(self.dataset.train_images), jnp.asarray(self.dataset.train_labels)
+        return train.train_epoch(state, *self._train, key, self.config.batch_size, self.config.augment)
+
+    def evaluate(self, state) -> dict:
+        return train.evaluate(state, self.dataset.test_images, self.dataset.test_labels,
+                              self.config.eval_batch_size)
+
+    def closing(self) -> data.Dataset:
+        return self.dataset
+
+
+_train_step = jax.jit(train.train_step, donate_argnums=(0,))
+_eval_step = jax.jit(train.eval_step)
+
+
+def _on_device(batches, ahead: int = 2):
+    """``batches`` put on the device ``ahead`` batches before they are used."""
+    queue = collections.deque()
+    for batch in batches:
+        queue.append(jax.device_put(batch))
+        if len(queue) > ahead:
+            yield queue.popleft()
+    yield from queue
+
+
+class _Streamed:
+    """A ``streaming.StreamedDataset``: an epoch is a loop of jitted train steps over its batches,
+    evaluation a loop of jitted eval steps (see the module docstring)."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.dataset = streaming.load(config.dataset, **_load_options(config),
+                                      image_size=config.image_size or streaming.IMAGE_SIZE)
+        self.num_train = self.dataset.num_train
+
+    def sample(self) -> np.ndarray:
+        return np.zeros((1,) + self.dataset.image_shape, np.float32)
+
+    def heldout(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.dataset.arrays("test", count)
+
+    def train_epoch(self, state, key, epoch: int, progress: bool):
+        del key  # the batches come from (seed, epoch); the state carries its own key
+        steps = []
+        batches = self.dataset.train_batches(self.config.batch_size, self.config.seed, epoch)
+        with contextlib.closing(batches):
+            for batch in tqdm(_on_device(batches), desc=f"epoch {epoch + 1}", leave=False,
+                              total=self.num_train // self.config.batch_size, disable=not progress):
+                state, step = _train_step(state, batch)
+                steps.append(step)
+        return state, jax.tree.map(lambda *values: np.stack(values), *jax.device_get(steps))
+
+    def evaluate(self, state) -> dict:
+        batches = self.dataset.eval_batches(self.config.eval_batch_size)
+        with contextlib.closing(batches):
+            results = jax.device_get([_eval_step(state, batch) for batch in _on_device(batches)])
+        count = sum(float(r["count"]) for r in results)
+        return {key: sum(float(r[key]) * float(r["count"]) for r in results) / count
+                for key in ("loss", "accuracy")}
+
+    def closing(self) -> data.Dataset:
+        config = self.config
+        robustness = bool(config.adversarial_epsilons or config.noise_sigmas)
+        return self.dataset.subset(config.sharpness_examples if config.sharpness else 0,
+                                   config.robustness_examples if robustness else 0)
+
+
 def load_config(out: str | pathlib.Path) -> ml_collections.ConfigDict:
     """The resolved config of an existing run directory."""
     path = pathlib.Path(out) / "config.json"
@@ -153,24 +258,24 @@ def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: b
     newest checkpoint); returns the summary."""
     validate(config)
     check_metrics_config(config)
-    dataset = data.load(config.dataset, data_dir=config.data_dir or None, holdout=config.holdout,
-                        pad_to=config.pad_to or None, limit=config.limit or None)
-    steps_per_epoch = len(dataset.train_images) // config.batch_size
+    source = (_Streamed if config.dataset in streaming.DATASETS else _InMemory)(config)
+    dataset = source.dataset
+    steps_per_epoch = source.num_train // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size={config.batch_size} exceeds the "
-                         f"{len(dataset.train_images)} training examples")
+                         f"{source.num_train} training examples")
     model = models.get(config.model, rule=rule_spec(config), num_classes=dataset.num_classes,
                        **config.model_options.to_dict())
     check_fits(model, config.model, dataset)
     optimizer = OptimizerConfig.create(config.optimizer, steps_per_epoch=steps_per_epoch)
-    heldout = (_split(dataset.test_images, dataset.test_labels, config.metrics_batch_size,
+    heldout = (_split(*source.heldout(config.metrics_batch_size), config.metrics_batch_size,
                       config.metrics_batch_size)[0] if config.metrics_batch_size else None)
     out = pathlib.Path(out) if resume else prepare_run_dir(out, overwrite)
     (out / "config.json").write_text(config.to_json(indent=2) + "\n")
 
     key = jax.random.key(config.seed)
     init_key, key = jax.random.split(key)
-    state = train.create_train_state(init_key, model, dataset.train_images[:1], optimizer)
+    state = train.create_train_state(init_key, model, source.sample(), optimizer)
     checkpoints = Checkpoints(out / "checkpoints")
     first, kept = _resume_point(out, checkpoints, config.epochs) if resume else (0, [])
     if first:
@@ -179,7 +284,6 @@ def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: b
         state, _ = train.noise_pretrain(state, jax.random.fold_in(key, 2**31),
                                         config.noise_pretrain_steps, config.batch_size,
                                         dataset.num_classes)
-    train_images, train_labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
     start = time.perf_counter()
     record = json.loads(kept[-1]) if kept else {}
     with open(out / "metrics.jsonl", "w") as log:
@@ -188,13 +292,11 @@ def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: b
                    initial=first, total=config.epochs)
         for epoch in bar:
             epoch_start = time.perf_counter()
-            state, steps = train.train_epoch(state, train_images, train_labels,
-                                             jax.random.fold_in(key, epoch), config.batch_size,
-                                             config.augment)
+            state, steps = source.train_epoch(state, jax.random.fold_in(key, epoch), epoch,
+                                              progress)
             steps = jax.device_get(steps)
             check_finite(state, steps["loss"], epoch, out)
-            test = train.evaluate(state, dataset.test_images, dataset.test_labels,
-                                  config.eval_batch_size)
+            test = source.evaluate(state)
             gradients = {} if heldout is None else {
                 "gradient_alignment": _floats(metrics.gradient_alignment(state, heldout))}
             record = {
@@ -221,7 +323,8 @@ def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: b
     plots.run_curves(records, out / "curves.png", title=f"{config.dataset} {config.model} "
                      f"{config.rule} seed {config.seed}")
     summary = {**record, "wall_time": time.perf_counter() - start, "steps": int(state.step),
-               **closing_metrics(state, dataset, config, jax.random.fold_in(key, config.epochs))}
+               **closing_metrics(state, source.closing(), config,
+                                 jax.random.fold_in(key, config.epochs))}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
