@@ -36,8 +36,6 @@ robustness the first ``robustness_examples`` validation images.
 """
 from __future__ import annotations
 
-import collections
-import contextlib
 import json
 import pathlib
 import shutil
@@ -49,7 +47,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from pfa_jax import data, metrics, models, plots, streaming, train
+from pfa_jax import data, metrics, models, plots, sources, streaming, train
 from pfa_jax.checkpoint import CheckpointError, Checkpoints
 from pfa_jax.config import rule_spec, validate
 from pfa_jax.optim import OptimizerConfig
@@ -141,98 +139,6 @@ def closing_metrics(state, dataset: data.Dataset, config: ml_collections.ConfigD
     return results
 
 
-def _load_options(config: ml_collections.ConfigDict) -> dict:
-    """The keyword arguments of ``data.load`` and ``streaming.load`` that ``config`` sets."""
-    return {"data_dir": config.data_dir or None, "holdout": config.holdout,
-            "pad_to": config.pad_to or None, "limit": config.limit or None}
-
-
-class _InMemory:
-    """A ``data.Dataset`` on the device: an epoch is one compiled scan (``train.train_epoch``),
-    evaluation another (``train.evaluate``)."""
-
-    def __init__(self, config: ml_collections.ConfigDict):
-        self.config = config
-        self.dataset = data.load(config.dataset, **_load_options(config))
-        self.num_train = len(self.dataset.train_images)
-        self._train = None
-
-    def sample(self) -> np.ndarray:
-        return self.dataset.train_images[:1]
-
-    def heldout(self, count: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.dataset.test_images[:count], self.dataset.test_labels[:count]
-
-    def train_epoch(self, state, key, epoch: int, progress: bool):
-        del epoch, progress  # the key alone sets the epoch's order and augmentation
-        if self._train is None:
-            self._train = jnp.asarray(self.dataset.train_images), jnp.asarray(self.dataset.train_labels)
-        return train.train_epoch(state, *self._train, key, self.config.batch_size, self.config.augment)
-
-    def evaluate(self, state) -> dict:
-        return train.evaluate(state, self.dataset.test_images, self.dataset.test_labels,
-                              self.config.eval_batch_size)
-
-    def closing(self) -> data.Dataset:
-        return self.dataset
-
-
-_train_step = jax.jit(train.train_step, donate_argnums=(0,))
-_eval_step = jax.jit(train.eval_step)
-
-
-def _on_device(batches, ahead: int = 2):
-    """``batches`` put on the device ``ahead`` batches before they are used."""
-    queue = collections.deque()
-    for batch in batches:
-        queue.append(jax.device_put(batch))
-        if len(queue) > ahead:
-            yield queue.popleft()
-    yield from queue
-
-
-class _Streamed:
-    """A ``streaming.StreamedDataset``: an epoch is a loop of jitted train steps over its batches,
-    evaluation a loop of jitted eval steps (see the module docstring)."""
-
-    def __init__(self, config: ml_collections.ConfigDict):
-        self.config = config
-        self.dataset = streaming.load(config.dataset, **_load_options(config),
-                                      image_size=config.image_size or streaming.IMAGE_SIZE)
-        self.num_train = self.dataset.num_train
-
-    def sample(self) -> np.ndarray:
-        return np.zeros((1,) + self.dataset.image_shape, np.float32)
-
-    def heldout(self, count: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.dataset.arrays("test", count)
-
-    def train_epoch(self, state, key, epoch: int, progress: bool):
-        del key  # the batches come from (seed, epoch); the state carries its own key
-        steps = []
-        batches = self.dataset.train_batches(self.config.batch_size, self.config.seed, epoch)
-        with contextlib.closing(batches):
-            for batch in tqdm(_on_device(batches), desc=f"epoch {epoch + 1}", leave=False,
-                              total=self.num_train // self.config.batch_size, disable=not progress):
-                state, step = _train_step(state, batch)
-                steps.append(step)
-        return state, jax.tree.map(lambda *values: np.stack(values), *jax.device_get(steps))
-
-    def evaluate(self, state) -> dict:
-        batches = self.dataset.eval_batches(self.config.eval_batch_size)
-        with contextlib.closing(batches):
-            results = jax.device_get([_eval_step(state, batch) for batch in _on_device(batches)])
-        count = sum(float(r["count"]) for r in results)
-        return {key: sum(float(r[key]) * float(r["count"]) for r in results) / count
-                for key in ("loss", "accuracy")}
-
-    def closing(self) -> data.Dataset:
-        config = self.config
-        robustness = bool(config.adversarial_epsilons or config.noise_sigmas)
-        return self.dataset.subset(config.sharpness_examples if config.sharpness else 0,
-                                   config.robustness_examples if robustness else 0)
-
-
 def load_config(out: str | pathlib.Path) -> ml_collections.ConfigDict:
     """The resolved config of an existing run directory."""
     path = pathlib.Path(out) / "config.json"
@@ -258,7 +164,7 @@ def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: b
     newest checkpoint); returns the summary."""
     validate(config)
     check_metrics_config(config)
-    source = (_Streamed if config.dataset in streaming.DATASETS else _InMemory)(config)
+    source = sources.for_config(config)
     dataset = source.dataset
     steps_per_epoch = source.num_train // config.batch_size
     if steps_per_epoch == 0:
