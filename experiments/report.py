@@ -205,10 +205,10 @@ def axis_figure(runs: list[dict], axis: str, path: pathlib.Path) -> None:
 
 def hardware_line(record: dict) -> str:
     invocations = record["invocations"]
-    devices = sorted({f"{i['device']} ({i['platform']}, {i['cpu_cores']} CPU cores: {i['cpu']})"
-                      for i in invocations})
+    devices = sorted({f"{i['device']} ({i['platform']}, {i['cpu_cores']} CPU cores: {i['cpu']}; "
+                      f"JAX {i['jax']})" for i in invocations})
     wall = sum(i["wall_time"] for i in invocations)
-    return (f"Hardware: {'; '.join(devices)}; JAX {invocations[-1]['jax']}. Wall time of the "
+    return (f"Hardware: {'; '.join(devices)}. Wall time of the "
             f"sweep: {wall / 60:.1f} min over {len(invocations)} invocation(s) (with "
             f"{', '.join(str(i['workers']) for i in invocations)} run(s) at once; invocations that "
             "ran several experiments together count their whole time for each).")
