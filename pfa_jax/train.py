@@ -278,5 +278,15 @@ def shard_batch(batch, mesh: jax.sharding.Mesh):
 
 
 def replicate_on(tree, mesh: jax.sharding.Mesh):
-    """Places ``tree`` fully replicated on ``mesh`` (the state for batch-sharded ``jit``)."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    """Places ``tree`` fully replicated on ``mesh`` (the state for batch-sharded ``jit``), also a
+    mesh over several processes' devices: typed PRNG keys (which ``jax.device_put`` does not send
+    to other processes' devices) travel as their raw key data and are wrapped again."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+
+    def put(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(jax.device_put(jax.random.key_data(x), sharding),
+                                            impl=jax.random.key_impl(x))
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(put, tree)

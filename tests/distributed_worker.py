@@ -7,7 +7,8 @@ devices of its own, builds the same train state (same key), and runs ``STEPS`` j
 ``pfa_jax.train.train_step``s of ``ffn2`` with PFA over a global batch that is sharded over every
 process's devices (``pfa_jax.train.batch_mesh`` over the global ``jax.devices()``): each process
 holds only its own rows (``jax.make_array_from_process_local_data``) and the state is replicated
-(``pfa_jax.train.replicate_on``, with the PRNG key passed as raw data: see ``replicate_on`` below). Process 0 writes the final params and feedback to ``OUT.npz``.
+(``pfa_jax.train.replicate_on``, which sends the PRNG key as raw key data). Process 0 writes the
+final params and feedback to ``OUT.npz``.
 """
 from __future__ import annotations
 
@@ -44,15 +45,6 @@ def flat(tree) -> dict:
             for path, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def replicate_on(pj, jax, state, mesh):
-    """``pfa_jax.train.replicate_on`` for a multi-process mesh. It fails there on ``state.rng``:
-    ``jax.device_put`` to a sharding over other processes' devices accepts uncommitted arrays and
-    numpy values but not typed PRNG key arrays, so the key goes over as its raw data."""
-    rng = state.rng
-    state = pj.train.replicate_on(state.replace(rng=jax.random.key_data(rng)), mesh)
-    return state.replace(rng=jax.random.wrap_key_data(state.rng, impl=jax.random.key_impl(rng)))
-
-
 def main(port: str, process_id: str, num_processes: str, out: str) -> None:
     process_id, num_processes = int(process_id), int(num_processes)
     import jax
@@ -73,7 +65,7 @@ def main(port: str, process_id: str, num_processes: str, out: str) -> None:
     assert jax.device_count() == num_processes * LOCAL_DEVICES, jax.devices()
     mesh = pj.train.batch_mesh()  # every process's devices, in jax.devices() order
     rows = NamedSharding(mesh, PartitionSpec(pj.train.AXIS))
-    state = replicate_on(pj, jax, initial_state(pj, jax), mesh)
+    state = pj.train.replicate_on(initial_state(pj, jax), mesh)
     step = jax.jit(pj.train.train_step)
     per_process = GLOBAL_BATCH // num_processes
     own = slice(process_id * per_process, (process_id + 1) * per_process)
