@@ -2,9 +2,9 @@
 measured float32 matmul rate.
 
 For every rule: one epoch of ``ffn2`` (784-512-512-10) on the real Fashion-MNIST training set
-(``pfa_jax.data.load('fashion_mnist')``, 60,000 images) as ``pfa_jax.train.train_epoch`` (one
-``lax.scan`` of ``train_step``, shuffled, batch 64 by default), timed interleaved over the rules
-(``--repeats`` rounds after one compiling epoch), and the FLOPs it does.
+(``pfa_jax.data.load('fashion_mnist')``, 60,000 images) as ``pfa_jax.train.train_epoch`` with
+``loop='scan'`` (one ``lax.scan`` of ``train_step``, shuffled, batch 64 by default), timed
+interleaved over the rules (``--repeats`` rounds after one compiling epoch), and the FLOPs it does.
 
 FLOPs per train step, counted analytically (matrix products only; a multiply-add is 2 FLOPs). For a
 dense layer ``l`` with ``i`` inputs, ``o`` outputs, batch ``n``, classes ``C`` and ``first`` = the
@@ -167,7 +167,7 @@ def main(argv=None) -> None:
         def epoch(rule, b=b):
             def run():
                 states[rule], metrics = pj.train.train_epoch(states[rule], images, labels, key,
-                                                             batch_size=b)
+                                                             batch_size=b, loop="scan")
                 return metrics
             return run
 

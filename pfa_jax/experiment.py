@@ -6,7 +6,7 @@ gradient alignment on a fixed held-out batch, epoch time), ``checkpoints/`` (orb
 epoch, the newest two kept), ``curves.png`` (accuracy and alignment against the epoch,
 ``pfa_jax.plots``) and ``summary.json`` (the final record, the wall time and, when the config asks,
 ``sharpness``, ``adversarial`` and ``noise``). The progress bar shows the last epoch's train loss and
-accuracy and test accuracy (an epoch is one compiled scan, so nothing finer is live).
+accuracy and test accuracy (an epoch may be one compiled scan, so nothing finer is live).
 
 With ``noise_pretrain_steps`` the fresh state is first trained on noise
 (``pfa_jax.train.noise_pretrain``); ``augment`` is applied to every training batch.

@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from pfa_jax import nn as pnn
@@ -272,7 +271,10 @@ def attack_images(state, batch, epsilon, key=None, *, attack: str = "fgsm", step
         return step(0, x0, radius)
     size = (2.5 * epsilon / steps if step_size is None else step_size) * unit
     start = project(x0 + radius * jax.random.uniform(start_key, x0.shape, minval=-1.0, maxval=1.0))
-    return lax.fori_loop(0, steps, lambda i, x: step(i, x, size), start)
+    x = start
+    for i in range(steps):  # unrolled: XLA:CPU runs convolutions in a loop body far slower (train.resolve_loop)
+        x = step(i, x, size)
+    return x
 
 
 def check_attack(attack: str, gradient: str = "true", *epsilons) -> None:

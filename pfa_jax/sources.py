@@ -1,7 +1,8 @@
 """Where a run's training data comes from, behind one small interface (``for_config``):
 
-* ``InMemory``: a ``pfa_jax.data.Dataset`` held on the device; an epoch is one compiled scan
-  (``pfa_jax.train.train_epoch``), evaluation another (``pfa_jax.train.evaluate``);
+* ``InMemory``: a ``pfa_jax.data.Dataset`` held on the device; an epoch is
+  ``pfa_jax.train.train_epoch`` (one compiled scan, or on CPU one compiled step per batch),
+  evaluation ``pfa_jax.train.evaluate``;
 * ``Streamed``: a ``pfa_jax.streaming.StreamedDataset`` (ImageNet); an epoch is a Python loop of one
   jitted ``train_step`` (state donated) per prefetched batch, evaluation a loop of jitted
   ``eval_step``.
@@ -32,8 +33,8 @@ def _load_options(config: ml_collections.ConfigDict) -> dict:
 
 
 class InMemory:
-    """A ``data.Dataset`` on the device: an epoch is one compiled scan (``train.train_epoch``),
-    evaluation another (``train.evaluate``)."""
+    """A ``data.Dataset`` on the device: an epoch is ``train.train_epoch``, evaluation
+    ``train.evaluate``."""
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config

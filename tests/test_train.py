@@ -237,3 +237,35 @@ def test_noise_pretraining_trains_on_noise_then_restarts_the_optimizer():
     fresh = state.tx.init({"params": pretrained.params, "feedback": pretrained.feedback})
     chex.assert_trees_all_equal(pretrained.opt_state, fresh)
     chex.assert_trees_all_equal(pretrained.feedback, state.feedback)  # FA's B stays fixed
+
+
+def small_resnet_state(seed=0):
+    model = pj.models.get("resnet20", rule="pfa", num_classes=4).clone(blocks_per_stage=1)
+    return train.create_train_state(jax.random.key(seed), model, jnp.zeros((1, 8, 8, 1)),
+                                    {"learning_rate": 0.05, "weight_decay": 1e-3})
+
+
+def test_step_loop_and_scan_run_the_same_epoch_noise_pretraining_and_evaluation():
+    """``loop='steps'`` (the CPU default) and ``loop='scan'`` train the same steps: conv layers,
+    BatchNorm, crop-flip augmentation and PFA feedback learning all agree to float rounding."""
+    rng = np.random.default_rng(3)
+    images = jnp.asarray(rng.normal(size=(48, 8, 8, 1)).astype(np.float32))
+    labels = jnp.asarray(rng.integers(0, 4, 48).astype(np.int32))
+    results = {}
+    for loop in ("scan", "steps"):
+        state, noise = train.noise_pretrain(small_resnet_state(), jax.random.key(5), 3, 8, 4,
+                                            loop=loop)
+        state, steps = train.train_epoch(state, images, labels, jax.random.key(1), 16,
+                                         augment="crop_flip", loop=loop)
+        results[loop] = (state.params, state.feedback, state.batch_stats, int(state.step), noise,
+                         steps, train.evaluate(state, images, labels, batch_size=20, loop=loop))
+    assert results["steps"][3] == 3 and results["steps"][5]["loss"].shape == (3,)
+    chex.assert_trees_all_close(results["steps"], results["scan"], rtol=1e-4, atol=1e-5)
+
+
+def test_an_unknown_loop_is_refused_with_the_choices():
+    images, labels = toy_data(64)
+    with pytest.raises(ValueError, match=r"unknown loop 'python'; valid loops: auto, scan, steps"):
+        train.train_epoch(make_state("bp"), images, labels, jax.random.key(0), 32, loop="python")
+    with pytest.raises(ValueError, match="unknown loop"):
+        train.evaluate(make_state("bp"), images, labels, loop="")
