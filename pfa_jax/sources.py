@@ -1,7 +1,7 @@
 """Where a run's training data comes from, behind one small interface (``for_config``):
 
 * ``InMemory``: a ``pfa_jax.data.Dataset`` held on the device; an epoch is
-  ``pfa_jax.train.train_epoch`` (one compiled scan, or on CPU one compiled step per batch),
+  ``pfa_jax.train.train_epoch`` (one compiled scan; for conv models on CPU one compiled step per batch),
   evaluation ``pfa_jax.train.evaluate``;
 * ``Streamed``: a ``pfa_jax.streaming.StreamedDataset`` (ImageNet); an epoch is a Python loop of one
   jitted ``train_step`` (state donated) per prefetched batch, evaluation a loop of jitted

@@ -182,18 +182,20 @@ def eval_step(state: TrainState, batch: dict) -> dict:
 LOOPS = ("auto", "scan", "steps")
 
 
-def resolve_loop(loop: str) -> str:
+def resolve_loop(loop: str, state: TrainState) -> str:
     """How ``train_epoch``, ``noise_pretrain`` and ``evaluate`` run their steps: ``"scan"`` compiles
-    them all as one ``lax.scan`` (one dispatch, best on accelerators), ``"steps"`` calls one compiled
-    step per batch from Python. ``"auto"`` is ``"steps"`` on CPU, where XLA runs convolutions inside a
-    loop body 30 to 40x slower than the same convolutions outside one (jax-ml/jax#12868; a ResNet-20
-    step: 32 s in a scan, 1.2 s alone), and ``"scan"`` elsewhere. Both run the same steps in the same
-    order with the same keys."""
+    them all as one ``lax.scan`` (one dispatch), ``"steps"`` calls one compiled step per batch from
+    Python. ``"auto"`` is ``"steps"`` on CPU for a model with convolutions (a rank-4 kernel among
+    ``state.params``), where XLA runs convolutions inside a loop body about 25x slower than the same
+    convolutions outside one (jax-ml/jax#12868; a ResNet-20 step at batch 128: 17.4 s in a scan,
+    0.74 s alone, ``benchmarks/epoch_loop.py``), and ``"scan"`` otherwise (an MLP's scan is about 10 %
+    faster on CPU). Both run the same steps in the same order with the same keys."""
     if loop not in LOOPS:
         raise ValueError(f"unknown loop {loop!r}; valid loops: {', '.join(LOOPS)}")
-    if loop == "auto":
-        return "steps" if jax.default_backend() == "cpu" else "scan"
-    return loop
+    if loop != "auto":
+        return loop
+    convolutional = any(jnp.ndim(kernel) == 4 for kernel in jax.tree.leaves(state.params))
+    return "steps" if convolutional and jax.default_backend() == "cpu" else "scan"
 
 
 def _stack(per_step: list) -> Any:
@@ -226,7 +228,7 @@ def train_epoch(state: TrainState, images, labels, key, batch_size: int, augment
     donated. Returns the state and per-step metrics (arrays of length ``len(images) // batch_size``).
     """
     pfa_augment.check(augment)
-    loop = resolve_loop(loop)
+    loop = resolve_loop(loop, state)
     steps = images.shape[0] // batch_size
     if steps == 0:
         raise ValueError(f"batch_size={batch_size} exceeds the {images.shape[0]} training examples")
@@ -272,10 +274,11 @@ def noise_pretrain(state: TrainState, key, steps: int, batch_size: int, num_clas
 
     The parameters, feedback and BatchNorm statistics it reaches are kept; the optimizer then starts
     afresh (new optimizer state, ``step = 0``), so the data phase runs its usual learning-rate and
-    weight-decay schedule from its first epoch. ``loop`` as in ``resolve_loop``. Returns ``(state, per-step metrics)``.
+    weight-decay schedule from its first epoch. ``loop`` as in ``resolve_loop``. Returns
+    ``(state, per-step metrics)``.
     """
     keys = jax.random.split(key, steps)
-    if resolve_loop(loop) == "scan":
+    if resolve_loop(loop, state) == "scan":
         state, metrics = _noise_scan(state, keys, batch_size, num_classes)
     else:
         per_step = []
@@ -315,7 +318,7 @@ def evaluate(state: TrainState, images, labels, batch_size: int = 1000, loop: st
     images = jnp.pad(jnp.asarray(images), [(0, pad)] + [(0, 0)] * (images.ndim - 1))
     labels = jnp.pad(jnp.asarray(labels), (0, pad))
     mask = (jnp.arange(steps * batch_size) < n).astype(jnp.float32)
-    if resolve_loop(loop) == "scan":
+    if resolve_loop(loop, state) == "scan":
         totals = _eval_scan(state, images, labels, mask, batch_size)
     else:
         totals = jax.tree.map(lambda *sums: sum(sums), *[

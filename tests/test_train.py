@@ -246,8 +246,8 @@ def small_resnet_state(seed=0):
 
 
 def test_step_loop_and_scan_run_the_same_epoch_noise_pretraining_and_evaluation():
-    """``loop='steps'`` (the CPU default) and ``loop='scan'`` train the same steps: conv layers,
-    BatchNorm, crop-flip augmentation and PFA feedback learning all agree to float rounding."""
+    """``loop="steps"`` (the CPU default for conv models) and ``loop="scan"`` train the same steps:
+    conv layers, BatchNorm, crop-flip augmentation and PFA feedback learning agree to rounding."""
     rng = np.random.default_rng(3)
     images = jnp.asarray(rng.normal(size=(48, 8, 8, 1)).astype(np.float32))
     labels = jnp.asarray(rng.integers(0, 4, 48).astype(np.int32))
@@ -269,3 +269,10 @@ def test_an_unknown_loop_is_refused_with_the_choices():
         train.train_epoch(make_state("bp"), images, labels, jax.random.key(0), 32, loop="python")
     with pytest.raises(ValueError, match="unknown loop"):
         train.evaluate(make_state("bp"), images, labels, loop="")
+
+
+def test_auto_loop_steps_through_conv_models_on_cpu_and_scans_the_rest():
+    assert jax.default_backend() == "cpu"
+    assert train.resolve_loop("auto", small_resnet_state()) == "steps"
+    assert train.resolve_loop("auto", make_state("pfa")) == "scan"
+    assert train.resolve_loop("scan", small_resnet_state()) == "scan"
