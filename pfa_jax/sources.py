@@ -1,8 +1,8 @@
 """Where a run's training data comes from, behind one small interface (``for_config``):
 
 * ``InMemory``: a ``pfa_jax.data.Dataset`` held on the device; an epoch is
-  ``pfa_jax.train.train_epoch`` (one compiled scan; for conv models on CPU one compiled step per batch),
-  evaluation ``pfa_jax.train.evaluate``;
+  ``pfa_jax.train.train_epoch`` (one compiled scan; for conv models on CPU one compiled step per
+  batch), evaluation ``pfa_jax.train.evaluate``;
 * ``Streamed``: a ``pfa_jax.streaming.StreamedDataset`` (ImageNet); an epoch is a Python loop of one
   jitted ``train_step`` (state donated) per prefetched batch, evaluation a loop of jitted
   ``eval_step``.
@@ -101,7 +101,7 @@ class Streamed:
                               total=self.num_train // self.config.batch_size, disable=not progress):
                 state, step = _train_step(state, batch)
                 steps.append(step)
-        return state, jax.tree.map(lambda *values: np.stack(values), *jax.device_get(steps))
+        return state, train.stack_steps(steps)
 
     def evaluate(self, state) -> dict:
         batches = self.dataset.eval_batches(self.config.eval_batch_size)

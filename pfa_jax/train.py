@@ -198,7 +198,8 @@ def resolve_loop(loop: str, state: TrainState) -> str:
     return "steps" if convolutional and jax.default_backend() == "cpu" else "scan"
 
 
-def _stack(per_step: list) -> Any:
+def stack_steps(per_step: list) -> Any:
+    """Per-step metric dicts stacked into one dict of arrays with a leading step axis."""
     return jax.tree.map(lambda *values: jnp.stack(values), *per_step)
 
 
@@ -241,7 +242,7 @@ def train_epoch(state: TrainState, images, labels, key, batch_size: int, augment
     for i in range(steps):
         state, metrics = _epoch_step(state, images, labels, order[i], i, augment_key, augment)
         per_step.append(metrics)
-    return state, _stack(per_step)
+    return state, stack_steps(per_step)
 
 
 def _noise_batch_step(state: TrainState, key, batch_size: int, num_classes: int):
@@ -285,7 +286,7 @@ def noise_pretrain(state: TrainState, key, steps: int, batch_size: int, num_clas
         for step_key in keys:
             state, step_metrics = _noise_step(state, step_key, batch_size, num_classes)
             per_step.append(step_metrics)
-        metrics = _stack(per_step)
+        metrics = stack_steps(per_step)
     return _restart_optimizer(state), metrics
 
 

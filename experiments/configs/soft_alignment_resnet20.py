@@ -2,8 +2,8 @@
 for the settings compared and the measurements.
 
 Sized for 2 CPU cores (about 9 min a run, 1.4 h for the 9), so far shorter than the deep-conv
-schedule of ``resnet20_fashion_mnist``: the first 8,000 training and the first 8,000 test images, 3 epochs of
-batch 128 (186 steps) with SGD momentum 0.9, lr 0.1 then 0.01 from epoch 2, wd 1e-4, no
+schedule of ``resnet20_fashion_mnist``: the first 8,000 training and the first 8,000 test images,
+3 epochs of batch 128 (186 steps) with SGD momentum 0.9, lr 0.1 then 0.01 from epoch 2, wd 1e-4, no
 augmentation; noise pretraining 200 steps (about as many as the data training); sharpness on 256
 training images with at most 20 power iterations and 10 Hutchinson probes; robustness on 500 test
 images. On a machine with the time, ``--set limit=0 --set epochs=15 --set
