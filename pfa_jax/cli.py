@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(models.names()))
         return 0
     from pfa_jax import experiment  # imports JAX-heavy modules only when training
+    from pfa_jax.checkpoint import CheckpointError
 
     flags = [f"{name}={getattr(args, name)}" for name in _FLAGS if getattr(args, name) is not None]
     try:
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = experiment.run(config, out, overwrite=args.overwrite, progress=not args.quiet,
                                  resume=args.resume)
     except (ValueError, FileExistsError, FileNotFoundError, experiment.DivergenceError,
-            experiment.CheckpointError) as error:
+            CheckpointError) as error:
         print(f"pfa-jax: error: {error}", file=sys.stderr)
         return 2
     print(f"final test accuracy {100 * summary['test_accuracy']:.2f}%  (run directory: {out})")

@@ -48,7 +48,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pfa_jax import data, metrics, models, plots, sources, streaming, train
-from pfa_jax.checkpoint import CheckpointError, Checkpoints
+from pfa_jax.checkpoint import Checkpoints
 from pfa_jax.config import rule_spec, validate
 from pfa_jax.optim import OptimizerConfig
 
