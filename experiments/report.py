@@ -7,10 +7,12 @@ For every experiment of ``experiments.configs.names()`` with a results directory
 row per group of runs that share their labels except ``seed`` (mean and sample standard deviation
 over seeds of the final test accuracy; the final per-layer feedback-kernel angle and the angle of
 the update to the true gradient, averaged over seeds, each layer for networks of at most four
-layers, else the mean and the range over layers; the closing measurements where the runs made them),
-the hardware and the wall times recorded, and figures: test accuracy and mean alignment against the
-epoch for each group, and final accuracy against the experiment's ``PLOT_AXIS``. Runs that diverged
-are counted and named; unfinished runs are listed as missing. Nothing is typed by hand.
+layers, else the mean and the range over layers; the closing measurements where the runs made them;
+the training wall time, and the machine of each row when the runs ran on more than one), the
+hardware and the wall times of the invocations recorded, and figures: test accuracy and mean
+alignment against the epoch for each group, and final accuracy against the experiment's
+``PLOT_AXIS``. Runs that diverged are counted and named; unfinished runs are listed as missing.
+Nothing is typed by hand.
 """
 from __future__ import annotations
 
@@ -112,8 +114,12 @@ def table(runs: list[dict]) -> list[str]:
     layer_names = next(iter(grouped.values()))[0]["summary"].get("alignment", {})
     legend = " / ".join(layer_names) if 0 < len(layer_names) <= 4 else "mean [min, max] over layers"
     extra = list(closing_columns(next(iter(grouped.values()))))
+    machines = {key: ", ".join(sorted({m["summary"].get("machine", "not recorded")
+                                       for m in members})) for key, members in grouped.items()}
+    several = len(set(machines.values())) > 1
     header = (label_keys + ["seeds", "test acc. %", f"weight angle ({legend})",
-                            "update angle to BP gradient"] + extra + ["train time / run (s)"])
+                            "update angle to BP gradient"] + extra + ["train time / run (s)"]
+              + ["machine"] * several)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, members in grouped.items():
         closing = closing_columns(members)
@@ -122,7 +128,8 @@ def table(runs: list[dict]) -> list[str]:
                  layer_angles(members, "alignment", "weight_angle"),
                  layer_angles(members, "gradient_alignment", "grad_angle")]
                  + [mean_sd(closing[c], digits=1 if "%" in c else 3) for c in extra]
-                 + [f"{statistics.fmean(m['summary']['wall_time'] for m in members):.0f}"])
+                 + [f"{statistics.fmean(m['summary']['wall_time'] for m in members):.0f}"]
+                 + [machines[key]] * several)
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

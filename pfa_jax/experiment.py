@@ -4,9 +4,13 @@ A run directory holds ``config.json`` (the resolved config), ``metrics.jsonl`` (
 epoch: train / test loss and accuracy, learning rate, weight decay, per-layer alignment, per-layer
 gradient alignment on a fixed held-out batch, epoch time), ``checkpoints/`` (orbax, after every
 epoch, the newest two kept), ``curves.png`` (accuracy and alignment against the epoch,
-``pfa_jax.plots``) and ``summary.json`` (the final record, the wall time and, when the config asks,
-``sharpness``, ``adversarial`` and ``noise``). The progress bar shows the last epoch's train loss and
-accuracy and test accuracy (an epoch may be one compiled scan, so nothing finer is live).
+``pfa_jax.plots``) and ``summary.json`` (the final record, ``wall_time``, ``machine`` and, when the
+config asks, ``sharpness``, ``adversarial`` and ``noise``). ``wall_time`` is the time from the first
+epoch to the last one's checkpoint (the closing measurements not included); a resumed run counts the
+recorded epoch times of the epochs it restored, not the time lost to the interruption and the
+restart. ``machine`` (``machine()``) names the hardware of the process that finished the run. The
+progress bar shows the last epoch's train loss and accuracy and test accuracy (an epoch may be one
+compiled scan, so nothing finer is live).
 
 With ``noise_pretrain_steps`` the fresh state is first trained on noise
 (``pfa_jax.train.noise_pretrain``); ``augment`` is applied to every training batch.
@@ -37,6 +41,7 @@ robustness the first ``robustness_examples`` validation images.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 import time
@@ -158,6 +163,16 @@ def _resume_point(out: pathlib.Path, checkpoints: Checkpoints, epochs: int) -> t
     return done, lines
 
 
+def machine() -> str:
+    """The hardware this process trains on, in a few words: the accelerator's kind and count
+    (``'NVIDIA H100 80GB HBM3'``, ``'4 x TPU v4'``), or ``'CPU, N cores'``."""
+    devices = jax.devices()
+    if devices[0].platform == "cpu":
+        return f"CPU, {os.cpu_count()} cores"
+    kind = devices[0].device_kind
+    return kind if len(devices) == 1 else f"{len(devices)} x {kind}"
+
+
 def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: bool = False,
         progress: bool = True, resume: bool = False) -> dict:
     """Trains ``config`` and writes the run directory ``out`` (``resume``: continues it from its
@@ -190,8 +205,8 @@ def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: b
         state, _ = train.noise_pretrain(state, jax.random.fold_in(key, 2**31),
                                         config.noise_pretrain_steps, config.batch_size,
                                         dataset.num_classes)
-    start = time.perf_counter()
     record = json.loads(kept[-1]) if kept else {}
+    start = time.perf_counter() - sum(json.loads(line)["epoch_time"] for line in kept)
     with open(out / "metrics.jsonl", "w") as log:
         log.writelines(line + "\n" for line in kept)
         bar = tqdm(range(first, config.epochs), desc="epochs", disable=not progress,
@@ -229,6 +244,7 @@ def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: b
     plots.run_curves(records, out / "curves.png", title=f"{config.dataset} {config.model} "
                      f"{config.rule} seed {config.seed}")
     summary = {**record, "wall_time": time.perf_counter() - start, "steps": int(state.step),
+               "machine": machine(),
                **closing_metrics(state, source.closing(), config,
                                  jax.random.fold_in(key, config.epochs))}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -92,6 +92,11 @@ def test_sweep_runs_skips_resumes_and_reports(fashion_dir, tmp_path, capsys):
     assert _run(out, fashion_dir, *only) == 0
     assert "1 of 1 runs to train" in capsys.readouterr().out
     assert _records(run_dir) == records
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    epoch_times = [json.loads(line)["epoch_time"]
+                   for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert resumed["wall_time"] >= sum(epoch_times)  # counts the restored epoch too
+    assert resumed["machine"] == summary["machine"] == f"CPU, {os.cpu_count()} cores"
     assert _run(out, fashion_dir, *only) == 0
     assert "0 of 1 runs to train (1 finished before)" in capsys.readouterr().out
     record = json.loads((exp_dir / "experiment.json").read_text())
@@ -104,6 +109,20 @@ def test_sweep_runs_skips_resumes_and_reports(fashion_dir, tmp_path, capsys):
     assert f"| {100 * summary['test_accuracy']:.2f} |" in row
     assert "(1 finished, 0 diverged, 26 missing)" in text and "`bp-depth2-seed0` has not finished." in text
     assert (page.parent / "figures" / "soft_alignment_mlp_curves.png").stat().st_size > 10_000
+
+
+def test_report_names_the_machine_of_each_row_only_when_runs_ran_on_several():
+    def run(rule, machine):
+        summary = {"test_accuracy": 0.5, "wall_time": 10.0, "alignment": {}}
+        return {"labels": {"rule": rule, "seed": 0}, "state": "done",
+                "summary": {**summary, **({"machine": machine} if machine else {})}}
+
+    one = report.table([run("bp", "CPU, 2 cores"), run("fa", "CPU, 2 cores")])
+    assert "machine" not in one[0] and one[2].endswith("| 10 |")
+    mixed = report.table([run("bp", "NVIDIA H100 80GB HBM3"), run("fa", None)])
+    assert mixed[0].endswith("| train time / run (s) | machine |")
+    assert mixed[2].endswith("| 10 | NVIDIA H100 80GB HBM3 |")
+    assert mixed[3].endswith("| 10 | not recorded |")
 
 
 def test_diverging_run_is_recorded_and_the_sweep_goes_on(fashion_dir, tmp_path, capsys):
