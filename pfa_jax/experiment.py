@@ -9,8 +9,9 @@ config asks, ``sharpness``, ``adversarial`` and ``noise``). ``wall_time`` is the
 epoch to the last one's checkpoint (the closing measurements not included); a resumed run counts the
 recorded epoch times of the epochs it restored, not the time lost to the interruption and the
 restart. ``machine`` (``machine()``) names the hardware of the process that finished the run. The
-progress bar shows the last epoch's train loss and accuracy and test accuracy (an epoch may be one
-compiled scan, so nothing finer is live).
+progress bar shows the last epoch's train loss and accuracy and test accuracy; where an epoch is a
+loop of steps (conv models on CPU, streamed data) an inner bar shows the live train loss and
+accuracy every 10 steps (a scanned epoch is one call, so nothing finer is live there).
 
 With ``noise_pretrain_steps`` the fresh state is first trained on noise
 (``pfa_jax.train.noise_pretrain``); ``augment`` is applied to every training batch.

@@ -2,10 +2,12 @@
 
 * ``InMemory``: a ``pfa_jax.data.Dataset`` held on the device; an epoch is
   ``pfa_jax.train.train_epoch`` (one compiled scan; for conv models on CPU one compiled step per
-  batch), evaluation ``pfa_jax.train.evaluate``;
+  batch, with a step progress bar), evaluation ``pfa_jax.train.evaluate``;
 * ``Streamed``: a ``pfa_jax.streaming.StreamedDataset`` (ImageNet); an epoch is a Python loop of one
-  jitted ``train_step`` (state donated) per prefetched batch, evaluation a loop of jitted
-  ``eval_step``.
+  jitted ``train_step`` (state donated) per prefetched batch, with a step progress bar, evaluation a
+  loop of jitted ``eval_step``.
+
+A step progress bar shows the live train loss and accuracy every 10 steps.
 
 Both give ``num_train``, ``sample()`` (one image for initialisation), ``heldout(n)`` (the first ``n``
 test images and labels), ``train_epoch(state, key, epoch, progress)`` -> ``(state, per-step
@@ -49,10 +51,14 @@ class InMemory:
         return self.dataset.test_images[:count], self.dataset.test_labels[:count]
 
     def train_epoch(self, state, key, epoch: int, progress: bool):
-        del epoch, progress  # the key alone sets the epoch's order and augmentation
+        """The key alone sets the epoch's order and augmentation; ``progress`` shows a step bar
+        where the epoch is a loop of steps (not a scan)."""
         if self._train is None:
             self._train = jnp.asarray(self.dataset.train_images), jnp.asarray(self.dataset.train_labels)
-        return train.train_epoch(state, *self._train, key, self.config.batch_size, self.config.augment)
+        stepped = train.resolve_loop("auto", state) == "steps"
+        with _StepBar(epoch, self.num_train // self.config.batch_size, progress and stepped) as bar:
+            return train.train_epoch(state, *self._train, key, self.config.batch_size,
+                                     self.config.augment, on_step=bar)
 
     def evaluate(self, state) -> dict:
         return train.evaluate(state, self.dataset.test_images, self.dataset.test_labels,
@@ -60,6 +66,27 @@ class InMemory:
 
     def closing(self) -> data.Dataset:
         return self.dataset
+
+
+class _StepBar:
+    """A progress bar over an epoch's steps, called as ``bar(i, metrics)`` after step ``i``; every
+    ``every`` steps it shows that step's train loss and accuracy (reading them waits for the step)."""
+
+    def __init__(self, epoch: int, total: int, show: bool, every: int = 10):
+        self.bar = tqdm(total=total, desc=f"epoch {epoch + 1}", leave=False, disable=not show)
+        self.every = every
+
+    def __call__(self, i: int, metrics: dict) -> None:
+        self.bar.update(1)
+        if not self.bar.disable and i % self.every == 0:
+            self.bar.set_postfix(loss=f"{float(metrics['loss']):.4f}",
+                                 acc=f"{100 * float(metrics['accuracy']):.2f}%")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.bar.close()
 
 
 _train_step = jax.jit(train.train_step, donate_argnums=(0,))
@@ -96,11 +123,12 @@ class Streamed:
         del key  # the batches come from (seed, epoch); the state carries its own key
         steps = []
         batches = self.dataset.train_batches(self.config.batch_size, self.config.seed, epoch)
-        with contextlib.closing(batches):
-            for batch in tqdm(_on_device(batches), desc=f"epoch {epoch + 1}", leave=False,
-                              total=self.num_train // self.config.batch_size, disable=not progress):
+        total = self.num_train // self.config.batch_size
+        with contextlib.closing(batches), _StepBar(epoch, total, progress) as bar:
+            for i, batch in enumerate(_on_device(batches)):
                 state, step = _train_step(state, batch)
                 steps.append(step)
+                bar(i, step)
         return state, train.stack_steps(steps)
 
     def evaluate(self, state) -> dict:

@@ -22,6 +22,7 @@ convention); a model with an ``axis_name`` field gets it set under ``pmap``.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -223,10 +224,12 @@ def _epoch_scan(state, images, labels, order, augment_key, augment: str):
 
 
 def train_epoch(state: TrainState, images, labels, key, batch_size: int, augment: str = "none",
-                loop: str = "auto"):
+                loop: str = "auto", on_step: Callable[[int, dict], None] | None = None):
     """One shuffled epoch of ``train_step`` (drops the last partial batch); ``augment`` names a
     ``pfa_jax.augment`` recipe applied to each batch; ``loop`` as in ``resolve_loop``. ``state`` is
     donated. Returns the state and per-step metrics (arrays of length ``len(images) // batch_size``).
+    ``on_step(i, metrics)`` is called after each step of the ``"steps"`` loop (a progress bar; the
+    scan's steps run inside one call, so it is not called there).
     """
     pfa_augment.check(augment)
     loop = resolve_loop(loop, state)
@@ -242,6 +245,8 @@ def train_epoch(state: TrainState, images, labels, key, batch_size: int, augment
     for i in range(steps):
         state, metrics = _epoch_step(state, images, labels, order[i], i, augment_key, augment)
         per_step.append(metrics)
+        if on_step is not None:
+            on_step(i, metrics)
     return state, stack_steps(per_step)
 
 

@@ -1,5 +1,6 @@
 """The ``pfa-jax`` command end to end on a small generated Fashion-MNIST directory."""
 import json
+import re
 
 import pytest
 from test_data import make_fashion_dir
@@ -134,3 +135,14 @@ def test_resume_ends_with_the_metrics_of_an_uninterrupted_run(fashion_dir, tmp_p
 def test_resume_errors(argv, message, capsys):
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model, stepped", [("lenet", True), ("ffn2", False)])
+def test_a_stepped_epoch_shows_a_live_step_bar(fashion_dir, tmp_path, capsys, model, stepped):
+    """On CPU a conv model's epoch is a loop of steps: an inner bar shows the live train loss. An
+    MLP's epoch is one scan, so it has no step bar."""
+    assert cli.main(["train", "--model", model, "--epochs", "1", "--batch-size", "32",
+                     "--set", f"data_dir={fashion_dir}", "--out", str(tmp_path / "run")]) == 0
+    step_bar = re.search(r"epoch 1: .*\| \d/8 .*acc=\d+\.\d\d%, loss=\d+\.\d{4}",
+                         capsys.readouterr().err)
+    assert bool(step_bar) == stepped

@@ -251,16 +251,20 @@ def test_step_loop_and_scan_run_the_same_epoch_noise_pretraining_and_evaluation(
     rng = np.random.default_rng(3)
     images = jnp.asarray(rng.normal(size=(48, 8, 8, 1)).astype(np.float32))
     labels = jnp.asarray(rng.integers(0, 4, 48).astype(np.int32))
-    results = {}
+    results, seen = {}, {"scan": [], "steps": []}
     for loop in ("scan", "steps"):
         state, noise = train.noise_pretrain(small_resnet_state(), jax.random.key(5), 3, 8, 4,
                                             loop=loop)
         state, steps = train.train_epoch(state, images, labels, jax.random.key(1), 16,
-                                         augment="crop_flip", loop=loop)
+                                         augment="crop_flip", loop=loop,
+                                         on_step=lambda i, m: seen[loop].append((i, m["loss"])))
         results[loop] = (state.params, state.feedback, state.batch_stats, int(state.step), noise,
                          steps, train.evaluate(state, images, labels, batch_size=20, loop=loop))
     assert results["steps"][3] == 3 and results["steps"][5]["loss"].shape == (3,)
     chex.assert_trees_all_close(results["steps"], results["scan"], rtol=1e-4, atol=1e-5)
+    # on_step follows the step loop (a progress bar); the scan's steps run inside one call.
+    assert [i for i, _ in seen["steps"]] == [0, 1, 2] and seen["scan"] == []
+    np.testing.assert_array_equal([loss for _, loss in seen["steps"]], results["steps"][5]["loss"])
 
 
 def test_an_unknown_loop_is_refused_with_the_choices():
