@@ -55,10 +55,11 @@ class InMemory:
         where the epoch is a loop of steps (not a scan)."""
         if self._train is None:
             self._train = jnp.asarray(self.dataset.train_images), jnp.asarray(self.dataset.train_labels)
-        stepped = train.resolve_loop("auto", state) == "steps"
-        with _StepBar(epoch, self.num_train // self.config.batch_size, progress and stepped) as bar:
+        loop = train.resolve_loop("auto", state)
+        total = self.num_train // self.config.batch_size
+        with _StepBar(epoch, total, progress and loop == "steps") as bar:
             return train.train_epoch(state, *self._train, key, self.config.batch_size,
-                                     self.config.augment, on_step=bar)
+                                     self.config.augment, loop=loop, on_step=bar)
 
     def evaluate(self, state) -> dict:
         return train.evaluate(state, self.dataset.test_images, self.dataset.test_labels,
