@@ -18,11 +18,12 @@ state. Per layer, angles in degrees:
 * ``corruption(state, batches, sigmas)``: accuracy under additive Gaussian noise.
 
 The true quantities (gradients, Hessian, input gradients) are plain autodiff of the same forward
-function: the state's model cloned with ``rule='bp'`` (``true_model``). This needs the model to have a
-``rule`` field, as every ``pfa_jax.models`` model does; since every rule leaves the forward pass
-identical to BP, the clone computes the same function with the same variables. Rule layers are
-found by what they hold, never by feedback names: a ``kernel`` in ``params`` and their output
-perturbation (``pfa_jax.nn.PERTURBATION``) in the ``perturbations`` collection.
+function: the state's model applied inside ``pfa_jax.nn.backprop()``, where every rule layer follows
+backprop; since every rule leaves the forward pass identical to BP, this is the same function with
+the same variables, for any linen model. Rule layers come from the state's layer table
+(``pfa_jax.layers``); a layer lifted by ``nn.scan`` / ``nn.vmap`` is reported once per slice,
+``path[i]``. Training-mode passes draw every RNG stream (dropout included) from the keys of the
+state's next train step (``pfa_jax.train.step_rngs``), the rule's pass and the true one alike.
 """
 from __future__ import annotations
 
@@ -36,12 +37,12 @@ import numpy as np
 from flax import traverse_util
 from jax.flatten_util import ravel_pytree
 
+from pfa_jax import layers as player
 from pfa_jax import nn as pnn
-from pfa_jax.train import apply_with_rule, cross_entropy, eval_step
+from pfa_jax.train import apply_with_rule, cross_entropy, eval_step, step_rngs
 
 ATTACKS = ("fgsm", "pgd")
 GRADIENTS = ("true", "rule")
-PERTURBATIONS = "perturbations"  # flax's collection for ``Module.perturb``
 
 
 def angle(a, b) -> jax.Array:
@@ -61,21 +62,9 @@ def _by_layer(tree, leaf: str) -> dict:
             if path[-1] == leaf}
 
 
-def true_model(model):
-    """``model`` with plain autodiff (``rule='bp'``) everywhere: the same forward function."""
-    if not hasattr(model, "rule"):
-        raise ValueError(f"{type(model).__name__} has no 'rule' field; the metrics compare a rule with "
-                         "backprop by cloning the model with rule='bp' (every pfa_jax.models model "
-                         "has one)")
-    return model.clone(rule="bp")
-
-
 def kernels_and_feedback(state) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """``{layer path: (K, F)}`` for every rule-following layer of the state's model."""
-    images = jnp.zeros((1,) + tuple(state.input_shape), jnp.float32)
-    _, captured = state.model.apply(state.variables(), images, train=False,
-                                    mutable=[pnn.EFFECTIVE_FEEDBACK])
-    return _by_layer(captured.get(pnn.EFFECTIVE_FEEDBACK, {}), "pair")
+    """``{layer: (K, F)}`` for every rule-following layer (slice) of the state's model."""
+    return player.kernels_and_feedback(state.layers, state.params, state.feedback)
 
 
 @jax.jit
@@ -86,24 +75,27 @@ def alignment(state) -> dict[str, dict[str, jax.Array]]:
 
 
 # -- gradient alignment -----------------------------------------------------------------------------
-def layer_gradients(model, state, batch, key) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """``{layer path: (dL/dK, dL/dy)}`` under ``model``'s backward pass, for every rule layer.
+def layer_gradients(state, batch, rngs) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """``{layer: (dL/dK, dL/dy)}`` under the backward pass in force (the rule's, or backprop's
+    inside ``pfa_jax.nn.backprop()``), for every rule layer (slice).
 
     ``L`` is the batch's mean cross-entropy of a training-mode forward pass (``apply_with_rule``),
-    ``y`` each layer's output: ``dL/dy`` is the gradient w.r.t. a zero ``perturbations`` collection.
+    ``y`` each layer's output: ``dL/dy`` is the gradient w.r.t. a zero ``perturbations`` collection
+    (a lifted layer needs ``perturbations`` among its lifted collections).
     """
     def loss(params, perturbations):
-        variables = {**state.variables(), "params": params, PERTURBATIONS: perturbations}
-        logits, _ = apply_with_rule(model, variables, batch["image"], True, key)
+        variables = {**state.variables(), "params": params, pnn.PERTURBATIONS: perturbations}
+        logits, _ = apply_with_rule(state.model, variables, batch["image"], True, rngs)
         return cross_entropy(logits, batch["label"]).mean()
 
     _, shapes = jax.eval_shape(functools.partial(
-        apply_with_rule, model, state.variables(), batch["image"], True, key, [PERTURBATIONS]))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[PERTURBATIONS])
+        apply_with_rule, state.model, state.variables(), batch["image"], True, rngs,
+        [pnn.PERTURBATIONS]))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[pnn.PERTURBATIONS])
     dparams, dperturbations = jax.grad(loss, argnums=(0, 1))(state.params, zeros)
-    kernels = _by_layer(dparams, "kernel")
-    return {path: (kernels[path], delta)
-            for path, delta in _by_layer(dperturbations, pnn.PERTURBATION).items()}
+    kernels, deltas = _by_layer(dparams, "kernel"), _by_layer(dperturbations, pnn.PERTURBATION)
+    return {name: (kernels[layer.path][index], deltas[layer.path][index])
+            for layer in state.layers for name, index in layer.slices(kernels[layer.path])}
 
 
 @jax.jit
@@ -113,14 +105,15 @@ def gradient_alignment(state, batch) -> dict[str, dict[str, jax.Array]]:
     ``{'grad_angle': angle(dK_rule, dL/dK), 'delta_angle': angle(g_rule, g_bp),
     'delta_norm_rule': ||g_rule||, 'delta_norm_bp': ||g_bp||}`` where ``dK`` is the kernel gradient,
     ``g = dL/dy`` the error reaching the layer's output (Frobenius norms over the batch, of the mean
-    loss) and the true values come from plain autodiff of the same forward pass (``true_model``).
-    Both passes are in training mode (see ``layer_gradients``) with the feedback key of the state's
-    next train step. The output layer receives the true error under every layer-wise rule, so its
-    angles are 0.
+    loss) and the true values come from plain autodiff of the same forward pass
+    (``pfa_jax.nn.backprop``). Both passes are in training mode (see ``layer_gradients``) with the
+    RNG keys of the state's next train step (the same dropout masks). The output layer receives the
+    true error under every layer-wise rule, so its angles are 0.
     """
-    key = jax.random.fold_in(state.rng, state.step)
-    rule = layer_gradients(state.model, state, batch, key)
-    true = layer_gradients(true_model(state.model), state, batch, key)
+    rngs = step_rngs(state)
+    rule = layer_gradients(state, batch, rngs)
+    with pnn.backprop():
+        true = layer_gradients(state, batch, rngs)
     return {path: {"grad_angle": angle(dk, true[path][0]), "delta_angle": angle(g, true[path][1]),
                    "delta_norm_rule": jnp.linalg.norm(g),
                    "delta_norm_bp": jnp.linalg.norm(true[path][1])}
@@ -157,16 +150,17 @@ def hessian_vector_product(state, batch, vector) -> jax.Array:
     """``H v`` for the batch's mean loss, ``H`` the Hessian w.r.t. ``params`` flattened
     (``jax.flatten_util.ravel_pytree`` order), of the true model in eval mode (BatchNorm with running
     statistics), as forward-over-reverse ``jvp(grad(L))``."""
-    model = true_model(state.model)
     flat, unravel = ravel_pytree(state.params)
 
     def grad(flat_params):
         def loss(params):
-            logits = model.apply({**state.variables(), "params": params}, batch["image"], train=False)
+            logits = state.model.apply({**state.variables(), "params": params}, batch["image"],
+                                       train=False)
             return cross_entropy(logits, batch["label"]).mean()
         return ravel_pytree(jax.grad(loss)(unravel(flat_params)))[0]
 
-    return jax.jvp(grad, (flat,), (vector.astype(flat.dtype),))[1]
+    with pnn.backprop():
+        return jax.jvp(grad, (flat,), (vector.astype(flat.dtype),))[1]
 
 
 def sharpness(state, batches, key=None, *, iterations: int = 100, tolerance: float = 1e-3,
@@ -227,13 +221,14 @@ def _clip(x, lower, upper):
 def input_gradient(state, images, labels, key, gradient: str = "true") -> jax.Array:
     """``d(sum of losses)/d images`` in eval mode: of the true model (``"true"``) or through the rule's
     own backward pass (``"rule"``, a diagnostic: it is not the gradient of the function attacked)."""
-    model = true_model(state.model) if gradient == "true" else state.model
-
     def loss(x):
-        logits, _ = apply_with_rule(model, state.variables(), x, False, key)
+        logits, _ = apply_with_rule(state.model, state.variables(), x, False, {"feedback": key})
         return cross_entropy(logits, labels).sum()
 
-    return jax.grad(loss)(images)
+    if gradient == "rule":
+        return jax.grad(loss)(images)
+    with pnn.backprop():
+        return jax.grad(loss)(images)
 
 
 @functools.partial(jax.jit, static_argnames=("attack", "steps", "gradient"))

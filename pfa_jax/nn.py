@@ -14,38 +14,72 @@ A layer's ``rule`` is a ``Rule``, a rule name, or a mapping from layer paths to 
 its module path in the model joined by ``/`` (``'stage1_block0/conv0'``), the same as its key path in
 the ``params`` tree. ``check_rule_map`` verifies every path in a mapping names a real layer.
 
-``model.init`` also returns a ``plasticity`` collection mirroring ``feedback`` (``OPTIMIZED`` where the
-optimizer steps the array, e.g. KP's ``B`` and PFA's ``R``; ``MIRRORED`` for weight-mirror ``B``;
-``FIXED`` otherwise); ``pfa_jax.train.create_train_state`` uses it to keep fixed feedback fixed and
-drops it. ``model.apply`` never needs it. Applied with an RNG stream ``mirror`` (or
-``mirror_warmup``) and ``feedback`` mutable, weight-mirror layers take their mirror steps.
+``dtype`` and ``param_dtype`` have Flax's meaning: ``kernel``, ``bias`` and the feedback arrays are
+stored in ``param_dtype`` (default float32); the layer's computation, and the rule's backward pass,
+run in ``dtype`` (default: inferred from the input and the parameters, as ``flax.linen.Dense``). The
+gradients of the stored arrays come back in ``param_dtype``.
+
+``model.init`` returns only what a user carries between steps: ``params``, ``feedback`` (and the
+model's own collections, e.g. ``batch_stats``). How each feedback array learns (plastic, fixed,
+mirrored) is a property of the layer's rule and is derived from the layer paths (``pfa_jax.layers``),
+never stored in the variables.
 
 DFA layers (``pfa_jax.rules.direct_feedback``) sow a zero "tap" ``(n, classes)`` into the
 ``error_taps`` collection when it is mutable; the model adds the taps to its logits (``add_taps``), so
-the output error reaches every DFA layer in the one backward pass. Applied with the
-``effective_feedback`` collection mutable, each layer sows ``(kernel, F)`` for the metrics. Each
-layer's output passes through ``self.perturb('output', y)``: gradients w.r.t. the ``perturbations``
-collection are the errors ``dL/dy`` reaching every layer (under the rule), also for the metrics.
+the output error reaches every DFA layer in the one backward pass. Differentiating a DFA layer whose
+tap was not added to the logits is an error (not a zero gradient). Each layer's output passes through
+``self.perturb('output', y)`` (not at init): gradients w.r.t. a ``perturbations`` collection given to
+``apply`` are the errors ``dL/dy`` reaching every layer under the rule (``pfa_jax.metrics``).
+
+Inside ``with backprop():`` every layer follows plain autodiff (rule ``'bp'``): the same forward
+function with the true gradients, which the metrics compare the rule with.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
 from pfa_jax import rules
 
 RuleSpec = Any  # Rule | str | Mapping[str, Rule | str]
 DEFAULT = "default"
-PLASTICITY = "plasticity"  # init-only collection: how each feedback array learns (codes below)
-FIXED, OPTIMIZED, MIRRORED = 0, 1, 2
 TAPS = "error_taps"  # output-error taps of DFA layers, sown when this collection is mutable
-MIRROR, MIRROR_WARMUP = "mirror", "mirror_warmup"  # RNG streams that ask for mirror steps
-EFFECTIVE_FEEDBACK = "effective_feedback"  # filled only when applied with this collection mutable
+PERTURBATIONS = "perturbations"  # flax's collection for ``Module.perturb``
 PERTURBATION = "output"  # name of each layer's zero perturbation (flax ``perturb``) on its output
+
+_BACKPROP = contextvars.ContextVar("pfa_jax_backprop", default=False)
+_RECORDER = contextvars.ContextVar("pfa_jax_layer_recorder", default=None)
+
+
+@contextlib.contextmanager
+def backprop():
+    """Inside this context every pfa_jax layer follows plain autodiff (rule ``'bp'``): the same
+    forward function as under any rule, with the true gradients. Enter it inside the traced function
+    (as ``pfa_jax.metrics`` does)."""
+    token = _BACKPROP.set(True)
+    try:
+        yield
+    finally:
+        _BACKPROP.reset(token)
+
+
+@contextlib.contextmanager
+def recording(records: dict):
+    """Inside this context every pfa_jax layer that runs records ``records[path] = (rule, kernel
+    rank at the call)``: how ``pfa_jax.layers.table`` finds a model's layers (under ``nn.scan`` or
+    ``nn.vmap`` the stored kernel has more axes than the call sees)."""
+    token = _RECORDER.set(records)
+    try:
+        yield
+    finally:
+        _RECORDER.reset(token)
 
 
 def resolve_rule(spec: RuleSpec, path: str) -> rules.Rule:
@@ -76,11 +110,11 @@ def add_taps(module: nn.Module, logits):
     """``logits`` plus every DFA tap sown below ``module`` (zeros, so the forward value is unchanged;
     in the backward pass each tap receives ``e = dL/dlogits``). Call it on the logits at the end of a
     top-level model's ``__call__``; ``pfa_jax.models`` do."""
-    if not module.is_mutable_collection(TAPS):
+    if not module.is_mutable_collection(TAPS) or module.is_initializing():
         return logits
     for tap in jax.tree.leaves(module.variables.get(TAPS, {})):
-        logits = logits + tap
-    module.sow(TAPS, "consumed", True)
+        # a layer lifted by nn.scan / nn.vmap sows one tap per slice along leading axes
+        logits = logits + tap.reshape((-1,) + logits.shape).sum(0)
     return logits
 
 
@@ -106,57 +140,54 @@ def check_rule_map(spec: RuleSpec, params) -> None:
 
 
 class _RuleLayer(nn.Module, kw_only=True):
-    """Shared fields (keyword-only) and plumbing: the layer's rule, its feedback variables and its
-    per-step key."""
+    """Shared fields (keyword-only) and plumbing: the layer's rule, its feedback variables, its
+    dtypes and its per-step key."""
 
     rule: RuleSpec = "bp"
     use_bias: bool = True
     kernel_init: Callable | None = None
     bias_init: Callable = nn.initializers.zeros
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     def layer_rule(self) -> rules.Rule:
+        if _BACKPROP.get():
+            return rules.get("bp")
         return resolve_rule(self.rule, "/".join(self.scope.path))
 
     def feedback(self, rule: rules.Rule, kernel) -> dict:
         if self.is_initializing():
             for name, value in rule.init_feedback(self.make_rng("params"), kernel).items():
-                code = OPTIMIZED if name in rule.plastic else MIRRORED if name in rule.mirrored else FIXED
                 self.variable("feedback", name, lambda v=value: v)
-                self.variable(PLASTICITY, name, lambda c=code: jnp.asarray(c))
-        feedback = dict(self.variables.get("feedback", {}))
-        for stream in (MIRROR, MIRROR_WARMUP):
-            if rule.mirrored and self.has_rng(stream) and self.is_mutable_collection("feedback"):
-                feedback = rule.mirror(self.make_rng(stream), kernel, feedback,
-                                       warmup=stream == MIRROR_WARMUP)
-                for name in rule.mirrored:
-                    self.put_variable("feedback", name, feedback[name])
-        return feedback
-
-    def report(self, rule: rules.Rule, kernel, feedback) -> None:
-        """Sows ``(K, F)`` when ``effective_feedback`` is mutable (``pfa_jax.metrics`` asks)."""
-        if self.is_mutable_collection(EFFECTIVE_FEEDBACK) and not self.is_initializing():
-            effective = rule.effective_feedback(kernel, feedback)
-            if effective is not None:
-                self.sow(EFFECTIVE_FEEDBACK, "pair", (kernel, effective), reduce_fn=lambda _, new: new)
+        return dict(self.variables.get("feedback", {}))
 
     def feedback_key(self, rule: rules.Rule):
         if rule.needs_key and self.has_rng("feedback"):
             return self.make_rng("feedback")
         return None
 
-    def linear(self, kernel_shape, apply):
-        """Creates kernel and feedback, returns ``apply(rule, kernel, feedback, key)`` plus bias."""
+    def linear(self, x, kernel_shape, apply):
+        """Creates kernel, feedback and bias; returns ``apply(rule, x, kernel, feedback, key)`` plus
+        bias, computed in ``dtype``."""
         rule = self.layer_rule()
-        kernel = self.param("kernel", self.kernel_init or rule.kernel_init(), kernel_shape)
+        kernel = self.param("kernel", self.kernel_init or rule.kernel_init(), kernel_shape,
+                            self.param_dtype)
         feedback = self.feedback(rule, kernel)
-        self.report(rule, kernel, feedback)
-        y = apply(rule, kernel, feedback, self.feedback_key(rule))
+        records = _RECORDER.get()
+        if records is not None:
+            records["/".join(self.scope.path)] = (rule, len(kernel_shape))
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        feedback = {name: jnp.asarray(value, kernel.dtype) for name, value in feedback.items()}
+        y = apply(rule, x, kernel, feedback, self.feedback_key(rule))
         if rule.output_error:
             y, tap = y
-            self.sow(TAPS, "tap", tap)
-        if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,), y.dtype)
-        return self.perturb(PERTURBATION, y)
+            if not self.is_initializing():
+                self.sow(TAPS, "tap", tap)
+        if bias is not None:
+            y = y + bias
+        return y if self.is_initializing() else self.perturb(PERTURBATION, y)
 
 
 class Dense(_RuleLayer):
@@ -166,8 +197,8 @@ class Dense(_RuleLayer):
 
     @nn.compact
     def __call__(self, x):
-        return self.linear((x.shape[-1], self.features),
-                           lambda rule, kernel, feedback, key: rule.dense(x, kernel, feedback, key))
+        return self.linear(x, (x.shape[-1], self.features),
+                           lambda rule, x, kernel, feedback, key: rule.dense(x, kernel, feedback, key))
 
 
 class Conv(_RuleLayer):
@@ -194,6 +225,6 @@ class Conv(_RuleLayer):
             raise ValueError(f"Conv: {x.shape[-1]} input channels are not divisible by "
                              f"feature_group_count={self.feature_group_count}")
         shape = window + (x.shape[-1] // self.feature_group_count, self.features)
-        return self.linear(shape, lambda rule, kernel, feedback, key: rule.conv(
+        return self.linear(x, shape, lambda rule, x, kernel, feedback, key: rule.conv(
             x, kernel, feedback, key, strides=self.strides, padding=self.padding,
             kernel_dilation=self.kernel_dilation, feature_group_count=self.feature_group_count))

@@ -1,4 +1,10 @@
-"""Optimizers with per-epoch multi-step schedules of the learning rate and the weight decay.
+"""The papers' optimizers as optax transformations, with per-epoch multi-step schedules of the
+learning rate and the weight decay; and how ``create_train_state`` takes any optimizer.
+
+``pfa_jax.train.create_train_state`` takes any ``optax.GradientTransformation`` (a chain with
+clipping, schedules as callables, ``optax.inject_hyperparams``), or an ``OptimizerConfig`` / mapping /
+``ConfigDict``, which ``build`` turns into one transformation (built once; nothing else of the
+description is kept).
 
 The papers train with SGD, momentum 0.9 and *coupled* weight decay (PyTorch's ``weight_decay``):
 
@@ -14,8 +20,11 @@ turns them into steps.
 ``name``: ``'sgd'`` (above; ``nesterov`` optional), ``'adam'`` (coupled decay added to the gradient
 before Adam) or ``'adamw'`` (decoupled: ``w <- w - lr (adam(g) + wd w)``).
 
+The built transformation is ``optax.inject_hyperparams``-wrapped, so its optimizer state holds the
+learning rate and weight decay of every step (``hyperparameters``), which ``train_step`` logs.
+
 Plastic feedback (KP's ``B``, PFA's ``R``) is stepped by the same optimizer unless ``feedback`` gives
-overrides, e.g. ``feedback={'weight_decay': 0.0}``. Fixed feedback is never changed.
+overrides, e.g. ``feedback={'weight_decay': 0.0}``. Fixed feedback is never given to the optimizer.
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -118,22 +128,53 @@ class OptimizerConfig:
                           self.steps_per_epoch))
 
     def transformation(self) -> optax.GradientTransformation:
+        """The optax transformation, with ``learning_rate`` and ``weight_decay`` injected
+        (``optax.inject_hyperparams``) from their schedules."""
+        def make(learning_rate, weight_decay):
+            decay = optax.add_decayed_weights(weight_decay)
+            if self.name == "sgd":
+                body = [decay, optax.trace(decay=self.momentum, nesterov=self.nesterov)]
+            elif self.name == "adam":
+                body = [decay, optax.scale_by_adam(self.b1, self.b2, self.eps)]
+            else:
+                body = [optax.scale_by_adam(self.b1, self.b2, self.eps), decay]
+            return optax.chain(*body, optax.scale_by_learning_rate(learning_rate))
+
         lr, wd = self.schedules()
-        decay = optax.add_decayed_weights(wd)
-        if self.name == "sgd":
-            body = [decay, optax.trace(decay=self.momentum, nesterov=self.nesterov)]
-        elif self.name == "adam":
-            body = [decay, optax.scale_by_adam(self.b1, self.b2, self.eps)]
-        else:
-            body = [optax.scale_by_adam(self.b1, self.b2, self.eps), decay]
-        return optax.chain(*body, optax.scale_by_learning_rate(lr))
+        return optax.inject_hyperparams(make)(learning_rate=lr, weight_decay=wd)
 
 
-def make_optimizer(config: OptimizerConfig, labels) -> optax.GradientTransformation:
-    """One transformation over ``{'params', 'feedback'}`` trees labelled ``'params'``, ``'feedback'``
-    (plastic feedback) or ``'frozen'`` (fixed feedback: its update is exactly zero)."""
-    return optax.multi_transform(
-        {"params": config.transformation(),
-         "feedback": (config.feedback or config).transformation(),
-         "frozen": optax.set_to_zero()},
-        labels)
+def build(optimizer=None, feedback=None, **overrides
+          ) -> tuple[optax.GradientTransformation, optax.GradientTransformation | None]:
+    """``(tx, feedback_tx)`` from what ``create_train_state`` is given.
+
+    ``optimizer``: an ``optax.GradientTransformation`` (used as it is), or an ``OptimizerConfig``,
+    mapping or ``ConfigDict`` (``OptimizerConfig.create(optimizer, **overrides)``; its ``feedback``
+    overrides, if any, become ``feedback_tx``), or ``None`` (the default ``OptimizerConfig``).
+    ``feedback``: a separate transformation for plastic feedback (``None``: ``tx`` steps it too).
+    """
+    if isinstance(optimizer, optax.GradientTransformation):
+        if overrides:
+            raise ValueError(f"optimizer options {sorted(overrides)} apply to an OptimizerConfig, "
+                             "not to an optax transformation; build them into the transformation")
+        return optimizer, feedback
+    config = OptimizerConfig.create(optimizer, **overrides)
+    if feedback is None and config.feedback is not None:
+        feedback = config.feedback.transformation()
+    return config.transformation(), feedback
+
+
+def hyperparameters(opt_state) -> dict:
+    """The hyper-parameters an optimizer state holds for its last step: those of every
+    ``optax.inject_hyperparams`` state in it, e.g. ``{'learning_rate': ..., 'weight_decay': ...}``.
+
+    Where several injected states name the same hyper-parameter, the first (in tree order) is kept.
+    Hyper-parameters that are not injected are unknown and are not reported.
+    """
+    injected = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+    found = {}
+    for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, injected)):
+        if isinstance(node, injected):
+            for name, value in node.hyperparams.items():
+                found.setdefault(name, value)
+    return found

@@ -1,11 +1,21 @@
 """Training state and pure steps: ``create_train_state``, ``train_step``, ``eval_step``, compiled epochs,
 and data parallelism.
 
-One step is one ``jax.value_and_grad`` of the mean cross-entropy over ``(params, feedback)``; the rules'
-custom VJPs make the feedback gradients their feedback-learning signals. Both are stepped by one optax
-transformation (``pfa_jax.optim``) that leaves fixed feedback bit-identical. Weight-mirror feedback
-is stepped by ``mirror`` instead: a mirroring phase in ``create_train_state`` and mirror steps after
-every training step. DFA layers get the output error through taps the model adds to its logits.
+One step is one ``jax.value_and_grad`` of the mean cross-entropy over ``(params, plastic feedback)``;
+the rules' custom VJPs make the feedback gradients their feedback-learning signals. The state's
+optimizer ``tx`` (any ``optax.GradientTransformation``, or the papers' ``OptimizerConfig``, see
+``pfa_jax.optim``) steps ``params``; plastic feedback (KP's ``B``, PFA's ``R``) is stepped by
+``feedback_tx``, which is ``tx`` itself (a separate state of it) unless another is given. Fixed
+feedback is never given to an optimizer, so it stays bit-identical whatever ``tx`` does (clipping,
+decoupled decay, Adam). Weight-mirror feedback is stepped by ``mirror`` instead: a mirroring phase in
+``create_train_state`` and mirror steps after every training step. Which array is which comes from
+the model's layer table (``pfa_jax.layers``). DFA layers get the output error through taps the model
+adds to its logits.
+
+Any linen model called as ``model.apply(variables, images, train=bool)`` works: RNG streams other
+than ``params`` (e.g. ``dropout``) get a fresh key every step, derived from the state's key and step
+per stream (``step_rngs``); a model with an ``axis_name`` field gets it set under ``pmap``. Logged
+hyper-parameters come from the optimizer state (``optax.inject_hyperparams``) where it has them.
 
 Data parallel, two ways, same numbers as one device:
 
@@ -15,16 +25,16 @@ Data parallel, two ways, same numbers as one device:
   devices too (the model is cloned with ``axis_name``), so it equals one big batch.
 * ``jax.jit(train_step)`` with the batch sharded over a device mesh (``shard_batch``, a
   ``NamedSharding`` over axis ``"batch"``) and the state replicated: XLA partitions the same program.
-
-Models are called as ``model.apply(variables, images, train=bool)`` (the ``pfa_jax.models``
-convention); a model with an ``axis_name`` field gets it set under ``pmap``.
 """
 from __future__ import annotations
 
 import functools
+import re
+import zlib
 from collections.abc import Callable
 from typing import Any
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -35,10 +45,12 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pfa_jax import augment as pfa_augment
+from pfa_jax import layers as player
 from pfa_jax import nn as pnn
-from pfa_jax.optim import OptimizerConfig, make_optimizer
+from pfa_jax.optim import build, hyperparameters
 
 AXIS = "batch"
+FEEDBACK_STREAM = "feedback"  # the RNG stream of rules that redraw feedback every step (brsf)
 
 
 class TrainState(struct.PyTreeNode):
@@ -46,61 +58,100 @@ class TrainState(struct.PyTreeNode):
     params: Any
     feedback: Any
     batch_stats: Any
-    opt_state: Any
+    opt_state: Any  # {'params': tx state, 'feedback': feedback_tx state}
     rng: jax.Array
     model: nn.Module = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
-    config: OptimizerConfig = struct.field(pytree_node=False)
+    feedback_tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    layers: player.Table = struct.field(pytree_node=False, default=())
+    rng_streams: tuple[str, ...] = struct.field(pytree_node=False, default=())
     input_shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
-    mirrored: bool = struct.field(pytree_node=False, default=False)  # has weight-mirror feedback
 
     def variables(self) -> dict:
         return {"params": self.params, "feedback": self.feedback, "batch_stats": self.batch_stats}
 
+    @property
+    def mirrored(self) -> bool:
+        """Whether the model has weight-mirror layers."""
+        return any(layer.rule.mirrored for layer in self.layers)
 
-def create_train_state(key: jax.Array, model: nn.Module, sample_batch, optimizer_config=None
-                       ) -> TrainState:
+    def plastic_feedback(self) -> dict:
+        """The feedback arrays the optimizer steps."""
+        return player.select(self.feedback, player.feedback_labels(self.layers, self.feedback),
+                             player.PLASTIC)
+
+    def init_opt_state(self) -> dict:
+        return {"params": self.tx.init(self.params),
+                "feedback": self.feedback_tx.init(self.plastic_feedback())}
+
+
+def _stream_names(model, variables, images, streams: list[str]) -> tuple[str, ...]:
+    """The RNG streams a training-mode ``model.apply`` asks for, found by tracing it (shapes only):
+    ``streams`` plus each one flax reports missing."""
+    for _ in range(16):
+        try:
+            jax.eval_shape(lambda: apply_with_rule(model, variables, images, True, {
+                name: jax.random.key(0) for name in (FEEDBACK_STREAM, *streams)}))
+            return tuple(sorted(streams))
+        except flax.errors.InvalidRngError as error:
+            missing = re.search(r'needs PRNG for "([^"]+)"', str(error))
+            if missing is None or missing.group(1) in streams:
+                raise ValueError(f"the model asks for an RNG stream in training mode ({error}); "
+                                 "pass rng_streams=('name', ...) to create_train_state") from None
+            streams = [*streams, missing.group(1)]
+    raise ValueError(f"the model asks for more than 16 RNG streams: {streams}")
+
+
+def create_train_state(key: jax.Array, model: nn.Module, sample_batch, tx=None, *,
+                       feedback_tx: optax.GradientTransformation | None = None,
+                       rng_streams: tuple[str, ...] | None = None) -> TrainState:
     """Initialises ``model`` on ``sample_batch`` (a batch dict with ``'image'``, or an image array).
 
-    ``optimizer_config``: an ``OptimizerConfig``, a mapping or a ConfigDict (see ``pfa_jax.optim``).
+    ``tx``: any ``optax.GradientTransformation`` for ``params`` (it sees the params tree as it is),
+    or an ``OptimizerConfig`` / mapping / ConfigDict (``pfa_jax.optim.build``), or ``None`` (the
+    default SGD). ``feedback_tx``: the transformation of plastic feedback (``None``: ``tx``, with a
+    state of its own). ``rng_streams``: the RNG streams a training-mode forward pass draws from
+    besides ``feedback`` (e.g. ``('dropout',)``); ``None`` finds them by tracing the model.
+    Weight-mirror layers then take their mirroring phase.
     """
-    config = OptimizerConfig.create(optimizer_config)
-    images = sample_batch["image"] if isinstance(sample_batch, dict) else sample_batch
+    tx, feedback_tx = build(tx, feedback_tx)
+    images = jnp.asarray(sample_batch["image"] if isinstance(sample_batch, dict) else sample_batch)
     init_key, feedback_key, state_key = jax.random.split(key, 3)
-    variables = jax.jit(functools.partial(model.init, train=False))(
-        {"params": init_key, "feedback": feedback_key}, jnp.asarray(images))
+    rngs = {"params": init_key, FEEDBACK_STREAM: feedback_key}
+    variables = jax.jit(functools.partial(model.init, train=False))(rngs, images)
     params = variables["params"]
     pnn.check_rule_map(getattr(model, "rule", None), params)
-    feedback = variables.get("feedback", {})
-    plastic = variables.get(pnn.PLASTICITY, {})
-    labels = {"params": jax.tree.map(lambda _: "params", params),
-              "feedback": jax.tree.map(lambda c: "feedback" if c == pnn.OPTIMIZED else "frozen",
-                                       plastic)}
-    tx = make_optimizer(config, labels)
+    table = player.table(model, images, rngs=rngs, train=False)
+    batch_stats = variables.get("batch_stats", {})
+    carried = {"params": params, "feedback": variables.get("feedback", {}),
+               "batch_stats": batch_stats}
+    streams = (tuple(sorted(rng_streams)) if rng_streams is not None
+               else _stream_names(model, carried, images, []))
     state = TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, feedback=feedback,
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init({"params": params, "feedback": feedback}),
-        rng=state_key, model=model, tx=tx, config=config, input_shape=tuple(images.shape[1:]),
-        mirrored=any(c == pnn.MIRRORED for c in jax.tree.leaves(plastic)))
+        step=jnp.zeros((), jnp.int32), params=params, feedback=carried["feedback"],
+        batch_stats=batch_stats, opt_state=None, rng=state_key, model=model, tx=tx,
+        feedback_tx=feedback_tx or tx, layers=table, rng_streams=streams,
+        input_shape=tuple(images.shape[1:]))
+    state = state.replace(opt_state=state.init_opt_state())
     if state.mirrored:
         state = jax.jit(mirror, static_argnames="warmup")(state, warmup=True)
     return state
 
 
 def mirror(state: TrainState, warmup: bool = False) -> TrainState:
-    """Weight-mirror layers take their mirror steps (``warmup``: the initial mirroring phase).
-
-    Each step feeds noise through the layer's own kernel (``pfa_jax.rules.weight_mirror``), drawn
-    from a key derived from ``state.rng`` and ``state.step`` (so repeated calls at one step repeat
-    the same noise); the model's forward pass on one zero image only carries the layers there and
-    is otherwise unused.
-    """
+    """Weight-mirror layers take their mirror steps (``warmup``: the initial mirroring phase), with
+    noise from a key derived from ``state.rng`` and ``state.step`` (``pfa_jax.layers.mirror``)."""
     key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
-    images = jnp.zeros((1,) + tuple(state.input_shape), jnp.float32)
-    _, updates = state.model.apply(state.variables(), images, train=False, mutable=["feedback"],
-                                   rngs={pnn.MIRROR_WARMUP if warmup else pnn.MIRROR: key})
-    return state.replace(feedback=updates["feedback"])
+    return state.replace(feedback=player.mirror(state.layers, state.params, state.feedback, key,
+                                                warmup))
+
+
+def step_rngs(state: TrainState) -> dict:
+    """The RNG keys of the state's next train step: ``feedback`` from ``fold_in(rng, step)``, every
+    other stream of ``state.rng_streams`` from that key folded with ``crc32(name)``."""
+    key = jax.random.fold_in(state.rng, state.step)
+    return {FEEDBACK_STREAM: key,
+            **{name: jax.random.fold_in(key, zlib.crc32(name.encode())) for name in state.rng_streams}}
 
 
 def cross_entropy(logits, labels):
@@ -118,23 +169,20 @@ def _bound(axis_name: str | None) -> bool:
     return True
 
 
-def apply_with_rule(model, variables, images, train: bool, key, collections=()):
+def apply_with_rule(model, variables, images, train: bool, rngs: dict, collections=()):
     """``model.apply`` wired as in a train step, so that differentiating it follows the rule: the
-    ``feedback`` RNG stream (``key``; rules that redraw feedback per step need it) and the DFA error
-    taps (``pfa_jax.nn.TAPS``) mutable. In training mode BatchNorm normalises with the batch's
-    statistics; its updated running statistics come back in the updates. ``collections``: further
-    mutable collections. Returns ``(logits, updates)``."""
-    logits, updates = model.apply(variables, images, train=train, rngs={"feedback": key},
-                                  mutable=["batch_stats", pnn.TAPS, *collections])
-    taps = updates.get(pnn.TAPS, {})
-    if taps and "consumed" not in taps:
-        raise ValueError("the model has DFA layers but does not add their error taps to its "
-                         "logits: end its __call__ with pfa_jax.nn.add_taps(self, logits)")
-    return logits, updates
+    RNG streams ``rngs`` (``step_rngs``) and the DFA error taps (``pfa_jax.nn.TAPS``) mutable. In
+    training mode BatchNorm normalises with the batch's statistics; its updated running statistics
+    come back in the updates. ``collections``: further mutable collections. Returns
+    ``(logits, updates)``."""
+    return model.apply(variables, images, train=train, rngs=rngs,
+                       mutable=["batch_stats", pnn.TAPS, *collections])
 
 
 def train_step(state: TrainState, batch: dict, axis_name: str | None = AXIS):
-    """One step on ``batch = {'image': (n, ...), 'label': (n,)}``; returns ``(state, metrics)``.
+    """One step on ``batch = {'image': (n, ...), 'label': (n,)}``; returns ``(state, metrics)``:
+    ``loss``, ``accuracy`` and the hyper-parameters the optimizer state holds
+    (``pfa_jax.optim.hyperparameters``; a separate ``feedback_tx``'s prefixed ``feedback/``).
 
     Pure. Under ``pmap`` / ``shard_map`` with ``axis_name`` bound, loss, gradients, feedback signals
     and BatchNorm statistics are averaged over that axis.
@@ -143,28 +191,31 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = AXIS):
     model = state.model
     if parallel and hasattr(model, "axis_name"):
         model = model.clone(axis_name=axis_name)
-    step_key = jax.random.fold_in(state.rng, state.step)
+    rngs = step_rngs(state)
+    plastic = state.plastic_feedback()
 
-    def loss_fn(params, feedback):
-        variables = {"params": params, "feedback": feedback, "batch_stats": state.batch_stats}
-        logits, updates = apply_with_rule(model, variables, batch["image"], True, step_key)
+    def loss_fn(params, plastic):
+        variables = {"params": params, "feedback": player.merge(state.feedback, plastic),
+                     "batch_stats": state.batch_stats}
+        logits, updates = apply_with_rule(model, variables, batch["image"], True, rngs)
         return cross_entropy(logits, batch["label"]).mean(), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-        state.params, state.feedback)
+        state.params, plastic)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     if parallel:
         grads, loss, accuracy = lax.pmean((grads, loss, accuracy), axis_name)
-    trainable = {"params": state.params, "feedback": state.feedback}
-    steps, opt_state = state.tx.update({"params": grads[0], "feedback": grads[1]},
-                                       state.opt_state, trainable)
-    new = optax.apply_updates(trainable, steps)
-    lr, wd = state.config.schedules()
-    metrics = {"loss": loss, "accuracy": accuracy, "learning_rate": lr(state.step),
-               "weight_decay": wd(state.step)}
-    state = state.replace(step=state.step + 1, params=new["params"], feedback=new["feedback"],
-                          batch_stats=updates.get("batch_stats", state.batch_stats),
-                          opt_state=opt_state)
+    param_steps, param_opt = state.tx.update(grads[0], state.opt_state["params"], state.params)
+    feedback_steps, feedback_opt = state.feedback_tx.update(grads[1], state.opt_state["feedback"],
+                                                            plastic)
+    metrics = {"loss": loss, "accuracy": accuracy, **hyperparameters(param_opt)}
+    if state.feedback_tx is not state.tx:
+        metrics.update({f"feedback/{k}": v for k, v in hyperparameters(feedback_opt).items()})
+    state = state.replace(
+        step=state.step + 1, params=optax.apply_updates(state.params, param_steps),
+        feedback=player.merge(state.feedback, optax.apply_updates(plastic, feedback_steps)),
+        batch_stats=updates.get("batch_stats", state.batch_stats),
+        opt_state={"params": param_opt, "feedback": feedback_opt})
     if state.mirrored:
         state = mirror(state)
     return state, metrics
@@ -173,7 +224,7 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = AXIS):
 def eval_step(state: TrainState, batch: dict) -> dict:
     """Mean loss and accuracy on ``batch``; an optional ``batch['mask']`` weights the examples."""
     logits = state.model.apply(state.variables(), batch["image"], train=False)
-    mask = batch.get("mask", jnp.ones(logits.shape[:1], logits.dtype))
+    mask = batch.get("mask", jnp.ones(logits.shape[:1], jnp.float32))
     count = jnp.sum(mask)
     loss = jnp.sum(cross_entropy(logits, batch["label"]) * mask) / count
     accuracy = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask) / count
@@ -268,8 +319,7 @@ def _noise_scan(state: TrainState, keys, batch_size: int, num_classes: int):
 
 @jax.jit
 def _restart_optimizer(state: TrainState) -> TrainState:
-    fresh = state.tx.init({"params": state.params, "feedback": state.feedback})
-    return state.replace(step=jnp.zeros_like(state.step), opt_state=fresh)
+    return state.replace(step=jnp.zeros_like(state.step), opt_state=state.init_opt_state())
 
 
 def noise_pretrain(state: TrainState, key, steps: int, batch_size: int, num_classes: int,

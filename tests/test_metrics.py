@@ -131,26 +131,30 @@ def test_gradient_alignment_with_batchnorm_uses_batch_statistics(conv_bn_state):
     assert result["conv0"]["grad_angle"] > 5.0 and result["conv0"]["delta_angle"] > 5.0
 
 
-def test_a_model_without_a_rule_field_is_rejected():
-    class Plain(nn.Module):
+def test_a_model_without_a_rule_field_is_measured():
+    class Plain(nn.Module):  # layers with their own rules, no model-level rule field
         @nn.compact
         def __call__(self, x, train=False):
-            return pj.nn.Dense(3)(x.reshape(x.shape[0], -1))
+            x = nn.relu(pj.nn.Dense(5, rule="bp", name="hidden")(x.reshape(x.shape[0], -1)))
+            return pj.nn.Dense(3, rule="fa", name="output")(x)
 
     batch = random_batch((4, 2, 2, 1), classes=3)
     state = make_state(Plain(), batch["image"])
-    with pytest.raises(ValueError, match="no 'rule' field"):
-        metrics.gradient_alignment(state, batch)
+    angles = metrics.gradient_alignment(state, batch)
+    assert set(angles) == {"hidden", "output"}
+    assert float(angles["output"]["grad_angle"]) == pytest.approx(0.0, abs=1e-3)
+    assert float(angles["hidden"]["grad_angle"]) > 1.0  # the error came down through FA's B
+    assert float(metrics.alignment(state)["output"]["weight_angle"]) > 1.0
 
 
 # -- sharpness ------------------------------------------------------------------------------------
 def explicit_hessian(state, batches):
     """Hessian of the eval-mode mean loss over all examples w.r.t. the flattened params, by plain
-    autodiff (the BP clone: ``jax.hessian`` through a rule's custom VJP would not be a Hessian)."""
-    model = metrics.true_model(state.model)
+    autodiff (a BP clone of the model: ``jax.hessian`` through a rule's custom VJP would not be a Hessian)."""
     flat, unravel = ravel_pytree(state.params)
     images = jnp.concatenate([b["image"] for b in batches])
     labels = jnp.concatenate([b["label"] for b in batches])
+    model = state.model.clone(rule="bp")
 
     def loss(vector):
         logits = model.apply({**state.variables(), "params": unravel(vector)}, images)

@@ -5,12 +5,18 @@ unchanged (each layer resolves a per-layer mapping from its own path). BatchNorm
 defaults (scale 1, bias 0, ``momentum=0.9`` in flax's convention, i.e. PyTorch's 0.1, ``epsilon=1e-5``)
 and averages its batch statistics over ``axis_name`` under ``pmap``. BatchNorm, activations, pooling
 and residual additions use ordinary autodiff: only ``Dense`` and ``Conv`` follow the rule.
+
+``dtype`` (default ``None``: float32 for float32 inputs) is the computation dtype of every layer,
+BatchNorm included, with the parameters, feedback and BatchNorm statistics kept in float32 (Flax's
+``dtype`` / ``param_dtype``); ``dtype=jnp.bfloat16`` is mixed-precision training. The logits are
+returned in float32, so the loss is computed in float32.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from pfa_jax import nn as pnn
 
@@ -20,14 +26,15 @@ class Layers(nn.Module):
 
     rule: pnn.RuleSpec = "bp"
     axis_name: str | None = None
+    dtype: Any = None
 
     def conv_bn(self, x, features: int, kernel: int, strides: int, train: bool,
                 names: tuple[str, str]):
         """Conv without bias, symmetric padding ``kernel // 2`` (as PyTorch), then BatchNorm."""
         x = pnn.Conv(features, (kernel, kernel), strides=strides, padding=kernel // 2,
-                     use_bias=False, rule=self.rule, name=names[0])(x)
+                     use_bias=False, rule=self.rule, dtype=self.dtype, name=names[0])(x)
         return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                            axis_name=self.axis_name, name=names[1])(x)
+                            axis_name=self.axis_name, dtype=self.dtype, name=names[1])(x)
 
 
 class Model(Layers):
@@ -44,8 +51,8 @@ class Model(Layers):
         """
         x = x.reshape(x.shape[0], -1)
         for i, width in enumerate(widths):
-            x = nn.relu(pnn.Dense(width, rule=self.rule, name=f"{prefix}_{i}")(x))
-        logits = pnn.Dense(self.num_classes, rule=self.rule, name="output")(x)
+            x = nn.relu(pnn.Dense(width, rule=self.rule, dtype=self.dtype, name=f"{prefix}_{i}")(x))
+        logits = pnn.Dense(self.num_classes, rule=self.rule, dtype=self.dtype, name="output")(x)
         if self.is_initializing() and not self.scope.path:
             pnn.check_rule_map(self.rule, self.variables["params"])
-        return pnn.add_taps(self, logits)
+        return jnp.asarray(pnn.add_taps(self, logits), jnp.float32)

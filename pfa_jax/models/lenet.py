@@ -18,6 +18,7 @@ class LeNet(Model):
     def __call__(self, x, train: bool = False):
         del train
         for i, (features, padding) in enumerate(((6, "SAME"), (16, "VALID"))):
-            x = pnn.Conv(features, (5, 5), padding=padding, rule=self.rule, name=f"conv_{i}")(x)
+            x = pnn.Conv(features, (5, 5), padding=padding, rule=self.rule, dtype=self.dtype,
+                         name=f"conv_{i}")(x)
             x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
         return self.classifier(x, (120, 84))

@@ -63,7 +63,7 @@ class ResNet(Model):
             for b in range(count):
                 x = BasicBlock(features=features, strides=2 if s > 1 and b == 0 else 1,
                                shortcut=shortcut, rule=self.rule, axis_name=self.axis_name,
-                               name=f"stage{s}_block{b}")(x, train)
+                               dtype=self.dtype, name=f"stage{s}_block{b}")(x, train)
         return self.classifier(jnp.mean(x, axis=(1, 2)))
 
 

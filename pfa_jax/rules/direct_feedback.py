@@ -20,7 +20,9 @@ stored as ``B`` (fixed; no mask is stored). ``density = 1`` (default) is the den
 
 One forward and one backward pass. Each DFA op returns ``(y, tap)`` with ``tap = zeros(n, classes)``;
 ``pfa_jax.nn`` layers sow the taps and the model adds them to its logits (``pfa_jax.nn.add_taps``), so
-the cotangent every tap receives in the backward pass is exactly ``e``. The error arriving from the
+the cotangent every tap receives in the backward pass is exactly ``e``. A DFA op differentiated while
+its tap reaches no loss (a symbolic-zero cotangent, e.g. a model applied without ``error_taps``
+mutable) raises ``MissingTapError`` instead of silently sending zero errors down. The error arriving from the
 layer above through ordinary backprop is not used: each DFA op sends ``e B`` down instead. Residual
 additions and BatchNorm use ordinary autodiff on these projected errors: a residual block's input
 receives the sum of its branch's projected error and whatever reaches its output through the skip
@@ -39,6 +41,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from pfa_jax.rules import ops
 from pfa_jax.rules.base import Rule, SparseFeedback
@@ -63,17 +66,30 @@ def dfa_linear(op, x, kernel, b):
     return _with_tap(op, x, kernel, b)
 
 
+class MissingTapError(ValueError):
+    """A DFA layer was differentiated without its error tap reaching the loss."""
+
+
 def _dfa_fwd(op, x, kernel, b):
+    x, kernel, b = x.value, kernel.value, b.value  # symbolic_zeros: primals come wrapped
     return _with_tap(op, x, kernel, b), (x, kernel, b)
 
 
 def _dfa_bwd(op, residuals, cotangents):
     x, kernel, b = residuals
     g, e = cotangents
+    if isinstance(e, SymbolicZero):
+        raise MissingTapError(
+            "a DFA layer was differentiated but its error tap does not reach the loss, so no output "
+            "error would reach it (its gradients would be zero): apply the model with 'error_taps' "
+            "mutable (mutable=['error_taps', ...]) and end its __call__ with "
+            "pfa_jax.nn.add_taps(self, logits), as every pfa_jax.models model does")
+    if isinstance(g, SymbolicZero):
+        g = jnp.zeros(g.shape, g.dtype)
     return (project_error(e, b, x.shape), ops.kernel_grad(op, x, kernel, g), jnp.zeros_like(b))
 
 
-dfa_linear.defvjp(_dfa_fwd, _dfa_bwd)
+dfa_linear.defvjp(_dfa_fwd, _dfa_bwd, symbolic_zeros=True)
 
 
 @dataclasses.dataclass(frozen=True)
