@@ -31,6 +31,12 @@ tap was not added to the logits is an error (not a zero gradient). Each layer's 
 ``self.perturb('output', y)`` (not at init): gradients w.r.t. a ``perturbations`` collection given to
 ``apply`` are the errors ``dL/dy`` reaching every layer under the rule (``pfa_jax.metrics``).
 
+Lifted transforms work as for ``flax.linen.Dense``: ``nn.remat`` as it is; ``nn.scan`` / ``nn.vmap``
+need ``'feedback'`` among their ``variable_axes`` (and ``'perturbations'`` for
+``pfa_jax.metrics.gradient_alignment``), and split the ``params`` RNG so that every slice draws its
+own kernel and feedback. Each slice is then a layer of its own for the optimizer labels, the
+mirror steps and the metrics (``pfa_jax.layers``).
+
 Inside ``with backprop():`` every layer follows plain autodiff (rule ``'bp'``): the same forward
 function with the true gradients, which the metrics compare the rule with.
 """

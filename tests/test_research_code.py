@@ -281,12 +281,20 @@ def test_every_rule_computes_in_bfloat16_and_keeps_float32_parameters(rule):
         grads = jax.grad(loss, argnums=(0, 1))(variables["params"], variables.get("feedback", {}))
         assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
         assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+        # without dtype, bf16 inputs are promoted with the float32 parameters, as in flax.linen
+        y = layer.clone(dtype=None).apply(variables, inputs, rngs={"feedback": jax.random.key(1)})
+        y = y[0] if isinstance(y, tuple) else y
+        assert y.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("rule", pj.rules.names())
-def test_bfloat16_resnet_trains_with_float32_state(rule):
+@pytest.mark.parametrize("rule", [
+    pytest.param(rule, marks=() if rule in ("bp", "pfa", "dfa") else pytest.mark.slow)
+    for rule in pj.rules.names()])
+@pytest.mark.parametrize("blocks", [pytest.param(1, id="one-block"),
+                                    pytest.param(3, id="resnet20", marks=pytest.mark.slow)])
+def test_bfloat16_resnet_trains_with_float32_state(rule, blocks):
     model = pj.models.get("resnet20", rule=rule, num_classes=4, dtype=jnp.bfloat16).clone(
-        blocks_per_stage=1)
+        blocks_per_stage=blocks)
     data = batch(8, (8, 8, 1))
     state = train.create_train_state(jax.random.key(0), model, data["image"][:1],
                                      {"learning_rate": 0.05})
