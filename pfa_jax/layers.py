@@ -81,6 +81,12 @@ def _layer_groups(layers: Table, tree, what: str) -> dict[str, dict]:
     return groups
 
 
+def label(rule: rules.Rule, name: str) -> str:
+    """How the feedback array ``name`` of a layer following ``rule`` learns: ``'plastic'``,
+    ``'mirrored'`` or ``'fixed'``."""
+    return PLASTIC if name in rule.plastic else MIRRORED if name in rule.mirrored else FIXED
+
+
 def feedback_labels(layers: Table, feedback) -> dict:
     """A tree like ``feedback`` with each array labelled ``'plastic'`` (stepped by the optimizer:
     KP's ``B``, PFA's ``R``), ``'mirrored'`` (stepped by ``mirror``: weight-mirror ``B``) or
@@ -88,13 +94,11 @@ def feedback_labels(layers: Table, feedback) -> dict:
     by_path = {layer.path: layer.rule for layer in layers}
     _layer_groups(layers, feedback, "feedback")
 
-    def label(key_path, _):
+    def label_of(key_path, _):
         names = [k.key for k in key_path]
-        rule = by_path["/".join(names[:-1])]
-        return (PLASTIC if names[-1] in rule.plastic else MIRRORED if names[-1] in rule.mirrored
-                else FIXED)
+        return label(by_path["/".join(names[:-1])], names[-1])
 
-    return jax.tree_util.tree_map_with_path(label, dict(feedback))
+    return jax.tree_util.tree_map_with_path(label_of, dict(feedback))
 
 
 def select(tree, labels, keep: str) -> dict:

@@ -1,6 +1,7 @@
 """Measurements of learning without weight transport (SPEC.md, "Metrics").
 
-Every function takes a ``TrainState`` (``pfa_jax.train``) and a batch ``{'image', 'label'}`` or (where
+Every function takes a ``TrainState`` (``pfa_jax.train``), or a Flax NNX model of ``pfa_jax.nnx``
+(measured as its linen twin, ``pfa_jax.nnx.linen_state``), and a batch ``{'image', 'label'}`` or (where
 it says ``batches``) a sequence of them, whose means are over all their examples; none changes the
 state. Per layer, angles in degrees:
 
@@ -37,8 +38,11 @@ import numpy as np
 from flax import traverse_util
 from jax.flatten_util import ravel_pytree
 
+from flax import nnx
+
 from pfa_jax import layers as player
 from pfa_jax import nn as pnn
+from pfa_jax.nnx.train import linen_state
 from pfa_jax.train import apply_with_rule, cross_entropy, eval_step, step_rngs
 
 ATTACKS = ("fgsm", "pgd")
@@ -62,16 +66,26 @@ def _by_layer(tree, leaf: str) -> dict:
             if path[-1] == leaf}
 
 
+def as_state(state):
+    """A ``TrainState`` as it is; an NNX model as its linen twin's state (``linen_state``)."""
+    return linen_state(state) if isinstance(state, nnx.Module) else state
+
+
 def kernels_and_feedback(state) -> dict[str, tuple[jax.Array, jax.Array]]:
     """``{layer: (K, F)}`` for every rule-following layer (slice) of the state's model."""
+    state = as_state(state)
     return player.kernels_and_feedback(state.layers, state.params, state.feedback)
 
 
 @jax.jit
-def alignment(state) -> dict[str, dict[str, jax.Array]]:
-    """Per layer ``{'weight_angle': degrees, 'norm_ratio': ||F|| / ||K||}``."""
+def _alignment(state) -> dict[str, dict[str, jax.Array]]:
     return {path: {"weight_angle": angle(f, k), "norm_ratio": jnp.linalg.norm(f) / jnp.linalg.norm(k)}
             for path, (k, f) in kernels_and_feedback(state).items()}
+
+
+def alignment(state) -> dict[str, dict[str, jax.Array]]:
+    """Per layer ``{'weight_angle': degrees, 'norm_ratio': ||F|| / ||K||}``."""
+    return _alignment(as_state(state))
 
 
 # -- gradient alignment -----------------------------------------------------------------------------
@@ -98,7 +112,6 @@ def layer_gradients(state, batch, rngs) -> dict[str, tuple[jax.Array, jax.Array]
             for layer in state.layers for name, index in layer.slices(kernels[layer.path])}
 
 
-@jax.jit
 def gradient_alignment(state, batch) -> dict[str, dict[str, jax.Array]]:
     """Per layer, how far the rule's gradients are from backprop's on ``batch``, in one compiled call.
 
@@ -110,6 +123,11 @@ def gradient_alignment(state, batch) -> dict[str, dict[str, jax.Array]]:
     RNG keys of the state's next train step (the same dropout masks). The output layer receives the
     true error under every layer-wise rule, so its angles are 0.
     """
+    return _gradient_alignment(as_state(state), batch)
+
+
+@jax.jit
+def _gradient_alignment(state, batch):
     rngs = step_rngs(state)
     rule = layer_gradients(state, batch, rngs)
     with pnn.backprop():
@@ -182,6 +200,7 @@ def sharpness(state, batches, key=None, *, iterations: int = 100, tolerance: flo
     ``relative_change`` (the last one), ``trace``, ``trace_std_error``, ``probes``.
     ``key`` defaults to one derived from ``state.rng``.
     """
+    state = as_state(state)
     if iterations < 1 or tolerance < 0 or probes < 2:
         raise ValueError(f"sharpness: iterations={iterations!r} must be >= 1, tolerance={tolerance!r} "
                          f">= 0 and probes={probes!r} >= 2")
@@ -295,6 +314,7 @@ def adversarial(state, batches, epsilons: Sequence[float], attack: str = "fgsm",
     not the model's robustness.
     """
     check_attack(attack, gradient, *epsilons)
+    state = as_state(state)
     batches = _batch_list(batches)
     key = _default_key(state, key, 2)
     options = dict(attack=attack, steps=steps, step_size=step_size, gradient=gradient, lower=lower,
@@ -327,6 +347,7 @@ def corruption(state, batches, sigmas: Sequence[float], key=None, *, lower=None,
     """
     if any(not s >= 0 for s in sigmas):
         raise ValueError(f"noise sigmas must be >= 0, got {list(sigmas)}")
+    state = as_state(state)
     batches = _batch_list(batches)
     key = _default_key(state, key, 3)
     scale = 1.0 if scale is None else scale

@@ -76,6 +76,11 @@ def backprop():
         _BACKPROP.reset(token)
 
 
+def layer_rule(rule: rules.Rule) -> rules.Rule:
+    """``rule``, or backprop inside ``backprop()``: the rule a layer follows now."""
+    return rules.get("bp") if _BACKPROP.get() else rule
+
+
 @contextlib.contextmanager
 def recording(records: dict):
     """Inside this context every pfa_jax layer that runs records ``records[path] = (rule, kernel
@@ -157,9 +162,7 @@ class _RuleLayer(nn.Module, kw_only=True):
     param_dtype: Any = jnp.float32
 
     def layer_rule(self) -> rules.Rule:
-        if _BACKPROP.get():
-            return rules.get("bp")
-        return resolve_rule(self.rule, "/".join(self.scope.path))
+        return layer_rule(resolve_rule(self.rule, "/".join(self.scope.path)))
 
     def feedback(self, rule: rules.Rule, kernel) -> dict:
         if self.is_initializing():
