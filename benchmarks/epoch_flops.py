@@ -2,7 +2,7 @@
 measured float32 matmul rate.
 
 For every rule: one epoch of ``ffn2`` (784-512-512-10) on the real Fashion-MNIST training set
-(``pfa_jax.data.load('fashion_mnist')``, 60,000 images) as ``pfa_jax.train.train_epoch`` with
+(``pfa_jax.app.data.load('fashion_mnist')``, 60,000 images) as ``pfa_jax.train.train_epoch`` with
 ``loop='scan'`` (one ``lax.scan`` of ``train_step``, shuffled, batch 64 by default), timed
 interleaved over the rules (``--repeats`` rounds after one compiling epoch), and the FLOPs it does.
 
@@ -49,6 +49,7 @@ from jax import lax
 
 import pfa_jax as pj
 from common import interleaved_ms, machine, markdown_table, parser, report, train_state
+from pfa_jax.app import data as app_data
 from pfa_jax.rules.product_feedback import choose_route
 
 WIDTHS = (784, 512, 512, 10)
@@ -147,12 +148,12 @@ def main(argv=None) -> None:
     p = parser(__doc__, repeats=3)
     p.add_argument("--rules", nargs="+", default=list(pj.rules.names()), choices=pj.rules.names())
     p.add_argument("--batch", nargs="+", type=int, default=[64])
-    p.add_argument("--data-dir", help="Fashion-MNIST IDX directory (default: pfa_jax.data's)")
+    p.add_argument("--data-dir", help="Fashion-MNIST IDX directory (default: pfa_jax.app.data's)")
     args = p.parse_args(argv)
     info = machine()
     rules = list(dict.fromkeys(["bp", *args.rules]))
     repeats = 1 if args.quick else args.repeats
-    data = pj.data.load("fashion_mnist", data_dir=args.data_dir, limit=4096 if args.quick else None)
+    data = app_data.load("fashion_mnist", data_dir=args.data_dir, limit=4096 if args.quick else None)
     images, labels = jax.device_put(data.train_images), jax.device_put(data.train_labels)
     key = jax.random.key(0)
 

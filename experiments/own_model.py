@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 import pfa_jax as pj
+from pfa_jax.app import data as app_data
 
 
 class SmallConvNet(nn.Module):
@@ -56,7 +57,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX directory")
     args = parser.parse_args(argv)
 
-    data = pj.data.load("fashion_mnist", data_dir=args.data_dir, limit=args.limit)
+    data = app_data.load("fashion_mnist", data_dir=args.data_dir, limit=args.limit)
     steps_per_epoch = len(data.train_labels) // args.batch_size
     total = args.steps or args.epochs * steps_per_epoch
     state = pj.train.create_train_state(jax.random.key(0), SmallConvNet(rule=args.rule),

@@ -5,7 +5,7 @@
     python -m experiments.run fig2_fashion_mnist expansion_fashion_mnist --workers 8   # a GPU
     python -m experiments.run fig2_fashion_mnist --list          # the runs and their state
 
-Each run of experiment ``E`` writes ``OUT/E/RUN/`` (``pfa_jax.experiment``: ``config.json``,
+Each run of experiment ``E`` writes ``OUT/E/RUN/`` (``pfa_jax.app.experiment``: ``config.json``,
 ``metrics.jsonl``, ``checkpoints/``, ``curves.png``, ``summary.json``). Running again is safe and
 picks up where it stopped: finished runs (with ``summary.json``) are skipped, interrupted ones resume
 from their newest checkpoint and end with the same metrics as an uninterrupted run. A run whose
@@ -37,8 +37,8 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
 from experiments import configs  # noqa: E402
-from pfa_jax import config as config_lib  # noqa: E402
-from pfa_jax import experiment  # noqa: E402
+from pfa_jax.app import config as config_lib  # noqa: E402
+from pfa_jax.app import experiment  # noqa: E402
 
 DEFAULT_OUT = pathlib.Path(__file__).parent / "results"
 

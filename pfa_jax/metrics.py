@@ -41,6 +41,7 @@ from jax.flatten_util import ravel_pytree
 from flax import nnx
 
 from pfa_jax import layers as player
+from pfa_jax import loops
 from pfa_jax import nn as pnn
 from pfa_jax.nnx.train import linen_state
 from pfa_jax.train import apply_with_rule, cross_entropy, eval_step, step_rngs
@@ -148,9 +149,9 @@ def _batch_list(batches) -> list[dict]:
 
 
 def _mean_over(batches: list[dict], fn):
-    """``sum_b (n_b / N) fn(b, i_b)``: the mean over all examples of per-batch means."""
-    total = sum(len(b["label"]) for b in batches)
-    return sum(fn(b, i) * (len(b["label"]) / total) for i, b in enumerate(batches))
+    """The mean over all examples of the per-batch means ``fn(b, i_b)``."""
+    return loops.weighted_mean([fn(b, i) for i, b in enumerate(batches)],
+                               [len(b["label"]) for b in batches])
 
 
 @jax.jit

@@ -46,6 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from pfa_jax import augment as pfa_augment
 from pfa_jax import layers as player
+from pfa_jax import loops
 from pfa_jax import nn as pnn
 from pfa_jax.optim import build, hyperparameters
 
@@ -231,154 +232,60 @@ def eval_step(state: TrainState, batch: dict) -> dict:
     return {"loss": loss, "accuracy": accuracy, "count": count}
 
 
-LOOPS = ("auto", "scan", "steps")
-
-
-def resolve_loop(loop: str, state: TrainState) -> str:
-    """How ``train_epoch``, ``noise_pretrain`` and ``evaluate`` run their steps: ``"scan"`` compiles
-    them all as one ``lax.scan`` (one dispatch), ``"steps"`` calls one compiled step per batch from
-    Python. ``"auto"`` is ``"steps"`` on CPU for a model with convolutions (a rank-4 kernel among
-    ``state.params``), where XLA runs convolutions inside a loop body about 25x slower than the same
-    convolutions outside one (jax-ml/jax#12868; a ResNet-20 step at batch 128: 17.4 s in a scan,
-    0.74 s alone, ``benchmarks/epoch_loop.py``), and ``"scan"`` otherwise (an MLP's scan is about 10 %
-    faster on CPU). Both run the same steps in the same order with the same keys."""
-    if loop not in LOOPS:
-        raise ValueError(f"unknown loop {loop!r}; valid loops: {', '.join(LOOPS)}")
-    if loop != "auto":
-        return loop
-    convolutional = any(jnp.ndim(kernel) == 4 for kernel in jax.tree.leaves(state.params))
-    return "steps" if convolutional and jax.default_backend() == "cpu" else "scan"
-
-
-def stack_steps(per_step: list) -> Any:
-    """Per-step metric dicts stacked into one dict of arrays with a leading step axis."""
-    return jax.tree.map(lambda *values: jnp.stack(values), *per_step)
-
-
-def _epoch_batch_step(state: TrainState, images, labels, indices, i, augment_key, augment: str):
-    """``train_step`` on batch ``i`` of an epoch: the rows ``indices``, augmented with
-    ``fold_in(augment_key, i)``."""
+def _epoch_batch_step(state: TrainState, step, images, labels, augment_key, *, augment: str):
+    """``train_step`` on batch ``i`` of an epoch, ``step = (i, indices)``: the rows ``indices``,
+    augmented with ``fold_in(augment_key, i)``."""
+    i, indices = step
     batch_images = pfa_augment.apply(augment, jax.random.fold_in(augment_key, i), images[indices])
     return train_step(state, {"image": batch_images, "label": labels[indices]})
 
 
-_epoch_step = jax.jit(_epoch_batch_step, static_argnames=("augment",), donate_argnums=(0,))
-
-
-@functools.partial(jax.jit, static_argnames=("augment",), donate_argnums=(0,))
-def _epoch_scan(state, images, labels, order, augment_key, augment: str):
-    def body(state, step):
-        i, indices = step
-        return _epoch_batch_step(state, images, labels, indices, i, augment_key, augment)
-
-    return lax.scan(body, state, (jnp.arange(order.shape[0]), order))
+_epoch = loops.Loop(_epoch_batch_step, static_argnames=("augment",), donate_carry=True)
 
 
 def train_epoch(state: TrainState, images, labels, key, batch_size: int, augment: str = "none",
                 loop: str = "auto", on_step: Callable[[int, dict], None] | None = None):
     """One shuffled epoch of ``train_step`` (drops the last partial batch); ``augment`` names a
-    ``pfa_jax.augment`` recipe applied to each batch; ``loop`` as in ``resolve_loop``. ``state`` is
-    donated. Returns the state and per-step metrics (arrays of length ``len(images) // batch_size``).
-    ``on_step(i, metrics)`` is called after each step of the ``"steps"`` loop (a progress bar; the
-    scan's steps run inside one call, so it is not called there).
+    ``pfa_jax.augment`` recipe applied to each batch; ``loop`` as in ``pfa_jax.loops.resolve``.
+    ``state`` is donated. Returns the state and per-step metrics (arrays of length
+    ``len(images) // batch_size``). ``on_step(i, metrics)`` is called after each step of the
+    ``"steps"`` loop (a progress bar; the scan's steps run inside one call, so it is not called
+    there).
     """
     pfa_augment.check(augment)
-    loop = resolve_loop(loop, state)
+    loop = loops.resolve(loop, state.params)
     steps = images.shape[0] // batch_size
     if steps == 0:
         raise ValueError(f"batch_size={batch_size} exceeds the {images.shape[0]} training examples")
     images, labels = jnp.asarray(images), jnp.asarray(labels)
     order = jax.random.permutation(key, images.shape[0])[:steps * batch_size].reshape(steps, batch_size)
-    augment_key = jax.random.fold_in(key, 1)
-    if loop == "scan":
-        return _epoch_scan(state, images, labels, order, augment_key, augment)
-    per_step = []
-    for i in range(steps):
-        state, metrics = _epoch_step(state, images, labels, order[i], i, augment_key, augment)
-        per_step.append(metrics)
-        if on_step is not None:
-            on_step(i, metrics)
-    return state, stack_steps(per_step)
+    return _epoch(state, (jnp.arange(steps), order), images, labels, jax.random.fold_in(key, 1),
+                  loop=loop, on_step=on_step, augment=augment)
 
 
-def _noise_batch_step(state: TrainState, key, batch_size: int, num_classes: int):
-    """``train_step`` on ``N(0, 1)`` images with uniformly random labels drawn from ``key``."""
-    image_key, label_key = jax.random.split(key)
-    return train_step(state, {
-        "image": jax.random.normal(image_key, (batch_size,) + tuple(state.input_shape)),
-        "label": jax.random.randint(label_key, (batch_size,), 0, num_classes)})
-
-
-_noise_step = jax.jit(_noise_batch_step, static_argnames=("batch_size", "num_classes"))
-
-
-@functools.partial(jax.jit, static_argnames=("batch_size", "num_classes"))
-def _noise_scan(state: TrainState, keys, batch_size: int, num_classes: int):
-    return lax.scan(lambda s, k: _noise_batch_step(s, k, batch_size, num_classes), state, keys)
-
-
-@jax.jit
-def _restart_optimizer(state: TrainState) -> TrainState:
-    return state.replace(step=jnp.zeros_like(state.step), opt_state=state.init_opt_state())
-
-
-def noise_pretrain(state: TrainState, key, steps: int, batch_size: int, num_classes: int,
-                   loop: str = "auto"):
-    """Noise pretraining (Cheon, Lee & Paik, NeurIPS 2024): ``steps`` train steps with the rule on
-    ``N(0, 1)`` images shaped like the data (``state.input_shape``, i.e. in the standardised pixel
-    space) with uniformly random labels in ``0..num_classes-1``, before any data.
-
-    The parameters, feedback and BatchNorm statistics it reaches are kept; the optimizer then starts
-    afresh (new optimizer state, ``step = 0``), so the data phase runs its usual learning-rate and
-    weight-decay schedule from its first epoch. ``loop`` as in ``resolve_loop``. Returns
-    ``(state, per-step metrics)``.
-    """
-    keys = jax.random.split(key, steps)
-    if resolve_loop(loop, state) == "scan":
-        state, metrics = _noise_scan(state, keys, batch_size, num_classes)
-    else:
-        per_step = []
-        for step_key in keys:
-            state, step_metrics = _noise_step(state, step_key, batch_size, num_classes)
-            per_step.append(step_metrics)
-        metrics = stack_steps(per_step)
-    return _restart_optimizer(state), metrics
-
-
-def _eval_window(state: TrainState, images, labels, mask, i, batch_size: int) -> dict:
-    """Batch ``i``'s loss and accuracy sums (masked rows excluded)."""
+def _eval_window(totals: dict, i, state: TrainState, images, labels, mask, *, batch_size: int):
+    """``totals`` plus batch ``i``'s loss and accuracy sums (masked rows excluded)."""
     window = lambda a: lax.dynamic_slice_in_dim(a, i * batch_size, batch_size)
     m = eval_step(state, {"image": window(images), "label": window(labels), "mask": window(mask)})
-    return {"loss": m["loss"] * m["count"], "accuracy": m["accuracy"] * m["count"]}
+    sums = {"loss": m["loss"] * m["count"], "accuracy": m["accuracy"] * m["count"]}
+    return jax.tree.map(jnp.add, totals, sums), None
 
 
-_eval_step_sums = jax.jit(_eval_window, static_argnames=("batch_size",))
-
-
-@functools.partial(jax.jit, static_argnames=("batch_size",))
-def _eval_scan(state: TrainState, images, labels, mask, batch_size: int) -> dict:
-    def body(totals, i):
-        sums = _eval_window(state, images, labels, mask, i, batch_size)
-        return jax.tree.map(jnp.add, totals, sums), None
-
-    steps = images.shape[0] // batch_size
-    return lax.scan(body, {"loss": 0.0, "accuracy": 0.0}, jnp.arange(steps))[0]
+_evaluation = loops.Loop(_eval_window, static_argnames=("batch_size",))
 
 
 def evaluate(state: TrainState, images, labels, batch_size: int = 1000, loop: str = "auto") -> dict:
     """Loss and accuracy over a whole split (the last batch is padded and masked); ``loop`` as in
-    ``resolve_loop``."""
+    ``pfa_jax.loops.resolve``."""
     n = images.shape[0]
     steps = -(-n // batch_size)
     pad = steps * batch_size - n
     images = jnp.pad(jnp.asarray(images), [(0, pad)] + [(0, 0)] * (images.ndim - 1))
     labels = jnp.pad(jnp.asarray(labels), (0, pad))
     mask = (jnp.arange(steps * batch_size) < n).astype(jnp.float32)
-    if resolve_loop(loop, state) == "scan":
-        totals = _eval_scan(state, images, labels, mask, batch_size)
-    else:
-        totals = jax.tree.map(lambda *sums: sum(sums), *[
-            _eval_step_sums(state, images, labels, mask, i, batch_size) for i in range(steps)])
+    zeros = {"loss": jnp.zeros((), jnp.float32), "accuracy": jnp.zeros((), jnp.float32)}
+    totals, _ = _evaluation(zeros, jnp.arange(steps), state, images, labels, mask,
+                            loop=loops.resolve(loop, state.params), batch_size=batch_size)
     return jax.tree.map(lambda t: t / n, totals)
 
 

@@ -25,7 +25,7 @@ def run_all() -> dict:
     sys.path.insert(0, str(ROOT.parent))
     from experiments import configs
     from experiments import run as runner
-    from pfa_jax import experiment
+    from pfa_jax.app import experiment
 
     results = {}
     for name, run_name, extra in RUNS:

@@ -5,7 +5,8 @@ import re
 import pytest
 from test_data import make_fashion_dir
 
-from pfa_jax import cli, experiment, rules
+from pfa_jax import rules
+from pfa_jax.app import cli, experiment
 
 
 @pytest.fixture(scope="module")

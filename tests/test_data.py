@@ -1,4 +1,4 @@
-"""Tests for pfa_jax.data: IDX files, tensorflow-datasets array_record sources, and processing options.
+"""Tests for pfa_jax.app.data: IDX files, tensorflow-datasets array_record sources, and processing options.
 
 The tfds tests build tiny real array_record datasets with the real MNIST / CIFAR-10 builders (only their
 example generation replaced) instead of `tfds.testing.mock_data`: in tensorflow-datasets 4.9.10 the mock
@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from tensorflow_datasets.image_classification import cifar, mnist
 
-from pfa_jax import data
+from pfa_jax.app import data
 
 N_TRAIN, N_TEST = 12, 5
 

@@ -9,8 +9,8 @@ from test_data import make_fashion_dir
 
 from experiments import configs, report
 from experiments import run as runner
-from pfa_jax import config as config_lib
-from pfa_jax import experiment
+from pfa_jax.app import config as config_lib
+from pfa_jax.app import experiment
 
 TINY = ["epochs=2", "batch_size=32", "optimizer.lr_milestones=()", "metrics_batch_size=32",
         "sharpness_examples=64", "sharpness_iterations=3", "sharpness_probes=2",

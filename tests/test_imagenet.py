@@ -1,4 +1,4 @@
-"""Streamed ImageNet (pfa_jax.streaming) and its training loop in pfa_jax.experiment, on a tiny real
+"""Streamed ImageNet (pfa_jax.app.streaming) and its training loop in pfa_jax.app.experiment, on a tiny real
 ``imagenet2012`` array_record dataset: the real tfds builder and features (JPEG images, 1000-class
 labels), only its example generation replaced by a few dozen random JPEGs of varying sizes. Read
 without TensorFlow (which is not installed here)."""
@@ -16,8 +16,9 @@ from test_data import make_fashion_dir
 
 from experiments import configs
 from experiments import run as runner
-from pfa_jax import cli, data, experiment, models, streaming
-from pfa_jax.config import default_config
+from pfa_jax import models
+from pfa_jax.app import cli, data, experiment, streaming
+from pfa_jax.app.config import default_config
 
 N_TRAIN, N_VALIDATION = 24, 10
 SIZE = 16  # image_size of the tests; the recipe's 256/224 resize ratio gives 18
@@ -156,7 +157,7 @@ def test_limit_and_unsupported_options(imagenet_dir):
         load(imagenet_dir, pad_to=32)
     with pytest.raises(ValueError, match="limit.*got 0"):
         load(imagenet_dir, limit=0)
-    with pytest.raises(ValueError, match="pfa_jax.streaming.load"):
+    with pytest.raises(ValueError, match="pfa_jax.app.streaming.load"):
         data.load("imagenet2012", data_dir=imagenet_dir)
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from test_data import make_fashion_dir
 
-from pfa_jax import cli, config as config_lib, data, experiment, models
+from pfa_jax import models
+from pfa_jax.app import cli, config as config_lib, data, experiment
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def test_divergence_stops_with_epoch_and_step_and_keeps_the_good_checkpoint(fash
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(fashion_dir, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert cli.main(args(fashion_dir, straight, "--epochs", "6")) == 0
-    process = subprocess.Popen([sys.executable, "-m", "pfa_jax.cli",
+    process = subprocess.Popen([sys.executable, "-m", "pfa_jax.app.cli",
                                 *args(fashion_dir, killed, "--epochs", "6")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = killed / "metrics.jsonl"

@@ -8,7 +8,8 @@ import optax
 import pytest
 
 import pfa_jax as pj
-from pfa_jax import metrics, optim, train
+from pfa_jax import loops, metrics, optim, train
+from pfa_jax.app import pretrain
 from pfa_jax import nn as pnn
 
 
@@ -229,7 +230,7 @@ def test_noise_pretraining_trains_on_noise_then_restarts_the_optimizer():
     model = pj.models.get("ffn2", rule="fa", widths=(16,), num_classes=3)
     state = pj.train.create_train_state(jax.random.key(0), model, images,
                                         {"learning_rate": 0.1, "momentum": 0.9})
-    pretrained, steps = pj.train.noise_pretrain(state, jax.random.key(1), 7, 32, 3)
+    pretrained, steps = pretrain.noise_pretrain(state, jax.random.key(1), 7, 32, 3)
     assert int(pretrained.step) == 0
     assert steps["loss"].shape == (7,) and bool(jnp.all(jnp.isfinite(steps["loss"])))
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params,
@@ -253,8 +254,8 @@ def test_step_loop_and_scan_run_the_same_epoch_noise_pretraining_and_evaluation(
     labels = jnp.asarray(rng.integers(0, 4, 48).astype(np.int32))
     results, seen = {}, {"scan": [], "steps": []}
     for loop in ("scan", "steps"):
-        state, noise = train.noise_pretrain(small_resnet_state(), jax.random.key(5), 3, 8, 4,
-                                            loop=loop)
+        state, noise = pretrain.noise_pretrain(small_resnet_state(), jax.random.key(5), 3, 8, 4,
+                                               loop=loop)
         state, steps = train.train_epoch(state, images, labels, jax.random.key(1), 16,
                                          augment="crop_flip", loop=loop,
                                          on_step=lambda i, m: seen[loop].append((i, m["loss"])))
@@ -277,6 +278,6 @@ def test_an_unknown_loop_is_refused_with_the_choices():
 
 def test_auto_loop_steps_through_conv_models_on_cpu_and_scans_the_rest():
     assert jax.default_backend() == "cpu"
-    assert train.resolve_loop("auto", small_resnet_state()) == "steps"
-    assert train.resolve_loop("auto", make_state("pfa")) == "scan"
-    assert train.resolve_loop("scan", small_resnet_state()) == "scan"
+    assert loops.resolve("auto", small_resnet_state().params) == "steps"
+    assert loops.resolve("auto", make_state("pfa").params) == "scan"
+    assert loops.resolve("scan", small_resnet_state().params) == "scan"

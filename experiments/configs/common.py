@@ -12,7 +12,7 @@ import re
 
 import ml_collections
 
-from pfa_jax.config import default_config
+from pfa_jax.app.config import default_config
 
 ALL_RULES = ("bp", "fa", "usf", "brsf", "frsf", "kp", "wm", "pfa", "pfa_o", "dfa")
 
@@ -50,7 +50,7 @@ def resnet20_paper(dataset: str = "cifar10") -> ml_collections.ConfigDict:
 
 def resnet18_paper(dataset: str = "imagenet2012") -> ml_collections.ConfigDict:
     """Fig. 5: ResNet-18, 75 epochs, batch 256, lr 0.1 x0.1 at 20/40/60, wd 1e-4, the standard
-    random-resized 224 crop + flip (``pfa_jax.streaming``), top-1 on the validation split."""
+    random-resized 224 crop + flip (``pfa_jax.app.streaming``), top-1 on the validation split."""
     config = default_config()
     config.update({"model": "resnet18", "dataset": dataset, "epochs": 75, "batch_size": 256,
                    "eval_batch_size": 500, "image_size": 224})

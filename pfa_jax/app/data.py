@@ -10,7 +10,7 @@
   TensorFlow), from `data_dir` or tfds's default (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
   tfds downloads and prepares them on first use where it can; preparing needs TensorFlow and internet
   (``tfds build NAME --file_format=array_record``), reading afterwards needs neither.
-- ``imagenet2012`` (in `STREAMED_DATASETS`) does not fit in memory: ``pfa_jax.streaming.load`` reads it
+- ``imagenet2012`` (in `STREAMED_DATASETS`) does not fit in memory: ``pfa_jax.app.streaming.load`` reads it
   batch by batch; `load` refuses it.
 
 Processing, in this order:
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-STREAMED_DATASETS = ("imagenet2012",)  # read by pfa_jax.streaming, not by `load`
+STREAMED_DATASETS = ("imagenet2012",)  # read by pfa_jax.app.streaming, not by `load`
 DATASETS = ("fashion_mnist", "mnist", "cifar10") + STREAMED_DATASETS
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _FASHION_MNIST_DIR_ENV = "PFA_JAX_FASHION_MNIST_DIR"
@@ -145,7 +145,7 @@ def load(
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     if name in STREAMED_DATASETS:
         raise ValueError(f"{name} does not fit in memory: read it batch by batch with "
-                         "pfa_jax.streaming.load (pfa_jax.experiment does)")
+                         "pfa_jax.app.streaming.load (pfa_jax.app.experiment does)")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of examples, got {limit!r}")
 

@@ -1,9 +1,9 @@
 """Where a run's training data comes from, behind one small interface (``for_config``):
 
-* ``InMemory``: a ``pfa_jax.data.Dataset`` held on the device; an epoch is
+* ``InMemory``: a ``pfa_jax.app.data.Dataset`` held on the device; an epoch is
   ``pfa_jax.train.train_epoch`` (one compiled scan; for conv models on CPU one compiled step per
   batch, with a step progress bar), evaluation ``pfa_jax.train.evaluate``;
-* ``Streamed``: a ``pfa_jax.streaming.StreamedDataset`` (ImageNet); an epoch is a Python loop of one
+* ``Streamed``: a ``pfa_jax.app.streaming.StreamedDataset`` (ImageNet); an epoch is a Python loop of one
   jitted ``train_step`` (state donated) per prefetched batch, with a step progress bar, evaluation a
   loop of jitted ``eval_step``.
 
@@ -25,7 +25,8 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from pfa_jax import data, streaming, train
+from pfa_jax import loops, train
+from pfa_jax.app import data, streaming
 
 
 def _load_options(config: ml_collections.ConfigDict) -> dict:
@@ -55,7 +56,7 @@ class InMemory:
         where the epoch is a loop of steps (not a scan)."""
         if self._train is None:
             self._train = jnp.asarray(self.dataset.train_images), jnp.asarray(self.dataset.train_labels)
-        loop = train.resolve_loop("auto", state)
+        loop = loops.resolve("auto", state.params)
         total = self.num_train // self.config.batch_size
         with _StepBar(epoch, total, progress and loop == "steps") as bar:
             return train.train_epoch(state, *self._train, key, self.config.batch_size,
@@ -90,7 +91,7 @@ class _StepBar:
         self.bar.close()
 
 
-_train_step = jax.jit(train.train_step, donate_argnums=(0,))
+_streamed_epoch = loops.Loop(train.train_step, donate_carry=True)
 _eval_step = jax.jit(train.eval_step)
 
 
@@ -122,23 +123,18 @@ class Streamed:
 
     def train_epoch(self, state, key, epoch: int, progress: bool):
         del key  # the batches come from (seed, epoch); the state carries its own key
-        steps = []
         batches = self.dataset.train_batches(self.config.batch_size, self.config.seed, epoch)
         total = self.num_train // self.config.batch_size
         with contextlib.closing(batches), _StepBar(epoch, total, progress) as bar:
-            for i, batch in enumerate(_on_device(batches)):
-                state, step = _train_step(state, batch)
-                steps.append(step)
-                bar(i, step)
-        return state, train.stack_steps(steps)
+            return _streamed_epoch.steps(state, _on_device(batches), on_step=bar)
 
     def evaluate(self, state) -> dict:
         batches = self.dataset.eval_batches(self.config.eval_batch_size)
         with contextlib.closing(batches):
             results = jax.device_get([_eval_step(state, batch) for batch in _on_device(batches)])
-        count = sum(float(r["count"]) for r in results)
-        return {key: sum(float(r[key]) * float(r["count"]) for r in results) / count
-                for key in ("loss", "accuracy")}
+        means = loops.weighted_mean([{k: r[k] for k in ("loss", "accuracy")} for r in results],
+                                    [r["count"] for r in results])
+        return {k: float(v) for k, v in means.items()}
 
     def closing(self) -> data.Dataset:
         config = self.config

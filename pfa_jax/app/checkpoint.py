@@ -2,7 +2,7 @@
 
 Only the arrays are written (step, params, feedback, batch_stats, opt_state and the raw data of the
 RNG key); the model, optimizer and other static fields come from the state that ``restore`` is
-given, which must be built from the same config (``pfa_jax.experiment`` does this).
+given, which must be built from the same config (``pfa_jax.app.experiment`` does this).
 """
 from __future__ import annotations
 

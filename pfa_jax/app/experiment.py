@@ -4,7 +4,7 @@ A run directory holds ``config.json`` (the resolved config), ``metrics.jsonl`` (
 epoch: train / test loss and accuracy, learning rate, weight decay, per-layer alignment, per-layer
 gradient alignment on a fixed held-out batch, epoch time), ``checkpoints/`` (orbax, after every
 epoch, the newest two kept), ``curves.png`` (accuracy and alignment against the epoch,
-``pfa_jax.plots``) and ``summary.json`` (the final record, ``wall_time``, ``machine`` and, when the
+``pfa_jax.app.plots``) and ``summary.json`` (the final record, ``wall_time``, ``machine`` and, when the
 config asks, ``sharpness``, ``adversarial`` and ``noise``). ``wall_time`` is the time from the first
 epoch to the last one's checkpoint (the closing measurements not included); a resumed run counts the
 recorded epoch times of the epochs it restored, not the time lost to the interruption and the
@@ -14,7 +14,7 @@ loop of steps (conv models on CPU, streamed data) an inner bar shows the live tr
 accuracy every 10 steps (a scanned epoch is one call, so nothing finer is live there).
 
 With ``noise_pretrain_steps`` the fresh state is first trained on noise
-(``pfa_jax.train.noise_pretrain``); ``augment`` is applied to every training batch.
+(``pfa_jax.app.pretrain``); ``augment`` is applied to every training batch.
 
 ``resume=True`` continues a run directory from its newest checkpoint: ``metrics.jsonl`` is cut back
 to the checkpoint's epoch and training goes on to ``config.epochs`` (which may be larger than the
@@ -28,11 +28,11 @@ the first ``sharpness_examples`` training examples; adversarial and noise robust
 scale): the perturbation of channel ``c`` is scaled by ``1 / std_c`` of the standardisation and
 adversarial images are clipped to the standardised images of pixel values 0 and 1.
 
-Streamed datasets (``pfa_jax.streaming``: ``imagenet2012``) do not fit in memory. Their epochs are a
+Streamed datasets (``pfa_jax.app.streaming``: ``imagenet2012``) do not fit in memory. Their epochs are a
 Python loop of one jitted ``train.train_step`` (state donated) per prefetched batch (an inner progress
 bar counts the steps), evaluation a loop of jitted ``train.eval_step``, with the same per-epoch
 records, checkpoints, resume and divergence guard. Every batch depends on ``(seed, epoch)`` only (see
-``pfa_jax.streaming``). ``image_size`` (a config key that only these datasets take; 0 or absent: 224)
+``pfa_jax.app.streaming``). ``image_size`` (a config key that only these datasets take; 0 or absent: 224)
 sets the crop size. ``augment`` must be ``'none'``: the training batches always get the standard
 random-resized crop and flip. The fixed-batch and closing measurements use the first examples of a
 split, centre-cropped as for evaluation and held in memory: gradient alignment the first
@@ -53,9 +53,10 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from pfa_jax import data, metrics, models, plots, sources, streaming, train
-from pfa_jax.checkpoint import Checkpoints
-from pfa_jax.config import rule_spec, validate
+from pfa_jax import metrics, models, train
+from pfa_jax.app import data, plots, pretrain, sources, streaming
+from pfa_jax.app.checkpoint import Checkpoints
+from pfa_jax.app.config import rule_spec, validate
 from pfa_jax.optim import OptimizerConfig
 
 
@@ -203,7 +204,7 @@ def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: b
     if first:
         state = checkpoints.restore(first, state)
     elif config.noise_pretrain_steps:
-        state, _ = train.noise_pretrain(state, jax.random.fold_in(key, 2**31),
+        state, _ = pretrain.noise_pretrain(state, jax.random.fold_in(key, 2**31),
                                         config.noise_pretrain_steps, config.batch_size,
                                         dataset.num_classes)
     record = json.loads(kept[-1]) if kept else {}

@@ -1,7 +1,7 @@
 """Datasets too large for memory (ImageNet), read batch by batch from tfds array_record files, without
 TensorFlow.
 
-    dataset = pfa_jax.streaming.load("imagenet2012", data_dir="~/tensorflow_datasets")
+    dataset = pfa_jax.app.streaming.load("imagenet2012", data_dir="~/tensorflow_datasets")
     for batch in dataset.train_batches(256, seed=0, epoch=3):   # {'image': (256, 224, 224, 3), 'label'}
         ...
     for batch in dataset.eval_batches(500):                      # the validation split, with 'mask'
@@ -16,7 +16,7 @@ preprocessed in a thread pool of `workers` threads, `prefetch` batches ahead of 
 
 Splits: ``train`` for training; the official ``validation`` split (50,000 images) is the test set
 (ImageNet's test split has no labels). ``limit=n`` keeps the first ``n`` records of each split (in
-stored order: tfds stores records in a fixed shuffled order), as ``pfa_jax.data.load`` does.
+stored order: tfds stores records in a fixed shuffled order), as ``pfa_jax.app.data.load`` does.
 ``holdout`` (a validation set cut from the training split) and ``pad_to`` are not supported and
 raise. 1000 classes.
 
@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from pfa_jax import data
+from pfa_jax.app import data
 
 DATASETS = data.STREAMED_DATASETS
 NUM_CLASSES = 1000
@@ -179,7 +179,7 @@ class StreamedDataset:
         return np.concatenate(images), np.concatenate(labels)
 
     def subset(self, train_count: int, test_count: int) -> data.Dataset:
-        """An in-memory ``pfa_jax.data.Dataset`` of the first ``train_count`` training and
+        """An in-memory ``pfa_jax.app.data.Dataset`` of the first ``train_count`` training and
         ``test_count`` validation examples, centre-cropped (for measurements on a fixed subset)."""
         return data.Dataset(self.name, *self.arrays("train", train_count),
                             *self.arrays("test", test_count), self.num_classes, self.mean, self.std)

@@ -6,15 +6,15 @@
     pfa-jax train --resume --out runs/DIR --epochs 40     # continue from the newest checkpoint
     pfa-jax rules | models
 
-Flags set the common keys of ``pfa_jax.config.default_config()``; ``--set key=value`` sets any key.
+Flags set the common keys of ``pfa_jax.app.config.default_config()``; ``--set key=value`` sets any key.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from pfa_jax import config as config_lib
 from pfa_jax import models, rules
+from pfa_jax.app import config as config_lib
 
 _FLAGS = {"rule": str, "model": str, "dataset": str, "epochs": int, "batch_size": int, "seed": int}
 
@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "models":
         print("\n".join(models.names()))
         return 0
-    from pfa_jax import experiment  # imports JAX-heavy modules only when training
-    from pfa_jax.checkpoint import CheckpointError
+    from pfa_jax.app import experiment  # imports JAX-heavy modules only when training
+    from pfa_jax.app.checkpoint import CheckpointError
 
     flags = [f"{name}={getattr(args, name)}" for name in _FLAGS if getattr(args, name) is not None]
     try:

@@ -8,16 +8,16 @@ Keys:
 * ``model`` / ``model_options``: a name of ``pfa_jax.models.names()`` and its options.
 * ``rule`` / ``rule_options``: a name of ``pfa_jax.rules.names()`` and its options;
   ``layer_rules`` maps layer paths to rule names that override ``rule`` (e.g. ``{'output': 'bp'}``).
-* ``dataset``, ``data_dir``, ``holdout``, ``pad_to``, ``limit``: see ``pfa_jax.data.load``.
-* ``image_size``: the crop size of streamed datasets (``pfa_jax.streaming``; 0: 224); in-memory
+* ``dataset``, ``data_dir``, ``holdout``, ``pad_to``, ``limit``: see ``pfa_jax.app.data.load``.
+* ``image_size``: the crop size of streamed datasets (``pfa_jax.app.streaming``; 0: 224); in-memory
   datasets keep their size and take only 0.
 * ``augment``: a training-time augmentation of ``pfa_jax.augment.AUGMENTATIONS`` (``crop_flip``:
   the CIFAR pad-4 crop and horizontal flip).
 * ``noise_pretrain_steps``: train steps on Gaussian noise with random labels before the data
-  (``pfa_jax.train.noise_pretrain``; 0: none), at ``batch_size``.
+  (``pfa_jax.app.pretrain``; 0: none), at ``batch_size``.
 * ``epochs``, ``batch_size``, ``eval_batch_size``, ``seed``.
 * ``optimizer``: the fields of ``pfa_jax.optim.OptimizerConfig`` (``steps_per_epoch`` is derived).
-* Metrics (``pfa_jax.metrics``; see ``pfa_jax.experiment``): every epoch, gradient alignment on the
+* Metrics (``pfa_jax.metrics``; see ``pfa_jax.app.experiment``): every epoch, gradient alignment on the
   first ``metrics_batch_size`` test examples (0: off). At the end, when asked:
   ``sharpness`` (bool) on the first ``sharpness_examples`` training examples with
   ``sharpness_iterations``, ``sharpness_tolerance`` and ``sharpness_probes``;
@@ -32,8 +32,9 @@ from typing import Iterable
 
 import ml_collections
 
-from pfa_jax import augment, data, models, rules
+from pfa_jax import augment, models, rules
 from pfa_jax import nn as pnn
+from pfa_jax.app import data
 from pfa_jax.optim import OptimizerConfig
 
 
@@ -130,7 +131,7 @@ def _check_streamed(config: ml_collections.ConfigDict) -> None:
         for key, plain in (("augment", "none"), ("holdout", 0), ("pad_to", 0)):
             if config[key] != plain:
                 raise ValueError(f"config {key}={config[key]!r} is for in-memory datasets; "
-                                 f"{config.dataset} is streamed (pfa_jax.streaming: random-resized "
+                                 f"{config.dataset} is streamed (pfa_jax.app.streaming: random-resized "
                                  f"crop and flip, the validation split as test set): use {key}={plain!r}")
     elif config.image_size:
         raise ValueError(f"config image_size={config.image_size!r} applies to streamed datasets "
@@ -141,7 +142,7 @@ def _check_streamed(config: ml_collections.ConfigDict) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks every key before any data is read or anything compiled; errors name the key, the bad
     value and what is valid. (Whether the model fits the dataset's images is checked once the data
-    is loaded, by ``pfa_jax.experiment``.)"""
+    is loaded, by ``pfa_jax.app.experiment``.)"""
     for key, valid in (("model", models.names()), ("rule", rules.names()),
                        ("dataset", data.DATASETS)):
         if config[key] not in valid:
