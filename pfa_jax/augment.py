@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+__all__ = ["apply", "AUGMENTATIONS", "check", "crop_flip"]
+
 AUGMENTATIONS = ("none", "crop_flip")
 
 

@@ -29,6 +29,9 @@ from flax import traverse_util
 from pfa_jax import nn as pnn
 from pfa_jax import rules
 
+__all__ = ["feedback_labels", "FIXED", "kernels_and_feedback", "label", "Layer", "layer_key",
+           "merge", "mirror", "MIRRORED", "PLASTIC", "select", "Table", "table"]
+
 PLASTIC, FIXED, MIRRORED = "plastic", "fixed", "mirrored"
 
 

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+__all__ = ["Loop", "LOOPS", "resolve", "stack", "weighted_mean"]
+
 LOOPS = ("auto", "scan", "steps")
 
 

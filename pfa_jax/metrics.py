@@ -1,4 +1,4 @@
-"""Measurements of learning without weight transport (SPEC.md, "Metrics").
+"""Measurements of learning without weight transport.
 
 Every function takes a ``TrainState`` (``pfa_jax.train``), or a Flax NNX model of ``pfa_jax.nnx``
 (measured as its linen twin, ``pfa_jax.nnx.linen_state``), and a batch ``{'image', 'label'}`` or (where
@@ -45,6 +45,11 @@ from pfa_jax import loops
 from pfa_jax import nn as pnn
 from pfa_jax.nnx.train import linen_state
 from pfa_jax.train import apply_with_rule, cross_entropy, eval_step, step_rngs
+
+__all__ = ["adversarial", "alignment", "angle", "as_state", "attack_images", "ATTACKS",
+           "check_attack", "corruption", "gradient_alignment", "GRADIENTS",
+           "hessian_vector_product", "input_gradient", "kernels_and_feedback", "layer_gradients",
+           "sharpness"]
 
 ATTACKS = ("fgsm", "pgd")
 GRADIENTS = ("true", "rule")

@@ -54,6 +54,10 @@ from flax.linen.dtypes import promote_dtype
 
 from pfa_jax import rules
 
+__all__ = ["add_taps", "backprop", "bind_classes", "check_rule_map", "Conv", "DEFAULT", "Dense",
+           "layer_paths", "layer_rule", "PERTURBATION", "PERTURBATIONS", "recording",
+           "resolve_rule", "RuleSpec", "TAPS"]
+
 RuleSpec = Any  # Rule | str | Mapping[str, Rule | str]
 DEFAULT = "default"
 TAPS = "error_taps"  # output-error taps of DFA layers, sown when this collection is mutable

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+__all__ = ["build", "hyperparameters", "multistep", "OptimizerConfig", "OPTIMIZERS", "Schedule"]
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 Schedule = Callable[[Any], Any]
 

@@ -50,6 +50,11 @@ from pfa_jax import loops
 from pfa_jax import nn as pnn
 from pfa_jax.optim import build, hyperparameters
 
+__all__ = ["apply_with_rule", "AXIS", "batch_mesh", "create_train_state", "cross_entropy",
+           "eval_step", "evaluate", "FEEDBACK_STREAM", "mirror", "replicate", "replicate_on",
+           "shard_batch", "split_batch", "step_rngs", "train_epoch", "train_step", "TrainState",
+           "unreplicate"]
+
 AXIS = "batch"
 FEEDBACK_STREAM = "feedback"  # the RNG stream of rules that redraw feedback every step (brsf)
 

@@ -1,8 +1,8 @@
-"""Property-based tests (hypothesis) of every rule's dense and conv ops (SPEC.md: "Layouts and notation",
+"""Property-based tests (hypothesis) of every rule's dense and conv ops (the rules' layouts and equations,
 "Layer-wise rules", "PFA details", "Initialisation of feedback").
 
 Random layers (dense, or 2-D NHWC convs with random strides, paddings, dilations and feature groups), random
-rule options and float32 / float64 data are checked against references written here from the SPEC:
+rule options and float32 / float64 data are checked against references written here from the papers' equations:
 
 1. the forward pass of every rule equals a plain ``x @ K`` / ``lax.conv_general_dilated``;
 2. the three cotangents equal references: ``dx`` is ``jax.vjp`` of the plain op at the hand-computed
@@ -167,7 +167,7 @@ SOME_RULES = st.builds(make_rules, names=st.sampled_from(HALVES), **OPTIONS)
 
 
 # --------------------------------------------------------------------------------------------------
-# References from the SPEC
+# References from the papers' equations
 # --------------------------------------------------------------------------------------------------
 
 def random_feedback(rule, kernel, seed):
@@ -185,7 +185,7 @@ def masked_r(fb):
 
 
 def reference_feedback(rule, kernel, fb, key):
-    """The SPEC's effective feedback ``F`` in kernel layout, by hand in NumPy (xavier-uniform init, so
+    """The papers' effective feedback ``F`` in kernel layout, by hand in NumPy (xavier-uniform init, so
     ``std = sqrt(2 / (fan_in + fan_out))`` and ``E|M| = limit / 2 = sqrt(3) std / 2``). brsf: ``|M| sign K``
     for the draw ``M`` with ``key``, its expectation ``E|M| sign K`` without one. Sparse usf:
     ``std sign(K) mask / sqrt(density)``."""
@@ -220,7 +220,7 @@ def dfa_projection(e, b, x_shape):
 
 
 def reference_cotangents(rule, layer, x, kernel, fb, key, cotangent):
-    """``(dx, dK, dfb)`` from the SPEC; ``cotangent`` is ``g`` (DFA: ``(g, e)``)."""
+    """``(dx, dK, dfb)`` from the papers' equations; ``cotangent`` is ``g`` (DFA: ``(g, e)``)."""
     x, kernel, fb, cotangent = jax.tree.map(np.asarray, (x, kernel, fb, cotangent))
     if rule.name == "dfa":
         (g, e), f = cotangent, kernel

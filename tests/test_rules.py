@@ -1,10 +1,10 @@
-"""Every rule's custom backward against independent reference computations (SPEC.md: "Layer-wise rules",
-"PFA details", "Initialisation of feedback").
+"""Every rule's custom backward against independent reference computations (the rules' equations,
+as each rule module's docstring states them, PFA's details and the initialisation of feedback).
 
-The references are written here from the SPEC's formulas: explicit ``g F^T`` / ``x^T g`` products for dense
+The references are written here from the papers' formulas: explicit ``g F^T`` / ``x^T g`` products for dense
 layers, and ``jax.vjp`` of a plain ``lax.conv_general_dilated`` evaluated at the hand-computed effective
 feedback ``F`` for conv layers. No expected value is built with ``pfa_jax.rules.ops`` or a rule's own
-helpers, except where the SPEC defines it through the rule's init distribution (``rule.kernel_init()``).
+helpers, except where the papers define it through the rule's init distribution (``rule.kernel_init()``).
 
 Speed: test data comes from NumPy and keys are "rbg" keys, and a small set of shapes is reused, because on
 CPU every new shape is a new XLA compile (seconds for a default-threefry draw of a 4-D shape).
@@ -27,7 +27,7 @@ from pfa_jax import models, train
 from pfa_jax.rules import product_feedback
 
 RTOL, ATOL = 1e-4, 1e-5
-ALL_NAMES = ("bp", "fa", "usf", "brsf", "frsf", "kp", "pfa", "pfa_o")
+ALL_NAMES = tuple(n for n in R.names() if n not in ("wm", "dfa"))  # wm, dfa: tests of their own
 PFA_NAMES = ("pfa", "pfa_o")
 
 
@@ -131,7 +131,7 @@ def masked_r(fb):
 
 
 def reference_feedback(rule, kernel, fb, key):
-    """The SPEC's effective feedback ``F`` (kernel layout), computed by hand."""
+    """The papers' effective feedback ``F`` (kernel layout), computed by hand."""
     if rule.name == "bp":
         return kernel
     if rule.name in ("fa", "kp"):
@@ -160,7 +160,7 @@ def reference_feedback_cotangent(rule, fb, dkernel, pfa_dr):
 
 
 def dense_reference(rule, x, kernel, fb, key, g):
-    """(y, (dx, dK, dfb)) from the SPEC's dense formulas: ``g F^T``, ``x^T g``, ``x^T (g Bp)``."""
+    """(y, (dx, dK, dfb)) from the papers' dense formulas: ``g F^T``, ``x^T g``, ``x^T (g Bp)``."""
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
     f = reference_feedback(rule, kernel, fb, key)
     dkernel = x2.T @ g2
@@ -310,7 +310,7 @@ def test_bp_equals_plain_autodiff(x_shape, kernel_shape, conv_kwargs, reference)
 @pytest.mark.parametrize("case", [c for c in RULE_CASES if RULE_CASES[c][0] != "brsf"])
 @pytest.mark.parametrize("kernel_shape", [(5, 3), (3, 3, 4, 6)], ids=["dense", "conv"])
 def test_effective_feedback_matches_spec(case, kernel_shape):
-    """``effective_feedback`` is the SPEC's ``F`` (brsf reports an expectation: tested below)."""
+    """``effective_feedback`` is the papers' ``F`` (brsf reports an expectation: tested below)."""
     rule, _, kernel, fb, _ = make_case(*RULE_CASES[case], (1, kernel_shape[-2]), kernel_shape)
     f = rule.effective_feedback(kernel, fb)
     assert f.shape == kernel.shape
@@ -549,7 +549,7 @@ def dfa_feedback_shape(kernel_shape, classes):
 def sparse_reference(rule, key, kernel, fb):
     """``(m, F0, F)`` by hand in NumPy: the mask read off the rule's feedback (``B``'s nonzeros; usf's
     stored 0/1 ``mask``), the dense feedback for the same key (the init draw; ``s sign K`` for usf) and
-    the SPEC'd sparse feedback ``F = m * F0 / sqrt(p)`` in the rule's own layout."""
+    the papers' sparse feedback ``F = m * F0 / sqrt(p)`` in the rule's own layout."""
     if rule.name == "usf":
         mask = np.asarray(fb["mask"])
         assert set(np.unique(mask)) <= {0.0, 1.0}

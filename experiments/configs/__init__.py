@@ -1,7 +1,7 @@
 """One module per experiment, each a Python file of code (the big_vision habit):
 
 * ``get_config()`` returns the experiment's base run config (a ``pfa_jax.app.config.default_config()``
-  with the paper's settings; see SPEC.md), overridable from the command line with ``--set``;
+  with the paper's settings), overridable from the command line with ``--set``;
 * ``runs()`` returns the sweep: a list of ``common.Run`` (a run directory name, the labels the
   report groups and tabulates by, and the config values that differ from the base);
 * optional ``PLOT_AXIS``: a numeric label the report plots final accuracy against.

@@ -1,5 +1,5 @@
-"""The sparse-feedback sweep of the PFA paper (SPEC.md): fixed Bernoulli(density) masks on the
-feedback of FA, DFA, uSF (SPEC's "SF") and PFA, density in {1, .5, .3, .17, .1, .05}, ffn2 with the
+"""The sparse-feedback sweep of the PFA paper: fixed Bernoulli(density) masks on the
+feedback of FA, DFA, uSF (the paper's "SF") and PFA, density in {1, .5, .3, .17, .1, .05}, ffn2 with the
 Fig. 2 schedule."""
 from experiments.configs import common
 

@@ -1,4 +1,4 @@
-"""What the experiment configs share: the papers' base settings (SPEC.md), their per-rule
+"""What the experiment configs share: the papers' base settings, their per-rule
 exceptions, and sweeps as lists of ``Run``.
 
 Every forward layer is xavier-uniform with zero bias for every rule (the rules' default ``init``);
@@ -12,9 +12,10 @@ import re
 
 import ml_collections
 
+from pfa_jax import rules
 from pfa_jax.app.config import default_config
 
-ALL_RULES = ("bp", "fa", "usf", "brsf", "frsf", "kp", "wm", "pfa", "pfa_o", "dfa")
+ALL_RULES = rules.names()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,7 @@ def _first_epoch_wd(first: float, then: float) -> dict:
     return {"optimizer.weight_decay": (first, then), "optimizer.wd_milestones": (1,)}
 
 
-# Per-rule exceptions of each paper setting. SPEC.md names PFA's first-epoch weight decay for
+# Per-rule exceptions of each paper setting. The PFA paper names its first-epoch weight decay for
 # "PFA / PFA-o" in Fig. 2 and for "PFA" in Figs. 4 and 5; PFA-o is the same rule with r = 1 and an
 # orthogonal Bp, whose R equally needs the large first-epoch decay to converge, so it gets it too.
 RULE_SETTINGS = {

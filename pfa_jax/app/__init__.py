@@ -11,3 +11,6 @@ directories (metrics, plots, checkpoints) and the experiment runner's training l
 Nothing here is imported by ``import pfa_jax``; import the modules you use, e.g.
 ``from pfa_jax.app import data``.
 """
+
+__all__ = ["checkpoint", "cli", "config", "data", "experiment", "plots", "pretrain", "sources",
+           "streaming"]

@@ -13,6 +13,8 @@ import orbax.checkpoint as ocp
 
 from pfa_jax.train import TrainState
 
+__all__ = ["CheckpointError", "Checkpoints"]
+
 
 def _arrays(state: TrainState) -> dict:
     return {"step": state.step, "params": state.params, "feedback": state.feedback,

@@ -16,6 +16,8 @@ import sys
 from pfa_jax import models, rules
 from pfa_jax.app import config as config_lib
 
+__all__ = ["main"]
+
 _FLAGS = {"rule": str, "model": str, "dataset": str, "epochs": int, "batch_size": int, "seed": int}
 
 

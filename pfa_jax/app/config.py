@@ -37,6 +37,8 @@ from pfa_jax import nn as pnn
 from pfa_jax.app import data
 from pfa_jax.optim import OptimizerConfig
 
+__all__ = ["default_config", "override", "rule_spec", "set_value", "validate"]
+
 
 def default_config() -> ml_collections.ConfigDict:
     """Every key with its default. Not type-locked: a schedule value may replace a scalar, e.g.

@@ -38,6 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
+__all__ = ["Dataset", "DATASETS", "DEFAULT_FASHION_MNIST_DIR", "load", "load_idx_dir", "read_idx",
+           "STREAMED_DATASETS"]
+
 STREAMED_DATASETS = ("imagenet2012",)  # read by pfa_jax.app.streaming, not by `load`
 DATASETS = ("fashion_mnist", "mnist", "cifar10") + STREAMED_DATASETS
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

@@ -59,12 +59,15 @@ from pfa_jax.app.checkpoint import Checkpoints
 from pfa_jax.app.config import rule_spec, validate
 from pfa_jax.optim import OptimizerConfig
 
+__all__ = ["check_fits", "check_metrics_config", "DivergenceError", "format_record", "load_config",
+           "machine", "run"]
+
 
 class DivergenceError(RuntimeError):
     """The training loss or the parameters became non-finite."""
 
 
-def check_finite(state, losses, epoch: int, out: pathlib.Path) -> None:
+def _check_finite(state, losses, epoch: int, out: pathlib.Path) -> None:
     """Raises ``DivergenceError`` naming the epoch (1-based) and step of the first non-finite loss,
     or the epoch whose parameters are non-finite; earlier epochs' checkpoints stay as they are."""
     finite = np.isfinite(losses)
@@ -78,7 +81,7 @@ def check_finite(state, losses, epoch: int, out: pathlib.Path) -> None:
         "rate and start again, or --resume with a changed config")
 
 
-def prepare_run_dir(out: str | pathlib.Path, overwrite: bool) -> pathlib.Path:
+def _prepare_run_dir(out: str | pathlib.Path, overwrite: bool) -> pathlib.Path:
     out = pathlib.Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -123,7 +126,7 @@ def _split(images, labels, count: int, batch_size: int) -> list[dict]:
             for i in range(0, min(count, len(labels)), batch_size)]
 
 
-def closing_metrics(state, dataset: data.Dataset, config: ml_collections.ConfigDict, key) -> dict:
+def _closing_metrics(state, dataset: data.Dataset, config: ml_collections.ConfigDict, key) -> dict:
     """Sharpness, adversarial and noise robustness, as far as ``config`` asks for them."""
     results = {}
     if config.sharpness:
@@ -193,7 +196,7 @@ def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: b
     optimizer = OptimizerConfig.create(config.optimizer, steps_per_epoch=steps_per_epoch)
     heldout = (_split(*source.heldout(config.metrics_batch_size), config.metrics_batch_size,
                       config.metrics_batch_size)[0] if config.metrics_batch_size else None)
-    out = pathlib.Path(out) if resume else prepare_run_dir(out, overwrite)
+    out = pathlib.Path(out) if resume else _prepare_run_dir(out, overwrite)
     (out / "config.json").write_text(config.to_json(indent=2) + "\n")
 
     key = jax.random.key(config.seed)
@@ -218,7 +221,7 @@ def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: b
             state, steps = source.train_epoch(state, jax.random.fold_in(key, epoch), epoch,
                                               progress)
             steps = jax.device_get(steps)
-            check_finite(state, steps["loss"], epoch, out)
+            _check_finite(state, steps["loss"], epoch, out)
             test = source.evaluate(state)
             gradients = {} if heldout is None else {
                 "gradient_alignment": _floats(metrics.gradient_alignment(state, heldout))}
@@ -247,7 +250,7 @@ def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: b
                      f"{config.rule} seed {config.seed}")
     summary = {**record, "wall_time": time.perf_counter() - start, "steps": int(state.step),
                "machine": machine(),
-               **closing_metrics(state, source.closing(), config,
+               **_closing_metrics(state, source.closing(), config,
                                  jax.random.fold_in(key, config.epochs))}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -12,6 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
+__all__ = ["run_curves"]
+
 
 def _layer_series(records: list[dict], group: str, key: str) -> dict[str, list[float]]:
     layers = records[-1].get(group, {})

@@ -28,6 +28,8 @@ from tqdm import tqdm
 from pfa_jax import loops, train
 from pfa_jax.app import data, streaming
 
+__all__ = ["for_config", "InMemory", "Streamed"]
+
 
 def _load_options(config: ml_collections.ConfigDict) -> dict:
     """The keyword arguments of ``data.load`` and ``streaming.load`` that ``config`` sets."""

@@ -52,6 +52,10 @@ from PIL import Image
 
 from pfa_jax.app import data
 
+__all__ = ["crop_box", "CROP_RATIO", "CROP_SCALE", "DATASETS", "eval_crop", "HOW_TO_PREPARE",
+           "IMAGE_SIZE", "load", "MEAN", "NUM_CLASSES", "RESIZE_RATIO", "STD", "StreamedDataset",
+           "TEST_SPLIT", "train_crop", "TRAIN_SPLIT"]
+
 DATASETS = data.STREAMED_DATASETS
 NUM_CLASSES = 1000
 IMAGE_SIZE = 224

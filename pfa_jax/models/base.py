@@ -20,6 +20,8 @@ import jax.numpy as jnp
 
 from pfa_jax import nn as pnn
 
+__all__ = ["Layers", "Model"]
+
 
 class Layers(nn.Module):
     """A module made of rule-following layers and BatchNorm."""

@@ -12,6 +12,8 @@ import flax.linen as nn
 from pfa_jax import nn as pnn
 from pfa_jax.models.base import Model
 
+__all__ = ["LeNet"]
+
 
 class LeNet(Model):
     @nn.compact

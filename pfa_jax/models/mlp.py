@@ -10,6 +10,8 @@ import flax.linen as nn
 
 from pfa_jax.models.base import Model
 
+__all__ = ["MLP"]
+
 
 class MLP(Model):
     widths: tuple[int, ...] = (512, 512)

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 
 from pfa_jax.models.base import Layers, Model
 
+__all__ = ["BasicBlock", "CifarResNet", "ImageNetResNet", "ResNet"]
+
 
 class BasicBlock(Layers):
     features: int = 16

@@ -37,6 +37,9 @@ from pfa_jax import layers as player
 from pfa_jax import nn as pnn
 from pfa_jax import rules
 
+__all__ = ["add_taps", "Conv", "Feedback", "FixedFeedback", "Linear", "mirror", "MirroredFeedback",
+           "PlasticFeedback", "rule_layers", "RuleLayer", "VARIABLE_TYPES"]
+
 
 class Feedback(nnx.Variable):
     """A feedback array of a rule layer."""

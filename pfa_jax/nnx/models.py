@@ -23,6 +23,8 @@ from pfa_jax import models as linen_models
 from pfa_jax import nn as pnn
 from pfa_jax.nnx.layers import Conv, Linear, add_taps
 
+__all__ = ["BasicBlock", "CifarResNet", "get", "ImageNetResNet", "LeNet", "MLP", "Model", "ResNet"]
+
 
 class Model(nnx.Module):
     """What every model shares: per-layer rules, conv + BatchNorm, the classifier head."""

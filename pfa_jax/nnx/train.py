@@ -36,6 +36,9 @@ from pfa_jax import train
 from pfa_jax.nnx.layers import Feedback, PlasticFeedback, mirror
 from pfa_jax.optim import hyperparameters
 
+__all__ = ["eval_step", "from_linen", "LINEN_COLLECTIONS", "linen_state", "optimizer", "to_linen",
+           "train_step", "TRAINED"]
+
 TRAINED = nnx.Any(nnx.Param, PlasticFeedback)
 LINEN_COLLECTIONS = {"params": nnx.Param, "feedback": Feedback, "batch_stats": nnx.BatchStat}
 _NO_OPTIMIZER = optax.identity()

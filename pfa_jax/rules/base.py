@@ -6,7 +6,7 @@ A rule leaves the forward pass identical to backprop, ``y = op(x, K)``, and the 
 and how its feedback state learns. Gradients taken with respect to the feedback arrays are the rule's
 feedback-learning signals, so one ``jax.value_and_grad`` over ``(params, feedback)`` trains both.
 
-Initialisation of feedback (SPEC.md):
+Initialisation of feedback (as in the papers' code):
 
 * every feedback array is drawn independently of ``K`` from ``K``'s own init distribution, named by the
   rule option ``init`` (default ``'xavier_uniform'``, as in the papers' code); the layers in
@@ -41,6 +41,9 @@ import jax
 import jax.numpy as jnp
 
 from pfa_jax.rules import ops
+
+__all__ = ["check_density", "DrawnFeedbackRule", "fans", "Feedback", "feedback_linear", "INITS",
+           "KernelFeedbackRule", "Rule", "soft_align", "SparseFeedback"]
 
 # name -> (scale, fan mode, distribution) of jax.nn.initializers.variance_scaling; std = sqrt(scale/fan).
 INITS = {

@@ -8,6 +8,8 @@ import dataclasses
 
 from pfa_jax.rules.base import Rule
 
+__all__ = ["BP"]
+
 
 @dataclasses.dataclass(frozen=True)
 class BP(Rule):

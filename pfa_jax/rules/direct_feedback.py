@@ -46,6 +46,8 @@ from jax.custom_derivatives import SymbolicZero
 from pfa_jax.rules import ops
 from pfa_jax.rules.base import Rule, SparseFeedback
 
+__all__ = ["DFA", "dfa_linear", "MissingTapError", "project_error"]
+
 
 def project_error(e, b, x_shape):
     """The fixed projection of the output error ``e: (n, classes)`` onto an input of ``x_shape``."""

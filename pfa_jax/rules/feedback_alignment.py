@@ -22,6 +22,8 @@ from jax import lax
 
 from pfa_jax.rules.base import DrawnFeedbackRule, SparseFeedback
 
+__all__ = ["FA", "KP"]
+
 
 @dataclasses.dataclass(frozen=True)
 class FA(SparseFeedback, DrawnFeedbackRule):

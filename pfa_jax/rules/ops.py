@@ -22,6 +22,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+__all__ = ["conv_op", "ConvOp", "DenseOp", "input_grad", "kernel_grad", "PADDING_CHOICES",
+           "window_size"]
+
 PADDING_CHOICES = "'SAME', 'VALID', an int, or one (low, high) pair per spatial dimension"
 
 

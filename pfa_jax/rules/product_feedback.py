@@ -44,6 +44,8 @@ from jax import lax
 from pfa_jax.rules import ops
 from pfa_jax.rules.base import Rule, check_density
 
+__all__ = ["choose_route", "PFA", "pfa_linear", "PFAOrthogonal", "route_costs", "ROUTES"]
+
 ROUTES = ("auto", "mid", "product")
 
 

@@ -29,6 +29,8 @@ from jax import lax
 
 from pfa_jax.rules.base import DrawnFeedbackRule, KernelFeedbackRule, SparseFeedback
 
+__all__ = ["BRSF", "FRSF", "USF"]
+
 
 @dataclasses.dataclass(frozen=True)
 class USF(SparseFeedback, KernelFeedbackRule):

@@ -24,6 +24,8 @@ from jax import lax
 
 from pfa_jax.rules.base import DrawnFeedbackRule
 
+__all__ = ["WM"]
+
 
 @dataclasses.dataclass(frozen=True)
 class WM(DrawnFeedbackRule):
