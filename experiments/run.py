@@ -38,7 +38,7 @@ import ml_collections  # noqa: E402
 
 from experiments import configs  # noqa: E402
 from pfa_jax.app import config as config_lib  # noqa: E402
-from pfa_jax.app import experiment  # noqa: E402
+from pfa_jax.app import experiment, spec  # noqa: E402
 
 DEFAULT_OUT = pathlib.Path(__file__).parent / "results"
 
@@ -78,10 +78,10 @@ def hardware() -> dict:
 def train_one(config_json: str, run_dir: str, progress: bool) -> dict:
     """Trains (or resumes) one run; returns its summary, or ``{'diverged': message}``."""
     run_dir = pathlib.Path(run_dir)
-    config = ml_collections.ConfigDict(json.loads(config_json), type_safe=False)
+    config = config_lib.from_json(config_json)
     resume = state(run_dir) == "partial"
     try:
-        return experiment.run(config, run_dir, overwrite=not resume, progress=progress,
+        return experiment.run(spec.resolve(config), run_dir, overwrite=not resume, progress=progress,
                               resume=resume)
     except experiment.DivergenceError as error:
         (run_dir / "diverged.json").write_text(json.dumps({"error": str(error)}, indent=2) + "\n")
@@ -152,8 +152,7 @@ def main(argv=None) -> int:
         for name, runs in sweeps.items():
             for run in runs:
                 config = run_config(name, run, args.set)
-                config_lib.validate(config)
-                experiment.check_metrics_config(config)
+                spec.resolve(config)
                 jobs.append((name, run, config))
     except ValueError as error:
         print(f"experiments.run: error: {error}", file=sys.stderr)

@@ -25,14 +25,14 @@ def run_all() -> dict:
     sys.path.insert(0, str(ROOT.parent))
     from experiments import configs
     from experiments import run as runner
-    from pfa_jax.app import experiment
+    from pfa_jax.app import experiment, spec
 
     results = {}
     for name, run_name, extra in RUNS:
         run = next(r for r in configs.load(name).runs() if r.name == run_name)
         config = runner.run_config(name, run, SHORT + extra)
         with tempfile.TemporaryDirectory() as out:
-            summary = experiment.run(config, out, progress=False)
+            summary = experiment.run(spec.resolve(config), out, progress=False)
         key = "/".join([name, run_name, *extra])
         results[key] = {k: summary[k] for k in ("train_loss", "train_accuracy", "test_loss",
                                                  "test_accuracy", "alignment",

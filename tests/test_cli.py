@@ -23,14 +23,14 @@ def train_args(fashion_dir, out, *extra):
 def test_train_writes_a_run_directory(fashion_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(train_args(fashion_dir, out, "--rule", "pfa",
-                               "--set", "rule_options.expansion=2")) == 0
+                               "--set", "rule.options.expansion=2")) == 0
     assert "final test accuracy" in capsys.readouterr().out
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     assert set(records[-1]["alignment"]) == {"hidden_0", "output"}
     assert 0.0 <= records[-1]["test_accuracy"] <= 1.0
     config = json.loads((out / "config.json").read_text())
-    assert config["rule"] == "pfa" and config["rule_options"] == {"expansion": 2}
+    assert config["rule"] == {"name": "pfa", "options": {"expansion": 2}, "layers": {}}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 * (256 // 32)
 
@@ -63,9 +63,9 @@ def test_lists(capsys):
 
 def test_train_logs_gradient_alignment_and_closing_metrics(fashion_dir, tmp_path):
     out = tmp_path / "run"
-    metric_options = ["metrics_batch_size=64", "sharpness=True", "sharpness_examples=64",
-                      "sharpness_iterations=5", "sharpness_probes=4", "adversarial_epsilons=(0.0, 0.1)",
-                      "pgd_steps=2", "noise_sigmas=(0.0, 0.5)", "robustness_examples=50"]
+    metric_options = ["metrics_batch_size=64", "sharpness.enabled=True", "sharpness.examples=64",
+                      "sharpness.iterations=5", "sharpness.probes=4", "robustness.adversarial_epsilons=(0.0, 0.1)",
+                      "robustness.pgd_steps=2", "robustness.noise_sigmas=(0.0, 0.5)", "robustness.examples=50"]
     assert cli.main(train_args(fashion_dir, out, "--rule", "fa",
                                *[a for option in metric_options for a in ("--set", option)])) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -87,9 +87,9 @@ def test_train_logs_gradient_alignment_and_closing_metrics(fashion_dir, tmp_path
 
 
 @pytest.mark.parametrize("option, message", [
-    ("adversarial_attacks=('cw',)", "valid attacks: fgsm, pgd"),
-    ("adversarial_epsilons=(-0.1,)", "epsilons must be >= 0"),
-    ("noise_sigmas=(-1.0,)", "noise_sigmas must be >= 0"),
+    ("robustness.attacks=('cw',)", "valid attacks: fgsm, pgd"),
+    ("robustness.adversarial_epsilons=(-0.1,)", "epsilons must be >= 0"),
+    ("robustness.noise_sigmas=(-1.0,)", "noise_sigmas must be >= 0"),
 ])
 def test_bad_metric_options_fail_before_training(fashion_dir, tmp_path, capsys, option, message):
     out = tmp_path / "run"
@@ -118,7 +118,7 @@ def _assert_close(a, b):
 
 
 def test_resume_ends_with_the_metrics_of_an_uninterrupted_run(fashion_dir, tmp_path):
-    rule = ["--rule", "pfa", "--set", "rule_options.expansion=2",
+    rule = ["--rule", "pfa", "--set", "rule.options.expansion=2",
             "--set", "optimizer.weight_decay=(0.01, 1e-4)", "--set", "optimizer.wd_milestones=(1,)"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert cli.main(train_args(fashion_dir, straight, *rule, "--epochs", "4")) == 0

@@ -2,6 +2,7 @@
 records divergence, the report renders from run directories alone, and the Colab notebook runs."""
 import json
 import os
+import pathlib
 import shutil
 
 import pytest
@@ -10,11 +11,11 @@ from test_data import make_fashion_dir
 from experiments import configs, report
 from experiments import run as runner
 from pfa_jax.app import config as config_lib
-from pfa_jax.app import experiment
+from pfa_jax.app import spec
 
 TINY = ["epochs=2", "batch_size=32", "optimizer.lr_milestones=()", "metrics_batch_size=32",
-        "sharpness_examples=64", "sharpness_iterations=3", "sharpness_probes=2",
-        "robustness_examples=64", "pgd_steps=2", "eval_batch_size=100"]
+        "sharpness.examples=64", "sharpness.iterations=3", "sharpness.probes=2",
+        "robustness.examples=64", "robustness.pgd_steps=2", "eval_batch_size=100"]
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +30,8 @@ def test_every_run_of_every_config_validates(name):
     assert runs and len({r.name for r in runs}) == len(runs)
     for run in runs:
         config = runner.run_config(name, run, ["epochs=50"] if "resnet20" in name else [])
-        config_lib.validate(config)
-        experiment.check_metrics_config(config)
-        assert config.rule == run.labels.get("rule", config.rule)
+        spec.resolve(config)
+        assert config.rule.name == run.labels.get("rule", config.rule.name)
         assert config.seed == run.labels["seed"]
 
 
@@ -128,7 +128,7 @@ def test_report_names_the_machine_of_each_row_only_when_runs_ran_on_several():
 def test_diverging_run_is_recorded_and_the_sweep_goes_on(fashion_dir, tmp_path, capsys):
     out = tmp_path / "results"
     assert _run(out, fashion_dir, "--only", "bp-depth2*", "--set", "optimizer.learning_rate=1e9",
-                "--set", "adversarial_epsilons=()", "--set", "sharpness=False") == 0
+                "--set", "robustness.adversarial_epsilons=()", "--set", "sharpness.enabled=False") == 0
     assert "bp-depth2-seed0: diverged: training diverged in epoch 1" in capsys.readouterr().out
     text = report.render(out, tmp_path / "RESULTS.md")
     assert "1 diverged" in text and "`bp-depth2-seed0` diverged: training diverged" in text
@@ -154,3 +154,25 @@ def test_colab_notebook_runs(fashion_dir, tmp_path, monkeypatch):
     assert set(namespace["summaries"]) == {"bp", "pfa"}
     assert [r["epoch"] for r in namespace["records"]["pfa"]] == [1, 2]
     assert (tmp_path / "runs" / "colab-pfa" / "curves.png").exists()
+
+
+def test_every_committed_run_config_migrates_to_its_experiment_config():
+    """config.json files written before the config had sections (every committed run's) migrate
+    to exactly the config the experiment gives today, and resolve."""
+    results = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "results"
+    paths = sorted(results.glob("*/*/config.json"))
+    assert len(paths) > 100
+    for path in paths:
+        name, run_name = path.parts[-3], path.parts[-2]
+        run = next(r for r in configs.load(name).runs() if r.name == run_name)
+        migrated = config_lib.from_json(path.read_text())
+        assert migrated.to_dict() == runner.run_config(name, run).to_dict(), path
+    spec.resolve(migrated)
+
+
+def test_old_config_keys_given_to_set_name_their_new_place():
+    config = config_lib.default_config()
+    for old, new in [("rule_options.rho", "rule.options.rho"), ("rule", "rule.name"),
+                     ("sharpness", "sharpness.enabled"), ("pgd_steps", "robustness.pgd_steps")]:
+        with pytest.raises(ValueError, match=f"config key '{old}' is now '{new}'"):
+            config_lib.override(config, [f"{old}=1"])

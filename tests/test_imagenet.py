@@ -17,8 +17,8 @@ from test_data import make_fashion_dir
 from experiments import configs
 from experiments import run as runner
 from pfa_jax import models
-from pfa_jax.app import cli, data, experiment, streaming
-from pfa_jax.app.config import default_config
+from pfa_jax.app import cli, data, experiment, spec, streaming
+from pfa_jax.app.config import default_config, set_value
 
 N_TRAIN, N_VALIDATION = 24, 10
 SIZE = 16  # image_size of the tests; the recipe's 256/224 resize ratio gives 18
@@ -196,8 +196,10 @@ def tiny_config(imagenet_dir, learning_rate=0.01, **values):
     config.optimizer.learning_rate = learning_rate
     config.update({"dataset": "imagenet2012", "data_dir": imagenet_dir, "image_size": SIZE,
                    "model_options": {"widths": (16,)}, "epochs": 2, "batch_size": 8,
-                   "eval_batch_size": 4, "metrics_batch_size": 4, "rule": "pfa", **values})
-    return config
+                   "eval_batch_size": 4, "metrics_batch_size": 4})
+    for key, value in {"rule.name": "pfa", **values}.items():
+        set_value(config, key, value)
+    return spec.resolve(config)
 
 
 def records(out):
@@ -205,9 +207,10 @@ def records(out):
 
 
 def test_streamed_run_records_resumes_and_measures(imagenet_dir, tmp_path):
-    closing = {"sharpness": True, "sharpness_examples": 8, "sharpness_iterations": 2,
-               "sharpness_probes": 2, "adversarial_epsilons": (0.01,), "adversarial_attacks": ("fgsm",),
-               "noise_sigmas": (0.1,), "robustness_examples": 6}
+    closing = {"sharpness.enabled": True, "sharpness.examples": 8, "sharpness.iterations": 2,
+               "sharpness.probes": 2, "robustness.adversarial_epsilons": (0.01,),
+               "robustness.attacks": ("fgsm",), "robustness.noise_sigmas": (0.1,),
+               "robustness.examples": 6}
     summary = experiment.run(tiny_config(imagenet_dir, **closing), tmp_path / "straight",
                              progress=False)
     straight = records(tmp_path / "straight")
@@ -247,7 +250,7 @@ def jax_leaves(record):
 
 def test_streamed_divergence_and_bad_options(imagenet_dir, tmp_path):
     with pytest.raises(experiment.DivergenceError, match="diverged in epoch 1"):
-        experiment.run(tiny_config(imagenet_dir, rule="bp", learning_rate=1e12),
+        experiment.run(tiny_config(imagenet_dir, learning_rate=1e12, **{"rule.name": "bp"}),
                        tmp_path / "run", progress=False)
     with pytest.raises(ValueError, match="augment='crop_flip' is for in-memory datasets"):
         experiment.run(tiny_config(imagenet_dir, augment="crop_flip"), tmp_path / "a", progress=False)

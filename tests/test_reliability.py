@@ -12,7 +12,7 @@ import pytest
 from test_data import make_fashion_dir
 
 from pfa_jax import models
-from pfa_jax.app import cli, config as config_lib, data, experiment
+from pfa_jax.app import cli, config as config_lib, data, experiment, spec
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +33,14 @@ def records(out):
 
 @pytest.mark.parametrize("assignments, message", [
     (["model='vgg'"], "model='vgg' is unknown; valid: ffn2"),
-    (["rule='nope'"], "rule='nope' is unknown; valid: bp, fa"),
+    (["rule.name='nope'"], "name='nope' is unknown; valid: bp, fa"),
     (["dataset='imagenet'"], "dataset='imagenet' is unknown; valid: fashion_mnist"),
-    (["rule='pfa'", "rule_options.expansion=0.5"], "expansion=0.5 must be a finite number >= 1"),
-    (["rule='pfa'", "rule_options.density=0.0"], "density=0.0 must be a finite number in (0, 1]"),
-    (["rule='pfa'", "rule_options.density=1.5"], "density=1.5 must be a finite number in (0, 1]"),
-    (["rule='fa'", "rule_options.rho=1.5"], "rho=1.5 must lie in [-1, 1]"),
-    (["rule='fa'", "rule_options.expansion=3"], "no option(s) ['expansion']"),
-    (["layer_rules={'output': 'nope'}"], "unknown rule 'nope'"),
+    (["rule.name='pfa'", "rule.options.expansion=0.5"], "expansion=0.5 must be a finite number >= 1"),
+    (["rule.name='pfa'", "rule.options.density=0.0"], "density=0.0 must be a finite number in (0, 1]"),
+    (["rule.name='pfa'", "rule.options.density=1.5"], "density=1.5 must be a finite number in (0, 1]"),
+    (["rule.name='fa'", "rule.options.rho=1.5"], "rho=1.5 must lie in [-1, 1]"),
+    (["rule.name='fa'", "rule.options.expansion=3"], "no option(s) ['expansion']"),
+    (["rule.layers={'output': 'nope'}"], "unknown rule 'nope'"),
     (["batch_size=0"], "batch_size=0 must be an int >= 1"),
     (["epochs=-1"], "epochs=-1 must be an int >= 1"),
     (["epochs=2.5"], "epochs=2.5 must be an int >= 1"),
@@ -57,7 +57,7 @@ def records(out):
 def test_config_validation_names_key_value_and_choices(assignments, message):
     config = config_lib.override(config_lib.default_config(), assignments)
     with pytest.raises(ValueError) as error:
-        config_lib.validate(config)
+        spec.resolve(config)
     assert message in str(error.value)
 
 

@@ -9,15 +9,16 @@ from experiments.configs import common
 
 RHOS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
 NOISE_PRETRAIN_STEPS = 2000
-MEASUREMENTS = {"sharpness": True, "adversarial_epsilons": (0.01, 0.03, 0.1),
-                "noise_sigmas": (0.1, 0.2, 0.4)}
+MEASUREMENTS = {"sharpness.enabled": True, "robustness.adversarial_epsilons": (0.01, 0.03, 0.1),
+                "robustness.noise_sigmas": (0.1, 0.2, 0.4)}
 
 
 def feedback_settings(noise_pretrain_steps: int = NOISE_PRETRAIN_STEPS):
     """(label, overrides) of every feedback setting compared."""
-    return ([("bp", {"rule": "bp"}), ("fa", {"rule": "fa"}),
-             ("fa noise-pretrained", {"rule": "fa", "noise_pretrain_steps": noise_pretrain_steps})]
-            + [(f"fa rho={rho}", {"rule": "fa", "rule_options.rho": rho}) for rho in RHOS])
+    return ([("bp", {"rule.name": "bp"}), ("fa", {"rule.name": "fa"}),
+             ("fa noise-pretrained", {"rule.name": "fa",
+                                      "noise_pretrain_steps": noise_pretrain_steps})]
+            + [(f"fa rho={rho}", {"rule.name": "fa", "rule.options.rho": rho}) for rho in RHOS])
 
 
 def runs(seeds, noise_pretrain_steps: int = NOISE_PRETRAIN_STEPS, **axes):

@@ -9,4 +9,4 @@ RULES = ("fa", "dfa", "usf", "pfa")
 
 def runs(seeds):
     return common.sweep("fig2", seeds, rules=RULES,
-                        density=[(d, {"rule_options.density": d}) for d in DENSITIES])
+                        density=[(d, {"rule.options.density": d}) for d in DENSITIES])

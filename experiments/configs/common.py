@@ -13,7 +13,7 @@ import re
 import ml_collections
 
 from pfa_jax import rules
-from pfa_jax.app.config import default_config
+from pfa_jax.app.config import default_config, set_value
 
 ALL_RULES = rules.names()
 
@@ -60,6 +60,13 @@ def resnet18_paper(dataset: str = "imagenet2012") -> ml_collections.ConfigDict:
     return config
 
 
+def set_values(config: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+    """``config`` with the dotted keys of ``values`` set (``pfa_jax.app.config.set_value``)."""
+    for key, value in values.items():
+        set_value(config, key, value)
+    return config
+
+
 def _first_epoch_wd(first: float, then: float) -> dict:
     return {"optimizer.weight_decay": (first, then), "optimizer.wd_milestones": (1,)}
 
@@ -85,16 +92,16 @@ def _name_part(key: str, value) -> str:
 
 def sweep(setting: str | None, seeds, rules=None, **axes) -> list[Run]:
     """Every combination of ``rules``, each axis's values and ``seeds``. An axis is
-    ``label=[(value, overrides), ...]``; with ``rules=None`` the axes' overrides set ``rule``.
+    ``label=[(value, overrides), ...]``; with ``rules=None`` the axes' overrides set ``rule.name``.
     ``setting`` picks the per-rule exceptions of ``RULE_SETTINGS`` (``None``: none)."""
-    axes = ({"rule": [(rule, {"rule": rule}) for rule in rules]} if rules else {}) | axes
+    axes = ({"rule": [(rule, {"rule.name": rule}) for rule in rules]} if rules else {}) | axes
     runs = []
     for *picks, seed in itertools.product(*axes.values(), seeds):
         labels = {key: value for key, (value, _) in zip(axes, picks)}
         overrides = {"seed": seed}
         for _, extra in picks:
             overrides.update(extra)
-        overrides.update(RULE_SETTINGS.get(setting, {}).get(overrides["rule"], {}))
+        overrides.update(RULE_SETTINGS.get(setting, {}).get(overrides["rule.name"], {}))
         name = "-".join([_name_part(k, v) for k, v in labels.items()] + [f"seed{seed}"])
         runs.append(Run(name, {**labels, "seed": seed}, overrides))
     return runs

@@ -12,4 +12,4 @@ def get_config():
 
 def runs():
     return common.sweep("fig2", seeds=(0, 1), rules=["pfa"],
-                        r=[(r, {"rule_options.expansion": r}) for r in RATIOS])
+                        r=[(r, {"rule.options.expansion": r}) for r in RATIOS])

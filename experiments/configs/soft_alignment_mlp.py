@@ -12,8 +12,8 @@ DEPTHS = (2, 4, 8)
 
 def get_config():
     config = common.ffn2_paper("fashion_mnist")
-    config.update({"epochs": 8, **_soft_alignment.MEASUREMENTS,
-                   "sharpness_iterations": 50, "sharpness_probes": 20})
+    common.set_values(config, {"epochs": 8, **_soft_alignment.MEASUREMENTS,
+                               "sharpness.iterations": 50, "sharpness.probes": 20})
     config.optimizer.update({"lr_milestones": (5, 7), "momentum": 0.0})
     return config
 

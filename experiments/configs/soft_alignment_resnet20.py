@@ -9,16 +9,16 @@ training images with at most 20 power iterations and 10 Hutchinson probes; robus
 images. On a machine with the time, ``--set limit=0 --set epochs=15 --set
 "optimizer.lr_milestones=(8, 12)"`` gives the deep-conv schedule (noise pretraining stays 200
 steps)."""
-from experiments.configs import _soft_alignment, resnet20_fashion_mnist
+from experiments.configs import _soft_alignment, common, resnet20_fashion_mnist
 
 NOISE_PRETRAIN_STEPS = 200
 
 
 def get_config():
     config = resnet20_fashion_mnist.get_config()
-    config.update({"limit": 8_000, "epochs": 3, **_soft_alignment.MEASUREMENTS,
-                   "sharpness_examples": 256, "sharpness_iterations": 20, "sharpness_probes": 10,
-                   "robustness_examples": 500})
+    common.set_values(config, {"limit": 8_000, "epochs": 3, **_soft_alignment.MEASUREMENTS,
+                               "sharpness.examples": 256, "sharpness.iterations": 20,
+                               "sharpness.probes": 10, "robustness.examples": 500})
     config.optimizer.lr_milestones = (2,)
     return config
 

@@ -1,7 +1,7 @@
 """The ``pfa-jax`` command.
 
     pfa-jax train --rule pfa --model ffn2 --dataset fashion_mnist --epochs 3
-    pfa-jax train --rule pfa --set rule_options.expansion=5 --set optimizer.weight_decay='(0.03, 9e-5)' \
+    pfa-jax train --rule pfa --set rule.options.expansion=5 --set optimizer.weight_decay='(0.03, 9e-5)' \
         --set optimizer.wd_milestones='(1,)'
     pfa-jax train --resume --out runs/DIR --epochs 40     # continue from the newest checkpoint
     pfa-jax rules | models
@@ -18,14 +18,16 @@ from pfa_jax.app import config as config_lib
 
 __all__ = ["main"]
 
-_FLAGS = {"rule": str, "model": str, "dataset": str, "epochs": int, "batch_size": int, "seed": int}
+# flag -> (config key, type)
+_FLAGS = {"rule": ("rule.name", str), "model": ("model", str), "dataset": ("dataset", str),
+          "epochs": ("epochs", int), "batch_size": ("batch_size", int), "seed": ("seed", int)}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pfa-jax", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train one model with one rule, write a run directory")
-    for name, kind in _FLAGS.items():
+    for name, (_, kind) in _FLAGS.items():
         train.add_argument("--" + name.replace("_", "-"), type=kind, dest=name)
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any config key, e.g. optimizer.learning_rate=0.05")
@@ -48,17 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "models":
         print("\n".join(models.names()))
         return 0
-    from pfa_jax.app import experiment  # imports JAX-heavy modules only when training
+    from pfa_jax.app import experiment, spec  # imports JAX-heavy modules only when training
     from pfa_jax.app.checkpoint import CheckpointError
 
-    flags = [f"{name}={getattr(args, name)}" for name in _FLAGS if getattr(args, name) is not None]
+    flags = [f"{key}={getattr(args, name)}" for name, (key, _) in _FLAGS.items()
+             if getattr(args, name) is not None]
     try:
         if args.resume and not args.out:
             raise ValueError("--resume needs --out, the run directory to continue")
         config = experiment.load_config(args.out) if args.resume else config_lib.default_config()
         config_lib.override(config, flags + args.set)
-        out = args.out or f"runs/{config.dataset}-{config.model}-{config.rule}-seed{config.seed}"
-        summary = experiment.run(config, out, overwrite=args.overwrite, progress=not args.quiet,
+        out = args.out or f"runs/{config.dataset}-{config.model}-{config.rule.name}-seed{config.seed}"
+        summary = experiment.run(spec.resolve(config), out, overwrite=args.overwrite, progress=not args.quiet,
                                  resume=args.resume)
     except (ValueError, FileExistsError, FileNotFoundError, experiment.DivergenceError,
             CheckpointError) as error:

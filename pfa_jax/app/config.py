@@ -1,13 +1,15 @@
-"""Run configuration as an ``ml_collections.ConfigDict``, with command-line overrides.
+"""Run configuration as an ``ml_collections.ConfigDict`` in sections (the big_vision habit), with
+command-line overrides, and old run directories' configs migrated.
 
     config = default_config()                 # every key, with the defaults below
-    override(config, ["optimizer.learning_rate=0.05", "rule_options.expansion=5"])
+    override(config, ["optimizer.learning_rate=0.05", "rule.options.expansion=5"])
+    spec = pfa_jax.app.spec.resolve(config)   # validated once, into a typed, frozen run spec
 
 Keys:
 
 * ``model`` / ``model_options``: a name of ``pfa_jax.models.names()`` and its options.
-* ``rule`` / ``rule_options``: a name of ``pfa_jax.rules.names()`` and its options;
-  ``layer_rules`` maps layer paths to rule names that override ``rule`` (e.g. ``{'output': 'bp'}``).
+* ``rule``: ``rule.name`` (one of ``pfa_jax.rules.names()``), ``rule.options`` (its options) and
+  ``rule.layers`` (layer paths mapped to rule names that override it, e.g. ``{'output': 'bp'}``).
 * ``dataset``, ``data_dir``, ``holdout``, ``pad_to``, ``limit``: see ``pfa_jax.app.data.load``.
 * ``image_size``: the crop size of streamed datasets (``pfa_jax.app.streaming``; 0: 224); in-memory
   datasets keep their size and take only 0.
@@ -19,36 +21,48 @@ Keys:
 * ``optimizer``: the fields of ``pfa_jax.optim.OptimizerConfig`` (``steps_per_epoch`` is derived).
 * Metrics (``pfa_jax.metrics``; see ``pfa_jax.app.experiment``): every epoch, gradient alignment on the
   first ``metrics_batch_size`` test examples (0: off). At the end, when asked:
-  ``sharpness`` (bool) on the first ``sharpness_examples`` training examples with
-  ``sharpness_iterations``, ``sharpness_tolerance`` and ``sharpness_probes``;
-  ``adversarial_epsilons`` (L-inf radii in pixel units, images in [0, 1]) for each attack of
-  ``adversarial_attacks`` (PGD with ``pgd_steps``); ``noise_sigmas`` (Gaussian noise std in pixel
-  units); both on the first ``robustness_examples`` test examples.
+  ``sharpness.enabled`` on the first ``sharpness.examples`` training examples with
+  ``sharpness.iterations``, ``sharpness.tolerance`` and ``sharpness.probes``;
+  ``robustness.adversarial_epsilons`` (L-inf radii in pixel units, images in [0, 1]) for each attack
+  of ``robustness.attacks`` (PGD with ``robustness.pgd_steps``); ``robustness.noise_sigmas``
+  (Gaussian noise std in pixel units); both on the first ``robustness.examples`` test examples.
+
+A ``config.json`` written before the sections existed (flat keys ``rule``, ``rule_options``,
+``layer_rules``, ``sharpness``, ``sharpness_*``, ``adversarial_*``, ``pgd_steps``, ``noise_sigmas``,
+``robustness_examples``) is migrated by ``from_json`` (``MIGRATED`` maps each old key to its new
+place); so is an old key given to ``--set``, with an error naming the new key. JSON turns tuples
+into lists; ``from_json`` and ``set_value`` turn them back, the only places that do.
 """
 from __future__ import annotations
 
 import ast
+import json
 from typing import Iterable
 
 import ml_collections
 
-from pfa_jax import augment, models, rules
-from pfa_jax import nn as pnn
-from pfa_jax.app import data
-from pfa_jax.optim import OptimizerConfig
+__all__ = ["default_config", "from_json", "MIGRATED", "override", "set_value", "tuples"]
 
-__all__ = ["default_config", "override", "rule_spec", "set_value", "validate"]
+# old flat key -> (section, key) of the sectioned config
+MIGRATED = {
+    "rule": ("rule", "name"), "rule_options": ("rule", "options"), "layer_rules": ("rule", "layers"),
+    "sharpness": ("sharpness", "enabled"), "sharpness_examples": ("sharpness", "examples"),
+    "sharpness_iterations": ("sharpness", "iterations"),
+    "sharpness_tolerance": ("sharpness", "tolerance"), "sharpness_probes": ("sharpness", "probes"),
+    "adversarial_epsilons": ("robustness", "adversarial_epsilons"),
+    "adversarial_attacks": ("robustness", "attacks"), "pgd_steps": ("robustness", "pgd_steps"),
+    "noise_sigmas": ("robustness", "noise_sigmas"),
+    "robustness_examples": ("robustness", "examples"),
+}
 
 
 def default_config() -> ml_collections.ConfigDict:
     """Every key with its default. Not type-locked: a schedule value may replace a scalar, e.g.
-    ``optimizer.weight_decay=(0.03, 9e-5)``; the values are validated where they are used."""
+    ``optimizer.weight_decay=(0.03, 9e-5)``; the values are validated by ``pfa_jax.app.spec``."""
     return ml_collections.ConfigDict(type_safe=False, initial_dictionary={
         "model": "ffn2",
         "model_options": {},
-        "rule": "bp",
-        "rule_options": {},
-        "layer_rules": {},
+        "rule": {"name": "bp", "options": {}, "layers": {}},
         "dataset": "fashion_mnist",
         "data_dir": "",
         "holdout": 0,
@@ -71,21 +85,56 @@ def default_config() -> ml_collections.ConfigDict:
             "momentum": 0.9,
         },
         "metrics_batch_size": 256,
-        "sharpness": False,
-        "sharpness_examples": 1000,
-        "sharpness_iterations": 100,
-        "sharpness_tolerance": 1e-3,
-        "sharpness_probes": 100,
-        "adversarial_epsilons": (),
-        "adversarial_attacks": ("fgsm", "pgd"),
-        "pgd_steps": 10,
-        "noise_sigmas": (),
-        "robustness_examples": 1000,
+        "sharpness": {"enabled": False, "examples": 1000, "iterations": 100, "tolerance": 1e-3,
+                      "probes": 100},
+        "robustness": {"adversarial_epsilons": (), "attacks": ("fgsm", "pgd"), "pgd_steps": 10,
+                       "noise_sigmas": (), "examples": 1000},
     })
+
+
+def tuples(value):
+    """``value`` with every list (at any depth of dicts and lists) a tuple."""
+    if isinstance(value, (list, tuple)):
+        return tuple(tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: tuples(v) for k, v in value.items()}
+    return value
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """A config from its JSON text (a run directory's ``config.json``): the flat keys of an old
+    config migrated into their sections (``MIGRATED``), keys added since then at their defaults,
+    lists turned back into tuples. A key no config has ever had raises ``ValueError``."""
+    flat = json.loads(text)
+    old = {k: flat.pop(k) for k in list(flat)
+           if k in MIGRATED and (MIGRATED[k][0] != k or not isinstance(flat[k], dict))}
+    for key, value in old.items():
+        section, name = MIGRATED[key]
+        flat.setdefault(section, {})[name] = value
+    config = default_config()
+    for section, value in flat.items():
+        if isinstance(value, dict) and isinstance(config.get(section), ml_collections.ConfigDict) \
+                and section not in ("model_options",):
+            for key, inner in value.items():
+                config[section][key] = tuples(inner)
+        else:
+            set_value(config, section, value)
+    return config
+
+
+def _renamed(key: str, config: ml_collections.ConfigDict) -> str | None:
+    """The new name of an old flat ``key`` (``MIGRATED``), or None if ``key`` is not one."""
+    top, *rest = key.split(".")
+    if top not in MIGRATED or (top in config and rest):
+        return None
+    return ".".join(MIGRATED[top] + tuple(rest))
 
 
 def set_value(config: ml_collections.ConfigDict, key: str, value) -> None:
     """Sets the dotted ``key`` (e.g. ``'optimizer.learning_rate'``); a top-level key must exist."""
+    renamed = _renamed(key, config)
+    if renamed is not None:
+        raise ValueError(f"config key {key!r} is now {renamed!r}: set {renamed}=...")
     *parents, leaf = key.split(".")
     node = config
     for i, part in enumerate(parents):
@@ -95,7 +144,7 @@ def set_value(config: ml_collections.ConfigDict, key: str, value) -> None:
         node = node[part]
     if node is config and leaf not in config:
         raise ValueError(f"unknown config key {key!r}; valid keys: {sorted(config.keys())}")
-    node[leaf] = tuple(value) if isinstance(value, list) else value
+    node[leaf] = tuples(value)
 
 
 def override(config: ml_collections.ConfigDict, assignments: Iterable[str]
@@ -111,66 +160,3 @@ def override(config: ml_collections.ConfigDict, assignments: Iterable[str]
             value = text
         set_value(config, key, value)
     return config
-
-
-def rule_spec(config: ml_collections.ConfigDict):
-    """The model's rule: one ``Rule``, or a per-layer mapping when ``layer_rules`` is set."""
-    rule = rules.get(config.rule, **config.rule_options.to_dict())
-    if not config.layer_rules:
-        return rule
-    return {pnn.DEFAULT: rule, **{k: rules.get(v) for k, v in config.layer_rules.items()}}
-
-
-def _check_int(config, key: str, low: int = 1) -> None:
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"config {key}={value!r} must be an int >= {low}")
-
-
-def _check_streamed(config: ml_collections.ConfigDict) -> None:
-    """Options that streamed and in-memory datasets do not share."""
-    if config.dataset in data.STREAMED_DATASETS:
-        for key, plain in (("augment", "none"), ("holdout", 0), ("pad_to", 0)):
-            if config[key] != plain:
-                raise ValueError(f"config {key}={config[key]!r} is for in-memory datasets; "
-                                 f"{config.dataset} is streamed (pfa_jax.app.streaming: random-resized "
-                                 f"crop and flip, the validation split as test set): use {key}={plain!r}")
-    elif config.image_size:
-        raise ValueError(f"config image_size={config.image_size!r} applies to streamed datasets "
-                         f"({', '.join(data.STREAMED_DATASETS)}) only; {config.dataset} images keep "
-                         "their size (see pad_to): use image_size=0")
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks every key before any data is read or anything compiled; errors name the key, the bad
-    value and what is valid. (Whether the model fits the dataset's images is checked once the data
-    is loaded, by ``pfa_jax.app.experiment``.)"""
-    for key, valid in (("model", models.names()), ("rule", rules.names()),
-                       ("dataset", data.DATASETS)):
-        if config[key] not in valid:
-            raise ValueError(f"config {key}={config[key]!r} is unknown; valid: {', '.join(valid)}")
-    for key in ("epochs", "batch_size", "eval_batch_size"):
-        _check_int(config, key)
-    _check_int(config, "noise_pretrain_steps", low=0)
-    _check_int(config, "image_size", low=0)
-    _check_streamed(config)
-    try:
-        augment.check(config.augment)
-    except ValueError as error:
-        raise ValueError(f"config {error}") from None
-    try:
-        rule_spec(config)
-    except ValueError as error:
-        raise ValueError(f"config rule_options={config.rule_options.to_dict()!r} / layer_rules="
-                         f"{config.layer_rules.to_dict()!r}: {error}") from None
-    try:
-        models.get(config.model, **config.model_options.to_dict())
-        optimizer = OptimizerConfig.create(config.optimizer)
-    except ValueError as error:
-        raise ValueError(f"config: {error}") from None
-    for key in ("lr_milestones", "wd_milestones"):
-        late = [m for m in getattr(optimizer, key) if m >= config.epochs]
-        if late:
-            raise ValueError(f"config optimizer.{key}={tuple(getattr(optimizer, key))!r} has "
-                             f"milestone(s) {late} at or beyond epochs={config.epochs}: valid "
-                             f"milestones lie in 1..{config.epochs - 1}")

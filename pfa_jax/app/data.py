@@ -38,14 +38,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Dataset", "DATASETS", "DEFAULT_FASHION_MNIST_DIR", "load", "load_idx_dir", "read_idx",
-           "STREAMED_DATASETS"]
+__all__ = ["Dataset", "DATASETS", "DEFAULT_FASHION_MNIST_DIR", "load", "load_idx_dir", "NUM_CLASSES",
+           "read_idx", "STREAMED_DATASETS"]
 
 STREAMED_DATASETS = ("imagenet2012",)  # read by pfa_jax.app.streaming, not by `load`
 DATASETS = ("fashion_mnist", "mnist", "cifar10") + STREAMED_DATASETS
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _FASHION_MNIST_DIR_ENV = "PFA_JAX_FASHION_MNIST_DIR"
-_NUM_CLASSES = 10  # every dataset that `load` reads
+NUM_CLASSES = 10  # every dataset that `load` reads
 
 _IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -172,8 +172,8 @@ def load(
     train_images, train_labels = read(train, train_rows[:limit])
     test_images, test_labels = read(test, test_rows[:limit])
     for labels in (train_labels, test_labels):
-        if not 0 <= labels.min() <= labels.max() < _NUM_CLASSES:
-            raise ValueError(f"{name}: labels outside [0, {_NUM_CLASSES}): {np.unique(labels)}")
+        if not 0 <= labels.min() <= labels.max() < NUM_CLASSES:
+            raise ValueError(f"{name}: labels outside [0, {NUM_CLASSES}): {np.unique(labels)}")
 
     mean, std = _channel_stats(train_images)
     if not np.all(std > 0):
@@ -185,7 +185,7 @@ def load(
         train_labels=train_labels,
         test_images=test_images,
         test_labels=test_labels,
-        num_classes=_NUM_CLASSES,
+        num_classes=NUM_CLASSES,
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
     )

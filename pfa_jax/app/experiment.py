@@ -1,4 +1,5 @@
-"""One training run from a config: data -> model(rule) -> state -> compiled epochs -> files.
+"""One training run from a run spec (``pfa_jax.app.spec``): data -> model(rule) -> state -> compiled
+epochs -> files.
 
 A run directory holds ``config.json`` (the resolved config), ``metrics.jsonl`` (one JSON record per
 epoch: train / test loss and accuracy, learning rate, weight decay, per-layer alignment, per-layer
@@ -17,14 +18,14 @@ With ``noise_pretrain_steps`` the fresh state is first trained on noise
 (``pfa_jax.app.pretrain``); ``augment`` is applied to every training batch.
 
 ``resume=True`` continues a run directory from its newest checkpoint: ``metrics.jsonl`` is cut back
-to the checkpoint's epoch and training goes on to ``config.epochs`` (which may be larger than the
+to the checkpoint's epoch and training goes on to ``epochs`` (which may be larger than the
 first run's). Every epoch's data order and noise come from ``(seed, epoch)`` and the state carries its
 own key, so a resumed run ends with the same metrics as one never interrupted.
 
 Gradient alignment (``pfa_jax.metrics.gradient_alignment``) uses the first ``metrics_batch_size``
 test (or validation) examples, the same batch every epoch. The closing measurements: sharpness on
-the first ``sharpness_examples`` training examples; adversarial and noise robustness on the first
-``robustness_examples`` test examples, with epsilons and sigmas in pixel units (the images' [0, 1]
+the first ``sharpness.examples`` training examples; adversarial and noise robustness on the first
+``robustness.examples`` test examples, with epsilons and sigmas in pixel units (the images' [0, 1]
 scale): the perturbation of channel ``c`` is scaled by ``1 / std_c`` of the standardisation and
 adversarial images are clipped to the standardised images of pixel values 0 and 1.
 
@@ -36,11 +37,12 @@ records, checkpoints, resume and divergence guard. Every batch depends on ``(see
 sets the crop size. ``augment`` must be ``'none'``: the training batches always get the standard
 random-resized crop and flip. The fixed-batch and closing measurements use the first examples of a
 split, centre-cropped as for evaluation and held in memory: gradient alignment the first
-``metrics_batch_size`` validation images, sharpness the first ``sharpness_examples`` training images,
-robustness the first ``robustness_examples`` validation images.
+``metrics_batch_size`` validation images, sharpness the first ``sharpness.examples`` training images,
+robustness the first ``robustness.examples`` validation images.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -53,14 +55,13 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from pfa_jax import metrics, models, train
+from pfa_jax import metrics, train
+from pfa_jax.app import config as config_lib
 from pfa_jax.app import data, plots, pretrain, sources, streaming
 from pfa_jax.app.checkpoint import Checkpoints
-from pfa_jax.app.config import rule_spec, validate
-from pfa_jax.optim import OptimizerConfig
+from pfa_jax.app.spec import RunSpec
 
-__all__ = ["check_fits", "check_metrics_config", "DivergenceError", "format_record", "load_config",
-           "machine", "run"]
+__all__ = ["check_fits", "DivergenceError", "format_record", "load_config", "machine", "run"]
 
 
 class DivergenceError(RuntimeError):
@@ -96,18 +97,6 @@ def _floats(tree):
     return jax.tree.map(lambda x: float(x), jax.device_get(tree))
 
 
-def check_metrics_config(config: ml_collections.ConfigDict) -> None:
-    """Fails before training on metric options the closing measurements would reject."""
-    for attack in config.adversarial_attacks:
-        metrics.check_attack(attack, "true", *config.adversarial_epsilons)
-    if any(not s >= 0 for s in config.noise_sigmas):
-        raise ValueError(f"noise_sigmas must be >= 0, got {list(config.noise_sigmas)}")
-    sizes = {k: config[k] for k in ("metrics_batch_size", "sharpness_examples",
-                                    "robustness_examples", "sharpness_probes", "pgd_steps")}
-    if min(sizes.values()) < 0:
-        raise ValueError(f"metric sizes must be >= 0, got {sizes}")
-
-
 def check_fits(model, name: str, dataset: data.Dataset | streaming.StreamedDataset) -> None:
     """Raises if the model cannot take the dataset's images (traced with shapes only, no compile)."""
     try:
@@ -126,25 +115,24 @@ def _split(images, labels, count: int, batch_size: int) -> list[dict]:
             for i in range(0, min(count, len(labels)), batch_size)]
 
 
-def _closing_metrics(state, dataset: data.Dataset, config: ml_collections.ConfigDict, key) -> dict:
-    """Sharpness, adversarial and noise robustness, as far as ``config`` asks for them."""
-    results = {}
-    if config.sharpness:
-        batches = _split(dataset.train_images, dataset.train_labels, config.sharpness_examples,
-                         config.eval_batch_size)
+def _closing_metrics(state, dataset: data.Dataset, spec: RunSpec, key) -> dict:
+    """Sharpness, adversarial and noise robustness, as far as ``spec`` asks for them."""
+    results, sharp, robust = {}, spec.sharpness, spec.robustness
+    batch_size = spec.data.eval_batch_size
+    if sharp is not None:
+        batches = _split(dataset.train_images, dataset.train_labels, sharp.examples, batch_size)
         results["sharpness"] = metrics.sharpness(
-            state, batches, jax.random.fold_in(key, 0), iterations=config.sharpness_iterations,
-            tolerance=config.sharpness_tolerance, probes=config.sharpness_probes)
-    test = _split(dataset.test_images, dataset.test_labels, config.robustness_examples,
-                  config.eval_batch_size)
+            state, batches, jax.random.fold_in(key, 0), iterations=sharp.iterations,
+            tolerance=sharp.tolerance, probes=sharp.probes)
+    test = _split(dataset.test_images, dataset.test_labels, robust.examples, batch_size)
     mean, std = np.asarray(dataset.mean, np.float32), np.asarray(dataset.std, np.float32)
     pixels = {"scale": 1.0 / std, "lower": -mean / std, "upper": (1.0 - mean) / std}
-    if config.adversarial_epsilons:
+    if robust.adversarial_epsilons:
         results["adversarial"] = {attack: metrics.adversarial(
-            state, test, config.adversarial_epsilons, attack, jax.random.fold_in(key, 1),
-            steps=config.pgd_steps, **pixels) for attack in config.adversarial_attacks}
-    if config.noise_sigmas:
-        results["noise"] = metrics.corruption(state, test, config.noise_sigmas,
+            state, test, robust.adversarial_epsilons, attack, jax.random.fold_in(key, 1),
+            steps=robust.pgd_steps, **pixels) for attack in robust.attacks}
+    if robust.noise_sigmas:
+        results["noise"] = metrics.corruption(state, test, robust.noise_sigmas,
                                               jax.random.fold_in(key, 2), **pixels)
     return results
 
@@ -154,7 +142,7 @@ def load_config(out: str | pathlib.Path) -> ml_collections.ConfigDict:
     path = pathlib.Path(out) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: {out} is not a run directory to resume")
-    return ml_collections.ConfigDict(json.loads(path.read_text()), type_safe=False)
+    return config_lib.from_json(path.read_text())
 
 
 def _resume_point(out: pathlib.Path, checkpoints: Checkpoints, epochs: int) -> tuple[int, list[str]]:
@@ -178,65 +166,64 @@ def machine() -> str:
     return kind if len(devices) == 1 else f"{len(devices)} x {kind}"
 
 
-def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: bool = False,
-        progress: bool = True, resume: bool = False) -> dict:
-    """Trains ``config`` and writes the run directory ``out`` (``resume``: continues it from its
-    newest checkpoint); returns the summary."""
-    validate(config)
-    check_metrics_config(config)
-    source = sources.for_config(config)
-    dataset = source.dataset
-    steps_per_epoch = source.num_train // config.batch_size
+def _prepare(spec: RunSpec, out, overwrite: bool, resume: bool, init_key):
+    """The data source, the initial state, the held-out batch and the run directory, checked
+    before anything is written; then ``config.json`` is written."""
+    source = sources.for_spec(spec)
+    steps_per_epoch = source.num_train // spec.data.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"batch_size={config.batch_size} exceeds the "
+        raise ValueError(f"batch_size={spec.data.batch_size} exceeds the "
                          f"{source.num_train} training examples")
-    model = models.get(config.model, rule=rule_spec(config), num_classes=dataset.num_classes,
-                       **config.model_options.to_dict())
-    check_fits(model, config.model, dataset)
-    optimizer = OptimizerConfig.create(config.optimizer, steps_per_epoch=steps_per_epoch)
-    heldout = (_split(*source.heldout(config.metrics_batch_size), config.metrics_batch_size,
-                      config.metrics_batch_size)[0] if config.metrics_batch_size else None)
+    check_fits(spec.model, spec.config.model, source.dataset)
+    tx = dataclasses.replace(spec.optimizer, steps_per_epoch=steps_per_epoch)
+    size = spec.metrics_batch_size
+    heldout = _split(*source.heldout(size), size, size)[0] if size else None
     out = pathlib.Path(out) if resume else _prepare_run_dir(out, overwrite)
-    (out / "config.json").write_text(config.to_json(indent=2) + "\n")
+    (out / "config.json").write_text(spec.config.to_json(indent=2) + "\n")
+    state = train.create_train_state(init_key, spec.model, source.sample(), tx)
+    return source, state, heldout, out
 
-    key = jax.random.key(config.seed)
-    init_key, key = jax.random.split(key)
-    state = train.create_train_state(init_key, model, source.sample(), optimizer)
+
+def _epoch_record(state, steps, test: dict, heldout, epoch: int, epoch_time: float) -> dict:
+    """One line of ``metrics.jsonl``."""
+    gradients = {} if heldout is None else {
+        "gradient_alignment": _floats(metrics.gradient_alignment(state, heldout))}
+    logged = {k: float(steps[k][0]) for k in ("learning_rate", "weight_decay") if k in steps}
+    return {"epoch": epoch + 1, "train_loss": float(np.mean(steps["loss"])),
+            "train_accuracy": float(np.mean(steps["accuracy"])),
+            "test_loss": float(test["loss"]), "test_accuracy": float(test["accuracy"]),
+            **logged, "alignment": _floats(metrics.alignment(state)), **gradients,
+            "epoch_time": epoch_time}
+
+
+def run(spec: RunSpec, out: str | pathlib.Path, overwrite: bool = False, progress: bool = True,
+        resume: bool = False) -> dict:
+    """Trains the run ``spec`` (``pfa_jax.app.spec.resolve``) and writes the run directory ``out``
+    (``resume``: continues it from its newest checkpoint); returns the summary."""
+    init_key, key = jax.random.split(jax.random.key(spec.seed))
+    source, state, heldout, out = _prepare(spec, out, overwrite, resume, init_key)
     checkpoints = Checkpoints(out / "checkpoints")
-    first, kept = _resume_point(out, checkpoints, config.epochs) if resume else (0, [])
+    first, kept = _resume_point(out, checkpoints, spec.epochs) if resume else (0, [])
     if first:
         state = checkpoints.restore(first, state)
-    elif config.noise_pretrain_steps:
+    elif spec.noise_pretrain_steps:
         state, _ = pretrain.noise_pretrain(state, jax.random.fold_in(key, 2**31),
-                                        config.noise_pretrain_steps, config.batch_size,
-                                        dataset.num_classes)
+                                           spec.noise_pretrain_steps, spec.data.batch_size,
+                                           source.dataset.num_classes)
     record = json.loads(kept[-1]) if kept else {}
     start = time.perf_counter() - sum(json.loads(line)["epoch_time"] for line in kept)
     with open(out / "metrics.jsonl", "w") as log:
         log.writelines(line + "\n" for line in kept)
-        bar = tqdm(range(first, config.epochs), desc="epochs", disable=not progress,
-                   initial=first, total=config.epochs)
+        bar = tqdm(range(first, spec.epochs), desc="epochs", disable=not progress,
+                   initial=first, total=spec.epochs)
         for epoch in bar:
             epoch_start = time.perf_counter()
             state, steps = source.train_epoch(state, jax.random.fold_in(key, epoch), epoch,
                                               progress)
             steps = jax.device_get(steps)
             _check_finite(state, steps["loss"], epoch, out)
-            test = source.evaluate(state)
-            gradients = {} if heldout is None else {
-                "gradient_alignment": _floats(metrics.gradient_alignment(state, heldout))}
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": float(np.mean(steps["loss"])),
-                "train_accuracy": float(np.mean(steps["accuracy"])),
-                "test_loss": float(test["loss"]),
-                "test_accuracy": float(test["accuracy"]),
-                "learning_rate": float(steps["learning_rate"][0]),
-                "weight_decay": float(steps["weight_decay"][0]),
-                "alignment": _floats(metrics.alignment(state)),
-                **gradients,
-                "epoch_time": time.perf_counter() - epoch_start,
-            }
+            record = _epoch_record(state, steps, source.evaluate(state), heldout, epoch,
+                                   time.perf_counter() - epoch_start)
             log.write(json.dumps(record) + "\n")
             log.flush()
             checkpoints.save(epoch + 1, state)
@@ -244,14 +231,13 @@ def run(config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: b
                             acc=f"{100 * record['train_accuracy']:.2f}%",
                             test_acc=f"{100 * record['test_accuracy']:.2f}%")
             if progress:
-                tqdm.write(format_record(record, config.epochs))
+                tqdm.write(format_record(record, spec.epochs))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    plots.run_curves(records, out / "curves.png", title=f"{config.dataset} {config.model} "
-                     f"{config.rule} seed {config.seed}")
+    plots.run_curves(records, out / "curves.png", title=spec.title)
     summary = {**record, "wall_time": time.perf_counter() - start, "steps": int(state.step),
                "machine": machine(),
-               **_closing_metrics(state, source.closing(), config,
-                                 jax.random.fold_in(key, config.epochs))}
+               **_closing_metrics(state, source.closing(), spec,
+                                  jax.random.fold_in(key, spec.epochs))}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -1,4 +1,4 @@
-"""Where a run's training data comes from, behind one small interface (``for_config``):
+"""Where a run's training data comes from, behind one small interface (``for_spec``):
 
 * ``InMemory``: a ``pfa_jax.app.data.Dataset`` held on the device; an epoch is
   ``pfa_jax.train.train_epoch`` (one compiled scan; for conv models on CPU one compiled step per
@@ -9,7 +9,7 @@
 
 A step progress bar shows the live train loss and accuracy every 10 steps.
 
-Both give ``num_train``, ``sample()`` (one image for initialisation), ``heldout(n)`` (the first ``n``
+Both are made from a run spec (``for_spec``) and give ``num_train``, ``sample()`` (one image for initialisation), ``heldout(n)`` (the first ``n``
 test images and labels), ``train_epoch(state, key, epoch, progress)`` -> ``(state, per-step
 metrics)``, ``evaluate(state)`` -> ``{'loss', 'accuracy'}`` and ``closing()`` (a ``data.Dataset``
 for the closing measurements).
@@ -21,29 +21,29 @@ import contextlib
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from tqdm import tqdm
 
 from pfa_jax import loops, train
 from pfa_jax.app import data, streaming
+from pfa_jax.app.spec import DataSpec, RunSpec
 
-__all__ = ["for_config", "InMemory", "Streamed"]
+__all__ = ["for_spec", "InMemory", "Streamed"]
 
 
-def _load_options(config: ml_collections.ConfigDict) -> dict:
-    """The keyword arguments of ``data.load`` and ``streaming.load`` that ``config`` sets."""
-    return {"data_dir": config.data_dir or None, "holdout": config.holdout,
-            "pad_to": config.pad_to or None, "limit": config.limit or None}
+def _load_options(spec: DataSpec) -> dict:
+    """The keyword arguments of ``data.load`` and ``streaming.load`` that ``spec`` sets."""
+    return {"data_dir": spec.data_dir, "holdout": spec.holdout, "pad_to": spec.pad_to,
+            "limit": spec.limit}
 
 
 class InMemory:
     """A ``data.Dataset`` on the device: an epoch is ``train.train_epoch``, evaluation
     ``train.evaluate``."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
-        self.config = config
-        self.dataset = data.load(config.dataset, **_load_options(config))
+    def __init__(self, spec: RunSpec):
+        self.config = spec.data
+        self.dataset = data.load(spec.data.dataset, **_load_options(spec.data))
         self.num_train = len(self.dataset.train_images)
         self._train = None
 
@@ -111,10 +111,10 @@ class Streamed:
     """A ``streaming.StreamedDataset``: an epoch is a loop of jitted train steps over its batches,
     evaluation a loop of jitted eval steps (see the module docstring)."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
-        self.config = config
-        self.dataset = streaming.load(config.dataset, **_load_options(config),
-                                      image_size=config.image_size or streaming.IMAGE_SIZE)
+    def __init__(self, spec: RunSpec):
+        self.config, self.spec = spec.data, spec
+        self.dataset = streaming.load(spec.data.dataset, **_load_options(spec.data),
+                                      image_size=spec.data.image_size or streaming.IMAGE_SIZE)
         self.num_train = self.dataset.num_train
 
     def sample(self) -> np.ndarray:
@@ -139,13 +139,12 @@ class Streamed:
         return {k: float(v) for k, v in means.items()}
 
     def closing(self) -> data.Dataset:
-        config = self.config
-        robustness = bool(config.adversarial_epsilons or config.noise_sigmas)
-        return self.dataset.subset(config.sharpness_examples if config.sharpness else 0,
-                                   config.robustness_examples if robustness else 0)
+        sharpness, robustness = self.spec.sharpness, self.spec.robustness
+        return self.dataset.subset(sharpness.examples if sharpness else 0,
+                                   robustness.examples if robustness.enabled else 0)
 
 
 
-def for_config(config: ml_collections.ConfigDict) -> InMemory | Streamed:
-    """The data source of ``config.dataset``."""
-    return (Streamed if config.dataset in streaming.DATASETS else InMemory)(config)
+def for_spec(spec: RunSpec) -> InMemory | Streamed:
+    """The data source of ``spec.data``."""
+    return (Streamed if spec.data.streamed else InMemory)(spec)

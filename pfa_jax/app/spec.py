@@ -1,0 +1,200 @@
+"""A run config resolved once into a typed, frozen run spec: the one place that validates a config and
+calls ``rules.get``, ``models.get`` and the optimizer builder.
+
+    spec = resolve(config)        # every key checked, before any data is read or anything compiled
+    spec.rule, spec.model, spec.optimizer, spec.data, spec.sharpness, spec.robustness
+
+Errors name the key, the bad value and what is valid. What needs the data (whether the model fits
+the images, the steps per epoch that turn milestones into steps) is checked by
+``pfa_jax.app.experiment`` once the data is loaded, before training. The optimizer is kept as the
+validated ``OptimizerConfig``; ``experiment.run`` builds its transformation once, with the steps
+per epoch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import ml_collections
+
+from pfa_jax import augment, metrics, models, rules
+from pfa_jax import nn as pnn
+from pfa_jax.app import data, streaming
+from pfa_jax.optim import OptimizerConfig
+
+__all__ = ["DataSpec", "num_classes", "resolve", "Robustness", "RunSpec", "Sharpness"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Where the training data comes from and how it is batched (``pfa_jax.app.sources``)."""
+
+    dataset: str
+    data_dir: str | None
+    holdout: int
+    pad_to: int | None
+    limit: int | None
+    image_size: int
+    augment: str
+    batch_size: int
+    eval_batch_size: int
+    seed: int
+
+    @property
+    def streamed(self) -> bool:
+        return self.dataset in streaming.DATASETS
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharpness:
+    """The closing sharpness measurement (``pfa_jax.metrics.sharpness``)."""
+
+    examples: int
+    iterations: int
+    tolerance: float
+    probes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Robustness:
+    """The closing robustness measurements (``metrics.adversarial``, ``metrics.corruption``)."""
+
+    examples: int
+    adversarial_epsilons: tuple[float, ...]
+    attacks: tuple[str, ...]
+    pgd_steps: int
+    noise_sigmas: tuple[float, ...]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.adversarial_epsilons or self.noise_sigmas)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """A validated run: ``config`` (written to ``config.json``) and what it resolves to."""
+
+    config: ml_collections.ConfigDict
+    rule: Any  # a Rule, or a per-layer mapping {'default': Rule, path: Rule}
+    model: nn.Module
+    optimizer: OptimizerConfig
+    data: DataSpec
+    epochs: int
+    seed: int
+    noise_pretrain_steps: int
+    metrics_batch_size: int
+    sharpness: Sharpness | None
+    robustness: Robustness
+
+    @property
+    def title(self) -> str:
+        return f"{self.data.dataset} {self.config.model} {self.config.rule.name} seed {self.seed}"
+
+
+def num_classes(dataset: str) -> int:
+    """The number of classes of ``dataset``."""
+    return streaming.NUM_CLASSES if dataset in streaming.DATASETS else data.NUM_CLASSES
+
+
+def _int(config, key: str, low: int = 1) -> int:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"config {key}={value!r} must be an int >= {low}")
+    return value
+
+
+def _choice(config, key: str, valid) -> str:
+    if config[key] not in valid:
+        raise ValueError(f"config {key}={config[key]!r} is unknown; valid: {', '.join(valid)}")
+    return config[key]
+
+
+def _data(config) -> DataSpec:
+    dataset = _choice(config, "dataset", data.DATASETS)
+    if dataset in data.STREAMED_DATASETS:
+        for key, plain in (("augment", "none"), ("holdout", 0), ("pad_to", 0)):
+            if config[key] != plain:
+                raise ValueError(f"config {key}={config[key]!r} is for in-memory datasets; "
+                                 f"{dataset} is streamed (pfa_jax.app.streaming: random-resized "
+                                 f"crop and flip, the validation split as test set): use "
+                                 f"{key}={plain!r}")
+    elif config.image_size:
+        raise ValueError(f"config image_size={config.image_size!r} applies to streamed datasets "
+                         f"({', '.join(data.STREAMED_DATASETS)}) only; {dataset} images keep "
+                         "their size (see pad_to): use image_size=0")
+    try:
+        augment.check(config.augment)
+    except ValueError as error:
+        raise ValueError(f"config {error}") from None
+    return DataSpec(dataset=dataset, data_dir=config.data_dir or None, holdout=config.holdout,
+                    pad_to=config.pad_to or None, limit=config.limit or None,
+                    image_size=_int(config, "image_size", low=0), augment=config.augment,
+                    batch_size=_int(config, "batch_size"),
+                    eval_batch_size=_int(config, "eval_batch_size"), seed=config.seed)
+
+
+def _rule(config):
+    """One ``Rule``, or a per-layer mapping when ``rule.layers`` is set."""
+    section = config.rule
+    _choice(section, "name", rules.names())
+    try:
+        rule = rules.get(section.name, **section.options.to_dict())
+        if not section.layers:
+            return rule
+        return {pnn.DEFAULT: rule, **{k: rules.get(v) for k, v in section.layers.items()}}
+    except ValueError as error:
+        raise ValueError(f"config rule.options={section.options.to_dict()!r} / rule.layers="
+                         f"{section.layers.to_dict()!r}: {error}") from None
+
+
+def _optimizer(config, epochs: int) -> OptimizerConfig:
+    try:
+        optimizer = OptimizerConfig.create(config.optimizer)
+    except ValueError as error:
+        raise ValueError(f"config: {error}") from None
+    for key in ("lr_milestones", "wd_milestones"):
+        late = [m for m in getattr(optimizer, key) if m >= epochs]
+        if late:
+            raise ValueError(f"config optimizer.{key}={tuple(getattr(optimizer, key))!r} has "
+                             f"milestone(s) {late} at or beyond epochs={epochs}: valid "
+                             f"milestones lie in 1..{epochs - 1}")
+    return optimizer
+
+
+def _measurements(config) -> tuple[Sharpness | None, Robustness]:
+    sharp, robust = config.sharpness, config.robustness
+    for attack in robust.attacks:
+        metrics.check_attack(attack, "true", *robust.adversarial_epsilons)
+    if any(not s >= 0 for s in robust.noise_sigmas):
+        raise ValueError(f"config robustness.noise_sigmas must be >= 0, got "
+                         f"{list(robust.noise_sigmas)}")
+    sizes = {"metrics_batch_size": config.metrics_batch_size,
+             "sharpness.examples": sharp.examples, "sharpness.probes": sharp.probes,
+             "robustness.examples": robust.examples, "robustness.pgd_steps": robust.pgd_steps}
+    if min(sizes.values()) < 0:
+        raise ValueError(f"config metric sizes must be >= 0, got {sizes}")
+    robustness = Robustness(robust.examples, tuple(robust.adversarial_epsilons),
+                            tuple(robust.attacks), robust.pgd_steps, tuple(robust.noise_sigmas))
+    sharpness = (Sharpness(sharp.examples, sharp.iterations, sharp.tolerance, sharp.probes)
+                 if sharp.enabled else None)
+    return sharpness, robustness
+
+
+def resolve(config: ml_collections.ConfigDict) -> RunSpec:
+    """``config`` validated and resolved (module docstring)."""
+    _choice(config, "model", models.names())
+    epochs = _int(config, "epochs")
+    data_spec = _data(config)
+    rule = _rule(config)
+    try:
+        model = models.get(config.model, rule=rule, num_classes=num_classes(data_spec.dataset),
+                           **config.model_options.to_dict())
+    except ValueError as error:
+        raise ValueError(f"config: {error}") from None
+    sharpness, robustness = _measurements(config)
+    return RunSpec(config=config, rule=rule, model=model, optimizer=_optimizer(config, epochs),
+                   data=data_spec, epochs=epochs, seed=config.seed,
+                   noise_pretrain_steps=_int(config, "noise_pretrain_steps", low=0),
+                   metrics_batch_size=config.metrics_batch_size, sharpness=sharpness,
+                   robustness=robustness)
