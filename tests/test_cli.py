@@ -1,7 +1,10 @@
 """The ``pfa-jax`` command end to end on a small generated Fashion-MNIST directory."""
 import json
+import pathlib
 import re
+import shutil
 
+import chex
 import pytest
 from test_data import make_fashion_dir
 
@@ -147,3 +150,28 @@ def test_a_stepped_epoch_shows_a_live_step_bar(fashion_dir, tmp_path, capsys, mo
     step_bar = re.search(r"epoch 1: .*\| \d/8 .*acc=\d+\.\d\d%, loss=\d+\.\d{4}",
                          capsys.readouterr().err)
     assert bool(step_bar) == stepped
+
+
+def test_a_run_directory_written_before_the_config_sections_resumes_exactly(tmp_path):
+    """``records/run_before_sections`` was written by the code of commit 75ba5dc (flat config keys,
+    the old optimizer-state layout): ffn2 (8 hidden units) with PFA (r = 2) on generated data, one
+    epoch. Resumed for a second epoch, it ends with the metrics of an uninterrupted two-epoch run."""
+    fashion = make_fashion_dir(tmp_path, 256, 100)
+    old = tmp_path / "old"
+    shutil.copytree(pathlib.Path(__file__).parent / "records" / "run_before_sections", old)
+    written = (old / "config.json").read_text()
+    assert cli.main(["train", "--resume", "--out", str(old), "--epochs", "2", "--quiet",
+                     "--set", f"data_dir={fashion}"]) == 0
+    assert json.loads(written)["rule"] == "pfa"  # the flat layout of that time
+    migrated = json.loads((old / "config.json").read_text())
+    assert migrated["rule"] == {"name": "pfa", "options": {"expansion": 2}, "layers": {}}
+    assert cli.main(["train", "--rule", "pfa", "--epochs", "2", "--batch-size", "32", "--quiet",
+                     "--out", str(tmp_path / "new"), "--set", f"data_dir={fashion}",
+                     "--set", "model_options={'widths': (8,)}", "--set", "rule.options.expansion=2",
+                     "--set", "metrics_batch_size=32", "--set", "eval_batch_size=100",
+                     "--set", "optimizer.learning_rate=0.05"]) == 0
+    resumed, straight = (
+        [{k: v for k, v in json.loads(line).items() if k != "epoch_time"}
+         for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (old, tmp_path / "new"))
+    assert len(resumed) == len(straight) == 2
+    chex.assert_trees_all_close(resumed, straight, rtol=1e-5, atol=1e-6)
