@@ -292,7 +292,7 @@ def attack_images(state, batch, epsilon, key=None, *, attack: str = "fgsm", step
     size = (2.5 * epsilon / steps if step_size is None else step_size) * unit
     start = project(x0 + radius * jax.random.uniform(start_key, x0.shape, minval=-1.0, maxval=1.0))
     x = start
-    for i in range(steps):  # unrolled: XLA:CPU runs convolutions in a loop body ~25x slower
+    for i in range(steps):  # unrolled: XLA:CPU runs convolutions in a loop body far slower
         x = step(i, x, size)
     return x
 

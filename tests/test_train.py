@@ -281,3 +281,19 @@ def test_auto_loop_steps_through_conv_models_on_cpu_and_scans_the_rest():
     assert loops.resolve("auto", small_resnet_state().params) == "steps"
     assert loops.resolve("auto", make_state("pfa").params) == "scan"
     assert loops.resolve("scan", small_resnet_state().params) == "scan"
+
+
+def test_epochs_and_evaluation_compile_once_for_every_loop():
+    """The loop driver keeps its jitted scan and step: later epochs reuse the first one's compile."""
+    images, labels = toy_data(64)
+    for loop in ("scan", "steps"):
+        state = make_state("pfa")
+        state, _ = train.train_epoch(state, images, labels, jax.random.key(0), 32, loop=loop)
+        train.evaluate(state, images, labels, batch_size=32, loop=loop)
+        sizes = [f._cache_size() for loop_fns in (train._epoch, train._evaluation)
+                 for f in (loop_fns._scan, loop_fns._step)]
+        for epoch in range(1, 3):
+            state, _ = train.train_epoch(state, images, labels, jax.random.key(epoch), 32, loop=loop)
+            train.evaluate(state, images, labels, batch_size=32, loop=loop)
+        assert [f._cache_size() for loop_fns in (train._epoch, train._evaluation)
+                for f in (loop_fns._scan, loop_fns._step)] == sizes

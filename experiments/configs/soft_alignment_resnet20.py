@@ -1,7 +1,7 @@
 """Soft alignment on ResNet-20, Fashion-MNIST zero-padded to 32x32 (offline): see ``_soft_alignment``
 for the settings compared and the measurements.
 
-Sized for 2 CPU cores (about 9 min a run, 1.4 h for the 9), so far shorter than the deep-conv
+Sized for 2 CPU cores (its wall times are in the README), so far shorter than the deep-conv
 schedule of ``resnet20_fashion_mnist``: the first 8,000 training and the first 8,000 test images,
 3 epochs of batch 128 (186 steps) with SGD momentum 0.9, lr 0.1 then 0.01 from epoch 2, wd 1e-4, no
 augmentation; noise pretraining 200 steps (about as many as the data training); sharpness on 256
