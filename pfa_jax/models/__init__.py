@@ -57,8 +57,9 @@ def options(name: str) -> tuple[str, ...]:
 def get(name: str, rule="bp", num_classes: int = 10, **kwargs) -> nn.Module:
     """The model ``name`` whose ``Dense`` / ``Conv`` layers follow ``rule``.
 
-    Lists among the options (e.g. ``widths`` from a config file) become tuples, so the model stays
-    hashable (a static ``jit`` argument).
+    Lists among the options (``widths=[512, 512]`` from an API caller) become tuples, so the model
+    stays hashable (a static ``jit`` argument); configs restore their tuples when they are loaded
+    (``pfa_jax.app.config``).
     """
     cls, fixed = _entry(name)
     unknown = sorted(set(kwargs) - set(options(name)))
