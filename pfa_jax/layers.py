@@ -29,8 +29,8 @@ from flax import traverse_util
 from pfa_jax import nn as pnn
 from pfa_jax import rules
 
-__all__ = ["feedback_labels", "FIXED", "kernels_and_feedback", "label", "Layer", "layer_key",
-           "merge", "mirror", "MIRRORED", "PLASTIC", "select", "Table", "table"]
+__all__ = ["feedback_labels", "FIXED", "from_records", "kernels_and_feedback", "label", "Layer",
+           "layer_key", "merge", "mirror", "MIRRORED", "PLASTIC", "select", "Table", "table"]
 
 PLASTIC, FIXED, MIRRORED = "plastic", "fixed", "mirrored"
 
@@ -63,7 +63,13 @@ def table(model, *args, rngs=None, **kwargs) -> Table:
     records = {}
     with pnn.recording(records):
         shapes = jax.eval_shape(lambda: model.init(rngs, *args, **kwargs))
-    params = traverse_util.flatten_dict(shapes.get("params", {}), sep="/")
+    return from_records(records, shapes.get("params", {}))
+
+
+def from_records(records: dict, params) -> Table:
+    """The table of the layers that recorded themselves (``pfa_jax.nn.recording``) in a trace of a
+    model whose ``params`` (arrays or shapes) are given."""
+    params = traverse_util.flatten_dict(dict(params), sep="/")
     return tuple(Layer(path, rule, len(params[f"{path}/kernel"].shape) - rank)
                  for path, (rule, rank) in sorted(records.items()))
 

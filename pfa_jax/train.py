@@ -91,21 +91,25 @@ class TrainState(struct.PyTreeNode):
                 "feedback": self.feedback_tx.init(self.plastic_feedback())}
 
 
-def _stream_names(model, variables, images, streams: list[str]) -> tuple[str, ...]:
-    """The RNG streams a training-mode ``model.apply`` asks for, found by tracing it (shapes only):
-    ``streams`` plus each one flax reports missing."""
+def _trace(model, variables, images, streams: tuple[str, ...] | None
+           ) -> tuple[player.Table, tuple[str, ...]]:
+    """The layer table and the RNG streams of a training-mode ``model.apply``, from one trace of it
+    (shapes only): ``streams`` as given, or (``None``) each one flax reports missing."""
+    found = list(streams or ())
     for _ in range(16):
+        records = {}
         try:
-            jax.eval_shape(lambda: apply_with_rule(model, variables, images, True, {
-                name: jax.random.key(0) for name in (FEEDBACK_STREAM, *streams)}))
-            return tuple(sorted(streams))
+            with pnn.recording(records):
+                jax.eval_shape(lambda: apply_with_rule(model, variables, images, True, {
+                    name: jax.random.key(0) for name in (FEEDBACK_STREAM, *found)}))
+            return player.from_records(records, variables["params"]), tuple(sorted(found))
         except flax.errors.InvalidRngError as error:
             missing = re.search(r'needs PRNG for "([^"]+)"', str(error))
-            if missing is None or missing.group(1) in streams:
+            if streams is not None or missing is None or missing.group(1) in found:
                 raise ValueError(f"the model asks for an RNG stream in training mode ({error}); "
                                  "pass rng_streams=('name', ...) to create_train_state") from None
-            streams = [*streams, missing.group(1)]
-    raise ValueError(f"the model asks for more than 16 RNG streams: {streams}")
+            found.append(missing.group(1))
+    raise ValueError(f"the model asks for more than 16 RNG streams: {found}")
 
 
 def create_train_state(key: jax.Array, model: nn.Module, sample_batch, tx=None, *,
@@ -127,12 +131,10 @@ def create_train_state(key: jax.Array, model: nn.Module, sample_batch, tx=None, 
     variables = jax.jit(functools.partial(model.init, train=False))(rngs, images)
     params = variables["params"]
     pnn.check_rule_map(getattr(model, "rule", None), params)
-    table = player.table(model, images, rngs=rngs, train=False)
     batch_stats = variables.get("batch_stats", {})
     carried = {"params": params, "feedback": variables.get("feedback", {}),
                "batch_stats": batch_stats}
-    streams = (tuple(sorted(rng_streams)) if rng_streams is not None
-               else _stream_names(model, carried, images, []))
+    table, streams = _trace(model, carried, images, rng_streams)
     state = TrainState(
         step=jnp.zeros((), jnp.int32), params=params, feedback=carried["feedback"],
         batch_stats=batch_stats, opt_state=None, rng=state_key, model=model, tx=tx,
