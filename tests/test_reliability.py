@@ -118,3 +118,23 @@ def test_same_seed_same_metrics_other_seed_other_metrics(fashion_dir, tmp_path):
         runs[name] = records(tmp_path / name)
     assert runs["a"] == runs["b"]
     assert runs["a"] != runs["c"]
+
+
+def _snapshot(directory) -> dict:
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_resume_or_bad_override_leaves_the_run_directory_as_it_was(fashion_dir, tmp_path,
+                                                                            capsys):
+    out = tmp_path / "run"
+    assert cli.main(args(fashion_dir, out)) == 0
+    before = _snapshot(out)
+    for extra, message in [(["--epochs", "1"], "fewer than the 2 epochs"),
+                           (["--rule", "pfa"], "cannot be read"),
+                           (["--set", "rule.name=nope"], "unknown"),
+                           (["--set", "rule_options.rho=0.5"], "is now 'rule.options.rho'")]:
+        assert cli.main(["train", "--resume", "--out", str(out), "--quiet", *extra]) == 2
+        assert message in capsys.readouterr().err
+        assert _snapshot(out) == before, extra
+    assert cli.main(["train", "--resume", "--out", str(out), "--epochs", "3", "--quiet"]) == 0

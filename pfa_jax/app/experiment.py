@@ -167,8 +167,10 @@ def machine() -> str:
 
 
 def _prepare(spec: RunSpec, out, overwrite: bool, resume: bool, init_key):
-    """The data source, the initial state, the held-out batch and the run directory, checked
-    before anything is written; then ``config.json`` is written."""
+    """The data source, the state (restored from the newest checkpoint when resuming), the
+    held-out batch, the run directory, its checkpoints and the metrics lines kept from a resumed
+    run. Everything is checked before anything in ``out`` changes; only then is ``config.json``
+    written, so a failed start leaves the run directory as it was."""
     source = sources.for_spec(spec)
     steps_per_epoch = source.num_train // spec.data.batch_size
     if steps_per_epoch == 0:
@@ -178,10 +180,18 @@ def _prepare(spec: RunSpec, out, overwrite: bool, resume: bool, init_key):
     tx = dataclasses.replace(spec.optimizer, steps_per_epoch=steps_per_epoch)
     size = spec.metrics_batch_size
     heldout = _split(*source.heldout(size), size, size)[0] if size else None
-    out = pathlib.Path(out) if resume else _prepare_run_dir(out, overwrite)
-    (out / "config.json").write_text(spec.config.to_json(indent=2) + "\n")
     state = train.create_train_state(init_key, spec.model, source.sample(), tx)
-    return source, state, heldout, out
+    first, kept = 0, []
+    if resume:
+        out = pathlib.Path(out)
+        checkpoints = Checkpoints(out / "checkpoints")
+        first, kept = _resume_point(out, checkpoints, spec.epochs)
+        state = checkpoints.restore(first, state)
+    else:
+        out = _prepare_run_dir(out, overwrite)
+        checkpoints = Checkpoints(out / "checkpoints")
+    (out / "config.json").write_text(spec.config.to_json(indent=2) + "\n")
+    return source, state, heldout, out, checkpoints, first, kept
 
 
 def _epoch_record(state, steps, test: dict, heldout, epoch: int, epoch_time: float) -> dict:
@@ -201,12 +211,9 @@ def run(spec: RunSpec, out: str | pathlib.Path, overwrite: bool = False, progres
     """Trains the run ``spec`` (``pfa_jax.app.spec.resolve``) and writes the run directory ``out``
     (``resume``: continues it from its newest checkpoint); returns the summary."""
     init_key, key = jax.random.split(jax.random.key(spec.seed))
-    source, state, heldout, out = _prepare(spec, out, overwrite, resume, init_key)
-    checkpoints = Checkpoints(out / "checkpoints")
-    first, kept = _resume_point(out, checkpoints, spec.epochs) if resume else (0, [])
-    if first:
-        state = checkpoints.restore(first, state)
-    elif spec.noise_pretrain_steps:
+    source, state, heldout, out, checkpoints, first, kept = _prepare(spec, out, overwrite, resume,
+                                                                      init_key)
+    if not first and spec.noise_pretrain_steps:
         state, _ = pretrain.noise_pretrain(state, jax.random.fold_in(key, 2**31),
                                            spec.noise_pretrain_steps, spec.data.batch_size,
                                            source.dataset.num_classes)
