@@ -69,15 +69,20 @@ _RECORDER = contextvars.ContextVar("pfa_jax_layer_recorder", default=None)
 
 
 @contextlib.contextmanager
+def _setting(variable: contextvars.ContextVar, value):
+    """``variable`` set to ``value`` inside the context, restored after it."""
+    token = variable.set(value)
+    try:
+        yield
+    finally:
+        variable.reset(token)
+
+
 def backprop():
     """Inside this context every pfa_jax layer follows plain autodiff (rule ``'bp'``): the same
     forward function as under any rule, with the true gradients. Enter it inside the traced function
     (as ``pfa_jax.metrics`` does)."""
-    token = _BACKPROP.set(True)
-    try:
-        yield
-    finally:
-        _BACKPROP.reset(token)
+    return _setting(_BACKPROP, True)
 
 
 def layer_rule(rule: rules.Rule) -> rules.Rule:
@@ -85,16 +90,11 @@ def layer_rule(rule: rules.Rule) -> rules.Rule:
     return rules.get("bp") if _BACKPROP.get() else rule
 
 
-@contextlib.contextmanager
 def recording(records: dict):
     """Inside this context every pfa_jax layer that runs records ``records[path] = (rule, kernel
     rank at the call)``: how ``pfa_jax.layers.table`` finds a model's layers (under ``nn.scan`` or
     ``nn.vmap`` the stored kernel has more axes than the call sees)."""
-    token = _RECORDER.set(records)
-    try:
-        yield
-    finally:
-        _RECORDER.reset(token)
+    return _setting(_RECORDER, records)
 
 
 def resolve_rule(spec: RuleSpec, path: str) -> rules.Rule:
