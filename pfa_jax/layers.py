@@ -10,8 +10,9 @@ A ``Layer`` is a ``pfa_jax.nn.Dense`` / ``Conv`` of the model: its path (the mod
 ``/``, the same as its key path in ``params`` and ``feedback``), its resolved rule, and the number of
 leading axes that lifted transforms (``nn.scan``, ``nn.vmap``) add to its stored arrays: such a
 layer is several layers, one per slice, and everything here treats each slice as its own layer,
-named ``path[i]`` (``path[i,j]`` for two lifted axes). The table is found once by tracing
-``model.init`` with ``jax.eval_shape`` while the layers record themselves (``pfa_jax.nn.recording``);
+named ``path[i]`` (``path[i,j]`` for two lifted axes). The table is found once by tracing the model
+with ``jax.eval_shape`` while the layers record themselves (``pfa_jax.nn.recording``): ``table``
+traces ``model.init``, ``pfa_jax.train.create_train_state`` its training-mode apply;
 it is hashable, so it can be a static field of a jitted state. How an array learns is a property
 of the layer's rule (``Rule.plastic``, ``Rule.mirrored``; every other feedback array is fixed), so
 nothing about it is stored in the variables.
