@@ -4,6 +4,7 @@
     python -m experiments.run soft_alignment_mlp --only 'fa*' --set epochs=5 --out /tmp/results
     python -m experiments.run fig2_fashion_mnist expansion_fashion_mnist --workers 8   # a GPU
     python -m experiments.run fig2_fashion_mnist --list          # the runs and their state
+    python -m experiments.run --list                             # every experiment
 
 Each run of experiment ``E`` writes ``OUT/E/RUN/`` (``pfa_jax.app.experiment``: ``config.json``,
 ``metrics.jsonl``, ``checkpoints/``, ``curves.png``, ``summary.json``). Running again is safe and
@@ -31,6 +32,7 @@ import multiprocessing  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
+import textwrap  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -132,8 +134,9 @@ def _cost(config: ml_collections.ConfigDict) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.run",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
-                        help=f"one or more of: {', '.join(configs.names())}")
+    parser.add_argument("experiments", nargs="*", metavar="EXPERIMENT",
+                        help=f"one or more of: {', '.join(configs.names())} (none with --list: "
+                             "list them all)")
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
                         help="results directory (default experiments/results)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -143,6 +146,14 @@ def main(argv=None) -> int:
     parser.add_argument("--list", action="store_true", help="list the runs and their state")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch output")
     args = parser.parse_args(argv)
+    if not args.experiments:
+        if not args.list:
+            parser.error("name one or more experiments, or --list to see them all")
+        for name in configs.names():
+            module = configs.load(name)
+            summary = " ".join(module.__doc__.strip().split("\n\n")[0].split())
+            print(f"{name} ({len(module.runs())} runs): {textwrap.shorten(summary, 110)}")
+        return 0
     try:
         if args.workers < 1:
             raise ValueError(f"--workers={args.workers} must be >= 1")

@@ -6,6 +6,7 @@
     state = pj.train.create_train_state(key, model, sample_batch, {"learning_rate": 0.01})
     state, metrics = pj.train.train_step(state, batch)
 """
-from pfa_jax import augment, layers, metrics, models, nn, nnx, optim, rules, train
+from pfa_jax import augment, fields, layers, metrics, models, nn, nnx, optim, rules, train
 
-__all__ = ["augment", "layers", "metrics", "models", "nn", "nnx", "optim", "rules", "train"]
+__all__ = ["augment", "fields", "layers", "metrics", "models", "nn", "nnx", "optim", "rules",
+           "train"]

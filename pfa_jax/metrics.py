@@ -44,7 +44,7 @@ from pfa_jax import layers as player
 from pfa_jax import loops
 from pfa_jax import nn as pnn
 from pfa_jax.nnx.train import linen_state
-from pfa_jax.train import apply_with_rule, cross_entropy, eval_step, step_rngs
+from pfa_jax.train import apply_with_rule, check_batch, cross_entropy, eval_step, step_rngs
 
 __all__ = ["adversarial", "alignment", "angle", "as_state", "attack_images", "ATTACKS",
            "check_attack", "corruption", "gradient_alignment", "GRADIENTS",
@@ -129,7 +129,8 @@ def gradient_alignment(state, batch) -> dict[str, dict[str, jax.Array]]:
     RNG keys of the state's next train step (the same dropout masks). The output layer receives the
     true error under every layer-wise rule, so its angles are 0.
     """
-    return _gradient_alignment(as_state(state), batch)
+    state = as_state(state)
+    return _gradient_alignment(state, _batch_list(state, batch, "gradient_alignment")[0])
 
 
 @jax.jit
@@ -145,11 +146,16 @@ def _gradient_alignment(state, batch):
 
 
 # -- batches ----------------------------------------------------------------------------------------
-def _batch_list(batches) -> list[dict]:
-    """One batch dict or a sequence of them, as a non-empty list."""
+def _batch_list(state, batches, where: str) -> list[dict]:
+    """One batch dict or a sequence of them, as a non-empty list, each checked against ``state``
+    (``pfa_jax.train.check_batch``)."""
     batches = [batches] if isinstance(batches, Mapping) else list(batches)
     if not batches:
-        raise ValueError("no batches given; pass a batch {'image', 'label'} or a list of them")
+        raise ValueError(f"{where}: no batches given; pass a batch {{'image', 'label'}} or a list "
+                         "of them")
+    for batch in batches:
+        check_batch(batch["image"], batch["label"], input_shape=state.input_shape,
+                    num_classes=state.num_classes, where=where)
     return batches
 
 
@@ -210,7 +216,7 @@ def sharpness(state, batches, key=None, *, iterations: int = 100, tolerance: flo
     if iterations < 1 or tolerance < 0 or probes < 2:
         raise ValueError(f"sharpness: iterations={iterations!r} must be >= 1, tolerance={tolerance!r} "
                          f">= 0 and probes={probes!r} >= 2")
-    batches = _batch_list(batches)
+    batches = _batch_list(state, batches, "sharpness")
     size = ravel_pytree(state.params)[0].size
     power_key, probe_key = jax.random.split(_default_key(state, key, 1))
 
@@ -321,7 +327,7 @@ def adversarial(state, batches, epsilons: Sequence[float], attack: str = "fgsm",
     """
     check_attack(attack, gradient, *epsilons)
     state = as_state(state)
-    batches = _batch_list(batches)
+    batches = _batch_list(state, batches, "adversarial")
     key = _default_key(state, key, 2)
     options = dict(attack=attack, steps=steps, step_size=step_size, gradient=gradient, lower=lower,
                    upper=upper, scale=scale)
@@ -354,7 +360,7 @@ def corruption(state, batches, sigmas: Sequence[float], key=None, *, lower=None,
     if any(not s >= 0 for s in sigmas):
         raise ValueError(f"noise sigmas must be >= 0, got {list(sigmas)}")
     state = as_state(state)
-    batches = _batch_list(batches)
+    batches = _batch_list(state, batches, "corruption")
     key = _default_key(state, key, 3)
     scale = 1.0 if scale is None else scale
     accuracy = [float(_mean_over(batches, lambda b, i: _noisy_accuracy(

@@ -56,7 +56,7 @@ from pfa_jax import rules
 
 __all__ = ["add_taps", "backprop", "bind_classes", "check_rule_map", "Conv", "DEFAULT", "Dense",
            "layer_paths", "layer_rule", "PERTURBATION", "PERTURBATIONS", "recording",
-           "resolve_rule", "RuleSpec", "TAPS"]
+           "resolve_rule", "RuleMapError", "RuleSpec", "TAPS"]
 
 RuleSpec = Any  # Rule | str | Mapping[str, Rule | str]
 DEFAULT = "default"
@@ -143,14 +143,18 @@ def layer_paths(params) -> set[str]:
     return paths
 
 
+class RuleMapError(ValueError):
+    """A per-layer rule mapping names a layer the model does not have."""
+
+
 def check_rule_map(spec: RuleSpec, params) -> None:
-    """Raises if a rule mapping names a layer the model does not have."""
+    """Raises ``RuleMapError`` if a rule mapping names a layer the model does not have."""
     if not isinstance(spec, Mapping):
         return
     known = layer_paths(params)
     unknown = sorted(set(spec) - known - {DEFAULT})
     if unknown:
-        raise ValueError(f"rule mapping names unknown layer(s) {unknown}; the model's layers are "
+        raise RuleMapError(f"rule mapping names unknown layer(s) {unknown}; the model's layers are "
                          f"{sorted(known)} (plus {DEFAULT!r})")
 
 

@@ -29,6 +29,7 @@ overrides, e.g. ``feedback={'weight_decay': 0.0}``. Fixed feedback is never give
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -36,9 +37,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pfa_jax import fields
+
 __all__ = ["build", "hyperparameters", "multistep", "OptimizerConfig", "OPTIMIZERS", "Schedule"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+# field -> (whether a value is valid, the valid values in words)
+_RANGES = {
+    "lr_decay": (lambda v: 0 < v < math.inf, "a finite number > 0 (the factor at each milestone)"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "eps": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+    "steps_per_epoch": (lambda v: v >= 1, "a positive int"),
+}
 Schedule = Callable[[Any], Any]
 
 
@@ -85,16 +97,20 @@ class OptimizerConfig:
                 options[key] = tuple(options[key])
         feedback = options.pop("feedback", None)
         base = cls(**options)
-        if feedback is not None:
+        if feedback:
             base = dataclasses.replace(base, feedback=cls.create(base, feedback=None, **dict(
                 feedback.to_dict() if hasattr(feedback, "to_dict") else feedback)))
         return base
 
     def __post_init__(self):
+        """Every field checked: its type (``pfa_jax.fields``), then its range (``_RANGES``)."""
+        fields.check(OptimizerConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                       if f.name != "feedback"}, "optimizer.")
         if self.name not in OPTIMIZERS:
-            raise ValueError(f"optimizer name={self.name!r} is unknown; valid: {OPTIMIZERS}")
-        if not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch={self.steps_per_epoch!r} must be a positive int")
+            raise ValueError(f"optimizer.name={self.name!r} is unknown; valid: {OPTIMIZERS}")
+        for key, (valid, words) in _RANGES.items():
+            if not valid(getattr(self, key)):
+                raise ValueError(f"optimizer.{key}={getattr(self, key)!r} must be {words}")
         self.segment_values("learning_rate", "lr_milestones")
         self.segment_values("weight_decay", "wd_milestones")
 
@@ -103,23 +119,23 @@ class OptimizerConfig:
         value, milestones = getattr(self, key), tuple(getattr(self, milestones_key))
         if any(not isinstance(m, int) or m < 1 for m in milestones) or list(milestones) != sorted(
                 set(milestones)):
-            raise ValueError(f"{milestones_key}={milestones!r} must be strictly increasing "
+            raise ValueError(f"optimizer.{milestones_key}={milestones!r} must be strictly increasing "
                              "positive epochs")
         if isinstance(value, tuple):
             values = value
         elif key == "learning_rate":
             values = tuple(value * self.lr_decay ** i for i in range(len(milestones) + 1))
         elif milestones:
-            raise ValueError(f"{milestones_key}={milestones!r} needs one {key} per segment: "
+            raise ValueError(f"optimizer.{milestones_key}={milestones!r} needs one {key} per segment: "
                              f"a tuple of {len(milestones) + 1} values, got {value!r}")
         else:
             values = (value,)
         if len(values) != len(milestones) + 1:
-            raise ValueError(f"{key}={value!r} has {len(values)} values for {len(milestones)} "
-                             f"milestones {milestones_key}={milestones!r}; need "
+            raise ValueError(f"optimizer.{key}={value!r} has {len(values)} values for "
+                             f"{len(milestones)} milestones {milestones_key}={milestones!r}; need "
                              f"{len(milestones) + 1}")
-        if any(v < 0 for v in values):
-            raise ValueError(f"{key}={value!r} must be non-negative")
+        if any(not 0 <= v < math.inf for v in values):
+            raise ValueError(f"optimizer.{key}={value!r} must be finite and non-negative")
         return values
 
     def schedules(self) -> tuple[Schedule, Schedule]:
@@ -162,7 +178,8 @@ def build(optimizer=None, feedback=None, **overrides
         return optimizer, feedback
     config = OptimizerConfig.create(optimizer, **overrides)
     if feedback is None and config.feedback is not None:
-        feedback = config.feedback.transformation()
+        feedback = dataclasses.replace(config.feedback,
+                                       steps_per_epoch=config.steps_per_epoch).transformation()
     return config.transformation(), feedback
 
 

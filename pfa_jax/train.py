@@ -17,6 +17,11 @@ than ``params`` (e.g. ``dropout``) get a fresh key every step, derived from the 
 per stream (``step_rngs``); a model with an ``axis_name`` field gets it set under ``pmap``. Logged
 hyper-parameters come from the optimizer state (``optax.inject_hyperparams``) where it has them.
 
+What enters is checked (``check_batch``), naming the shapes or values refused: images of the
+state's ``input_shape`` (the sample's, minus its batch axis), one integer label per image, and
+label values in ``[0, num_classes)`` where the labels are concrete (``train_epoch``, ``evaluate``
+and the metrics; inside ``jit`` only shapes can be checked, at trace time, for free).
+
 Data parallel, two ways, same numbers as one device:
 
 * ``jax.pmap(train_step, axis_name="batch")`` on replicated state (``replicate``) and a batch split on
@@ -50,7 +55,7 @@ from pfa_jax import loops
 from pfa_jax import nn as pnn
 from pfa_jax.optim import build, hyperparameters
 
-__all__ = ["apply_with_rule", "AXIS", "batch_mesh", "create_train_state", "cross_entropy",
+__all__ = ["apply_with_rule", "AXIS", "batch_mesh", "check_batch", "create_train_state", "cross_entropy",
            "eval_step", "evaluate", "FEEDBACK_STREAM", "mirror", "replicate", "replicate_on",
            "shard_batch", "split_batch", "step_rngs", "train_epoch", "train_step", "TrainState",
            "unreplicate"]
@@ -72,6 +77,7 @@ class TrainState(struct.PyTreeNode):
     layers: player.Table = struct.field(pytree_node=False, default=())
     rng_streams: tuple[str, ...] = struct.field(pytree_node=False, default=())
     input_shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
+    num_classes: int = struct.field(pytree_node=False, default=0)  # the width of the logits
 
     def variables(self) -> dict:
         return {"params": self.params, "feedback": self.feedback, "batch_stats": self.batch_stats}
@@ -92,17 +98,19 @@ class TrainState(struct.PyTreeNode):
 
 
 def _trace(model, variables, images, streams: tuple[str, ...] | None
-           ) -> tuple[player.Table, tuple[str, ...]]:
-    """The layer table and the RNG streams of a training-mode ``model.apply``, from one trace of it
-    (shapes only): ``streams`` as given, or (``None``) each one flax reports missing."""
+           ) -> tuple[player.Table, tuple[str, ...], int]:
+    """The layer table, the RNG streams and the logits' width of a training-mode ``model.apply``,
+    from one trace of it (shapes only): ``streams`` as given, or (``None``) each one flax reports
+    missing."""
     found = list(streams or ())
     for _ in range(16):
         records = {}
         try:
             with pnn.recording(records):
-                jax.eval_shape(lambda: apply_with_rule(model, variables, images, True, {
+                logits, _ = jax.eval_shape(lambda: apply_with_rule(model, variables, images, True, {
                     name: jax.random.key(0) for name in (FEEDBACK_STREAM, *found)}))
-            return player.from_records(records, variables["params"]), tuple(sorted(found))
+            return (player.from_records(records, variables["params"]), tuple(sorted(found)),
+                    logits.shape[-1])
         except flax.errors.InvalidRngError as error:
             missing = re.search(r'needs PRNG for "([^"]+)"', str(error))
             if streams is not None or missing is None or missing.group(1) in found:
@@ -126,6 +134,9 @@ def create_train_state(key: jax.Array, model: nn.Module, sample_batch, tx=None, 
     """
     tx, feedback_tx = build(tx, feedback_tx)
     images = jnp.asarray(sample_batch["image"] if isinstance(sample_batch, dict) else sample_batch)
+    if images.ndim < 2:
+        raise ValueError(f"create_train_state: the sample of shape {images.shape} has no batch "
+                         "axis; pass a batch (n, ...) of inputs, e.g. images[:1]")
     init_key, feedback_key, state_key = jax.random.split(key, 3)
     rngs = {"params": init_key, FEEDBACK_STREAM: feedback_key}
     variables = jax.jit(functools.partial(model.init, train=False))(rngs, images)
@@ -134,12 +145,12 @@ def create_train_state(key: jax.Array, model: nn.Module, sample_batch, tx=None, 
     batch_stats = variables.get("batch_stats", {})
     carried = {"params": params, "feedback": variables.get("feedback", {}),
                "batch_stats": batch_stats}
-    table, streams = _trace(model, carried, images, rng_streams)
+    table, streams, num_classes = _trace(model, carried, images, rng_streams)
     state = TrainState(
         step=jnp.zeros((), jnp.int32), params=params, feedback=carried["feedback"],
         batch_stats=batch_stats, opt_state=None, rng=state_key, model=model, tx=tx,
         feedback_tx=feedback_tx or tx, layers=table, rng_streams=streams,
-        input_shape=tuple(images.shape[1:]))
+        input_shape=tuple(images.shape[1:]), num_classes=num_classes)
     state = state.replace(opt_state=state.init_opt_state())
     if state.mirrored:
         state = jax.jit(mirror, static_argnames="warmup")(state, warmup=True)
@@ -160,6 +171,37 @@ def step_rngs(state: TrainState) -> dict:
     key = jax.random.fold_in(state.rng, state.step)
     return {FEEDBACK_STREAM: key,
             **{name: jax.random.fold_in(key, zlib.crc32(name.encode())) for name in state.rng_streams}}
+
+
+def check_batch(images, labels=None, *, input_shape=(), num_classes: int = 0,
+                where: str = "batch") -> None:
+    """Raises ``ValueError`` naming ``where`` and the shapes unless ``images`` is ``(n,
+    *input_shape)`` (any shape if ``input_shape`` is empty) and ``labels`` ``(n,)`` integers, in
+    ``[0, num_classes)`` when ``num_classes`` is given and the labels are concrete (inside ``jit``
+    only the shapes can be checked; the data loaders check the values where data enters)."""
+    shape = tuple(jnp.shape(images))
+    if input_shape and shape[1:] != tuple(input_shape):
+        raise ValueError(f"{where}: images of shape {shape} do not fit the model's inputs of shape "
+                         f"(batch, {', '.join(map(str, input_shape))})")
+    if labels is None:
+        return
+    if tuple(jnp.shape(labels)) != shape[:1]:
+        raise ValueError(f"{where}: labels of shape {tuple(jnp.shape(labels))} do not match images "
+                         f"of shape {shape}: need one label per image, shape {shape[:1]}")
+    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+        raise ValueError(f"{where}: labels must be integer class indices, got dtype "
+                         f"{jnp.result_type(labels)}")
+    if not num_classes or not shape[0] or isinstance(labels, jax.core.Tracer):
+        return
+    low, high = int(jnp.min(labels)), int(jnp.max(labels))
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"{where}: labels must lie in [0, {num_classes}), got values from {low} "
+                         f"to {high}")
+
+
+def _check(state: TrainState, images, labels, where: str) -> None:
+    check_batch(images, labels, input_shape=state.input_shape, num_classes=state.num_classes,
+                where=where)
 
 
 def cross_entropy(logits, labels):
@@ -195,6 +237,7 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = AXIS):
     Pure. Under ``pmap`` / ``shard_map`` with ``axis_name`` bound, loss, gradients, feedback signals
     and BatchNorm statistics are averaged over that axis.
     """
+    _check(state, batch["image"], batch["label"], "train_step")
     parallel = _bound(axis_name)
     model = state.model
     if parallel and hasattr(model, "axis_name"):
@@ -231,6 +274,7 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = AXIS):
 
 def eval_step(state: TrainState, batch: dict) -> dict:
     """Mean loss and accuracy on ``batch``; an optional ``batch['mask']`` weights the examples."""
+    _check(state, batch["image"], batch["label"], "eval_step")
     logits = state.model.apply(state.variables(), batch["image"], train=False)
     mask = batch.get("mask", jnp.ones(logits.shape[:1], jnp.float32))
     count = jnp.sum(mask)
@@ -260,6 +304,7 @@ def train_epoch(state: TrainState, images, labels, key, batch_size: int, augment
     there).
     """
     pfa_augment.check(augment)
+    _check(state, images, labels, "train_epoch")
     loop = loops.resolve(loop, state.params)
     steps = images.shape[0] // batch_size
     if steps == 0:
@@ -284,6 +329,7 @@ _evaluation = loops.Loop(_eval_window, static_argnames=("batch_size",))
 def evaluate(state: TrainState, images, labels, batch_size: int = 1000, loop: str = "auto") -> dict:
     """Loss and accuracy over a whole split (the last batch is padded and masked); ``loop`` as in
     ``pfa_jax.loops.resolve``."""
+    _check(state, images, labels, "evaluate")
     n = images.shape[0]
     steps = -(-n // batch_size)
     pad = steps * batch_size - n

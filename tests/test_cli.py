@@ -92,12 +92,19 @@ def test_train_logs_gradient_alignment_and_closing_metrics(fashion_dir, tmp_path
 @pytest.mark.parametrize("option, message", [
     ("robustness.attacks=('cw',)", "valid attacks: fgsm, pgd"),
     ("robustness.adversarial_epsilons=(-0.1,)", "epsilons must be >= 0"),
-    ("robustness.noise_sigmas=(-1.0,)", "noise_sigmas must be >= 0"),
+    ("robustness.noise_sigmas=(-1.0,)", "noise_sigmas=(-1.0,) must be finite and >= 0"),
+    ("robustness.noise_sigmas=(0.1,)", "robustness.examples=0 must be an int >= 1"),
+    ("sharpness.enabled=True", "sharpness.probes=1 must be an int >= 2"),
+    ("sharpness.tolerance=inf", "sharpness.tolerance=inf must be finite"),
 ])
 def test_bad_metric_options_fail_before_training(fashion_dir, tmp_path, capsys, option, message):
     out = tmp_path / "run"
-    assert cli.main(train_args(fashion_dir, out, "--set", option)) == 2
+    extra = {"robustness.noise_sigmas=(0.1,)": ["--set", "robustness.examples=0"],
+             "sharpness.enabled=True": ["--set", "sharpness.probes=1"],
+             "sharpness.tolerance=inf": ["--set", "sharpness.enabled=True"]}.get(option, [])
+    assert cli.main(train_args(fashion_dir, out, "--set", option, *extra)) == 2
     assert message in capsys.readouterr().err
+    assert not out.exists()
     assert not out.exists()
 
 

@@ -221,12 +221,12 @@ def test_tfds_failure_says_how_to_get_the_data(monkeypatch, tmp_path):
         raise tfds.core.DatasetNotFoundError(f"no {name} here")
 
     monkeypatch.setattr(tfds, "data_source", unavailable)
-    with pytest.raises(RuntimeError, match="(?s)'mnist'.*no mnist here.*tfds build mnist"):
+    with pytest.raises(FileNotFoundError, match="(?s)'mnist'.*no mnist here.*tfds build mnist"):
         data.load("mnist", data_dir=tmp_path)
     # Without a local IDX directory, Fashion-MNIST falls back to tfds.
     monkeypatch.delenv("PFA_JAX_FASHION_MNIST_DIR", raising=False)
     monkeypatch.setattr(data, "DEFAULT_FASHION_MNIST_DIR", str(tmp_path / "absent"))
-    with pytest.raises(RuntimeError, match="(?s)'fashion_mnist'.*apt-get install -y dataset-fashion-mnist"):
+    with pytest.raises(FileNotFoundError, match="(?s)'fashion_mnist'.*apt-get install -y dataset-fashion-mnist"):
         data.load("fashion_mnist")
 
 

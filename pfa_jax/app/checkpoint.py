@@ -1,26 +1,63 @@
-"""Checkpoints of a ``TrainState`` with orbax: one per completed epoch, the newest ``keep`` kept.
+"""Checkpoints of a ``TrainState`` with orbax: one per completed epoch, the newest ``keep`` kept, each
+carrying checksums that restore verifies.
 
 Only the arrays are written (step, params, feedback, batch_stats, opt_state and the raw data of the
 RNG key); the model, optimizer and other static fields come from the state that ``restore`` is
-given, which must be built from the same config (``pfa_jax.app.experiment`` does this).
+given, which must be built from the same config (``pfa_jax.app.experiment`` does this). Beside them,
+in the same atomic orbax checkpoint, ``integrity``: the CRC-32 of every array's bytes (in
+``jax.tree.leaves`` order) and of every line of the run's metrics so far (``save``'s ``records``).
 
-Checkpoints written before the optimizer state took its present layout (one
-``optax.multi_transform`` over ``{'params', 'feedback', 'frozen'}`` labels, every group's state over
-the whole ``{'params', 'feedback'}`` tree) are migrated on restore (``migrate_opt_state``): the same
-transformation's state, moved into today's ``{'params': ..., 'feedback': ...}`` layout, so a run
-directory of that time resumes exactly.
+``restore`` tells three failures apart, each a ``CheckpointError`` naming the checkpoint:
+
+* ``CheckpointMismatchError``: the checkpoint is intact but holds another state than ``like``
+  (another rule, model or optimizer): the config differs from the run's; nothing is wrong with the
+  files.
+* ``CheckpointDamagedError``: it cannot be read (truncated, missing files) or an array differs from
+  its checksum (bytes garbled on disk). An older checkpoint may still be intact
+  (``pfa_jax.app.experiment`` then resumes from it).
+
+Checkpoints written before the checksums existed restore unverified. Checkpoints written before the
+optimizer state took its present layout (one ``optax.multi_transform`` over ``{'params',
+'feedback', 'frozen'}`` labels, every group's state over the whole ``{'params', 'feedback'}`` tree)
+are migrated on restore (``migrate_opt_state``): the same transformation's state, moved into
+today's ``{'params': ..., 'feedback': ...}`` layout, so a run directory of that time resumes exactly.
 """
 from __future__ import annotations
 
+import logging
 import pathlib
+import zlib
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from pfa_jax.train import TrainState
 
-__all__ = ["CheckpointError", "Checkpoints", "migrate_opt_state"]
+__all__ = ["CheckpointDamagedError", "CheckpointError", "CheckpointMismatchError", "Checkpoints",
+           "crc32", "migrate_opt_state"]
+
+INTEGRITY = "integrity"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be restored into the given state."""
+
+
+class CheckpointDamagedError(CheckpointError):
+    """A checkpoint's files cannot be read, or its arrays differ from their checksums."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """An intact checkpoint holds another state (other arrays or shapes) than the one asked for."""
+
+
+def crc32(data) -> int:
+    """The CRC-32 of an array's bytes (C order) or of a string's UTF-8 bytes."""
+    raw = data.encode() if isinstance(data, str) else np.ascontiguousarray(np.asarray(data)).tobytes()
+    return zlib.crc32(raw)
 
 
 def _arrays(state: TrainState) -> dict:
@@ -29,54 +66,147 @@ def _arrays(state: TrainState) -> dict:
             "rng": jax.random.key_data(state.rng)}
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint exists but cannot be restored (corrupted, truncated or from another config)."""
+def _checksums(arrays: dict) -> np.ndarray:
+    return np.array([crc32(leaf) for leaf in jax.tree.leaves(arrays)], np.uint32)
+
+
+def _name(path) -> str:
+    """A tree path as ``'opt_state/params/0/mu'`` whether its steps are dict keys, attributes
+    (named tuples) or indices: orbax's metadata tree has dicts where the state has named tuples."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _shapes(tree) -> dict:
+    """``{path: (shape, dtype)}`` of every array (or array metadata) in ``tree``."""
+    return {_name(path): (tuple(leaf.shape), np.dtype(leaf.dtype))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _differences(saved: dict, wanted: dict) -> str:
+    """The first few paths whose arrays one tree has and the other has not, or of other shapes."""
+    lines = [f"{p} only in the checkpoint" for p in saved if p not in wanted]
+    lines += [f"{p} missing from the checkpoint" for p in wanted if p not in saved]
+    lines += [f"{p}: {saved[p][0]} {saved[p][1]} saved, {wanted[p][0]} {wanted[p][1]} wanted"
+              for p in saved if p in wanted and saved[p] != wanted[p]]
+    more = f" (and {len(lines) - 3} more)" if len(lines) > 3 else ""
+    return "; ".join(lines[:3]) + more
+
+
+def _unreadable(path: pathlib.Path, error: Exception) -> CheckpointDamagedError:
+    """The error for an unreadable checkpoint: the storage library's message cut to its first
+    line, without the storage spec it appends."""
+    message = str(error).splitlines()[0] if str(error) else ""
+    message = message.split(" [tensorstore_spec")[0]
+    message = message if len(message) <= 300 else message[:300] + " ..."
+    return CheckpointDamagedError(f"checkpoint {path} cannot be read ({type(error).__name__}: "
+                                  f"{message})")
+
+
+class _Quiet:
+    """Silences orbax's and absl's error logging (a restore failure is reported by the raised
+    error, in one line, instead of the storage library's dump)."""
+
+    def __enter__(self):
+        self.levels = {name: logging.getLogger(name).level for name in ("absl", "orbax")}
+        for name in self.levels:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc):
+        for name, level in self.levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 class Checkpoints:
-    """``save(epoch, state)``, ``latest()`` and ``restore(epoch, like)`` under one directory."""
+    """``save(epoch, state, records)``, ``steps()``, ``latest()``, ``restore(epoch, like)`` and
+    ``records(epoch)`` under one directory."""
 
     def __init__(self, directory: str | pathlib.Path, keep: int = 2):
-        self.manager = ocp.CheckpointManager(
-            pathlib.Path(directory).absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep))
+        self.directory = pathlib.Path(directory).absolute()
+        with _Quiet():  # a damaged checkpoint's metadata is logged here; restore reports it
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep),
+                item_handlers=ocp.StandardCheckpointHandler())
 
-    def save(self, epoch: int, state: TrainState) -> None:
-        """Writes the state after ``epoch`` completed epochs and waits until it is on disk."""
-        self.manager.save(epoch, args=ocp.args.StandardSave(_arrays(state)))
+    def save(self, epoch: int, state: TrainState, records: Sequence[str] = ()) -> None:
+        """Writes the state after ``epoch`` completed epochs with its checksums and those of the
+        metrics lines ``records``, and waits until it is on disk."""
+        arrays = _arrays(state)
+        integrity = {"arrays": _checksums(arrays),
+                     "records": np.array([crc32(line) for line in records], np.uint32)}
+        self.manager.save(epoch, args=ocp.args.StandardSave({**arrays, INTEGRITY: integrity}))
         self.manager.wait_until_finished()
+
+    def steps(self) -> list[int]:
+        """The completed epochs of every checkpoint, newest first."""
+        with _Quiet():
+            return sorted(self.manager.all_steps(), reverse=True)
 
     def latest(self) -> int | None:
         """The number of completed epochs of the newest checkpoint (None if there is none)."""
         return self.manager.latest_step()
 
-    def restore(self, epoch: int, like: TrainState) -> TrainState:
-        """The state saved after ``epoch`` epochs, with the static fields of ``like``."""
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays(like))
-        try:
-            arrays = self.manager.restore(epoch, args=ocp.args.StandardRestore(target))
-        except Exception as error:  # noqa: BLE001 - orbax raises many kinds; all mean unreadable
-            arrays = self._restore_old_layout(epoch, like)
-            if arrays is not None:
-                return _with_arrays(like, arrays)
-            raise CheckpointError(
-                f"checkpoint {self.manager.directory / str(epoch)} cannot be read "
-                f"({type(error).__name__}: {error}); it is left as it is. Remove that directory "
-                "to resume from an older checkpoint, or start a new run") from None
-        return _with_arrays(like, arrays)
+    def path(self, epoch: int) -> pathlib.Path:
+        return self.directory / str(epoch)
 
-    def _restore_old_layout(self, epoch: int, like: TrainState) -> dict | None:
-        """The arrays of a checkpoint with the old optimizer-state layout, migrated; None if the
-        checkpoint is not one (or cannot be read at all)."""
+    def reload(self) -> None:
+        """Reads the directory again (after checkpoints were moved out of it)."""
+        with _Quiet():
+            self.manager.reload()
+
+    def _metadata(self, epoch: int) -> dict:
         try:
-            raw = self.manager.restore(epoch, args=ocp.args.StandardRestore())
-            if "inner_states" not in raw["opt_state"]:
-                return None
-            arrays = {**raw, "opt_state": migrate_opt_state(raw["opt_state"], like.opt_state)}
-            want = _arrays(like)
-            same = jax.tree.map(lambda a, b: jnp.shape(a) == jnp.shape(b), want, arrays)
-            return arrays if all(jax.tree.leaves(same)) else None
-        except Exception:  # noqa: BLE001 - any failure: not a readable checkpoint of the old layout
-            return None
+            with _Quiet():
+                return dict(self.manager.item_metadata(epoch).tree)
+        except Exception as error:  # noqa: BLE001 - orbax raises many kinds; all mean unreadable
+            raise _unreadable(self.path(epoch), error) from None
+
+    def _read(self, epoch: int, target: dict | None) -> dict:
+        """The arrays of checkpoint ``epoch`` (``target``: their shapes and shardings; None: as
+        saved)."""
+        try:
+            with _Quiet():
+                return dict(self.manager.restore(epoch, args=ocp.args.StandardRestore(target)))
+        except Exception as error:  # noqa: BLE001 - orbax raises many kinds; all mean unreadable
+            raise _unreadable(self.path(epoch), error) from None
+
+    def restore(self, epoch: int, like: TrainState) -> tuple[TrainState, np.ndarray | None]:
+        """The state saved after ``epoch`` epochs, with the static fields of ``like``, its arrays
+        verified against their checksums (module docstring for the errors); and the CRC-32s of
+        the metrics lines saved with it (None: a checkpoint from before the checksums)."""
+        metadata = self._metadata(epoch)
+        wanted = _arrays(like)
+        saved = {k: v for k, v in metadata.items() if k != INTEGRITY}
+        if _shapes(saved) != _shapes(wanted):
+            if "inner_states" in saved.get("opt_state", {}):
+                return _with_arrays(like, self._migrate(epoch, like)), None
+            raise CheckpointMismatchError(
+                f"checkpoint {self.path(epoch)} is intact but holds another state than this config "
+                f"builds ({_differences(_shapes(saved), _shapes(wanted))})")
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, wanted)
+        if INTEGRITY in metadata:
+            target[INTEGRITY] = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), metadata[INTEGRITY])
+        arrays = self._read(epoch, target)
+        if INTEGRITY not in arrays:
+            return _with_arrays(like, arrays), None
+        integrity = arrays.pop(INTEGRITY)
+        saved_crcs, crcs = np.asarray(integrity["arrays"]), _checksums(arrays)
+        paths = [_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(arrays)[0]]
+        damaged = [path for path, a, b in zip(paths, saved_crcs, crcs) if a != b]
+        if damaged or len(saved_crcs) != len(crcs):
+            raise CheckpointDamagedError(
+                f"checkpoint {self.path(epoch)} is damaged: {len(damaged)} array(s) differ from "
+                f"their checksums ({', '.join(damaged[:3])}{' ...' if len(damaged) > 3 else ''})")
+        return _with_arrays(like, arrays), np.asarray(integrity["records"])
+
+    def _migrate(self, epoch: int, like: TrainState) -> dict:
+        """The arrays of a checkpoint with the old optimizer-state layout, migrated."""
+        raw = self._read(epoch, None)
+        arrays = {**raw, "opt_state": migrate_opt_state(raw["opt_state"], like.opt_state)}
+        if _shapes(arrays) != _shapes(_arrays(like)):
+            raise CheckpointMismatchError(
+                f"checkpoint {self.path(epoch)} (old optimizer layout) holds another state than "
+                f"this config builds ({_differences(_shapes(arrays), _shapes(_arrays(like)))})")
+        return arrays
 
 
 def _with_arrays(like: TrainState, arrays: dict) -> TrainState:

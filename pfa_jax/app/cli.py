@@ -15,28 +15,41 @@ import sys
 
 from pfa_jax import models, rules
 from pfa_jax.app import config as config_lib
+from pfa_jax.app import data
 
 __all__ = ["main"]
 
-# flag -> (config key, type)
-_FLAGS = {"rule": ("rule.name", str), "model": ("model", str), "dataset": ("dataset", str),
-          "epochs": ("epochs", int), "batch_size": ("batch_size", int), "seed": ("seed", int)}
+# flag -> (config key, type, what it sets)
+_FLAGS = {"rule": ("rule.name", str, f"the learning rule, one of {', '.join(rules.names())}"),
+          "model": ("model", str, f"the network, one of {', '.join(models.names())}"),
+          "dataset": ("dataset", str, f"one of {', '.join(data.DATASETS)}"),
+          "epochs": ("epochs", int, "training epochs (a positive int)"),
+          "batch_size": ("batch_size", int, "training batch size (a positive int)"),
+          "seed": ("seed", int, "seed of the initialisation, data order and noise (an int)")}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pfa-jax", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train one model with one rule, write a run directory")
-    for name, (_, kind) in _FLAGS.items():
-        train.add_argument("--" + name.replace("_", "-"), type=kind, dest=name)
+    defaults = config_lib.default_config()
+    for name, (key, kind, words) in _FLAGS.items():
+        train.add_argument("--" + name.replace("_", "-"), type=kind, dest=name,
+                           help=f"{words}; sets {key} (default {config_lib.get(defaults, key)}, "
+                                "or the run's own with --resume)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override any config key, e.g. optimizer.learning_rate=0.05")
+                       help="override any config key (repeatable), e.g. optimizer.learning_rate=0.05 "
+                            "or rule.options.expansion=5; values are Python literals, checked "
+                            "against the default's type; keys: "
+                            f"{', '.join(sorted(defaults.keys()))} (sections take dotted keys; "
+                            "see pfa_jax.app.config)")
     train.add_argument("--out", help="run directory (default runs/DATASET-MODEL-RULE-seedN)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     train.add_argument("--resume", action="store_true",
                        help="continue the run directory --out from its newest checkpoint, with its "
                             "saved config (flags and --set change it, e.g. --epochs to train longer)")
-    train.add_argument("--quiet", action="store_true", help="no progress output")
+    train.add_argument("--quiet", action="store_true", help="no progress output (default: bars "
+                       "and one summary per epoch)")
     commands.add_parser("rules", help="list the rules")
     commands.add_parser("models", help="list the models")
     return parser
@@ -53,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from pfa_jax.app import experiment, spec  # imports JAX-heavy modules only when training
     from pfa_jax.app.checkpoint import CheckpointError
 
-    flags = [f"{key}={getattr(args, name)}" for name, (key, _) in _FLAGS.items()
+    flags = [f"{key}={getattr(args, name)}" for name, (key, _, _) in _FLAGS.items()
              if getattr(args, name) is not None]
     try:
         if args.resume and not args.out:

@@ -18,7 +18,8 @@ Keys:
 * ``noise_pretrain_steps``: train steps on Gaussian noise with random labels before the data
   (``pfa_jax.app.pretrain``; 0: none), at ``batch_size``.
 * ``epochs``, ``batch_size``, ``eval_batch_size``, ``seed``.
-* ``optimizer``: the fields of ``pfa_jax.optim.OptimizerConfig`` (``steps_per_epoch`` is derived).
+* ``optimizer``: the fields of ``pfa_jax.optim.OptimizerConfig`` (``steps_per_epoch`` is derived;
+  ``optimizer.feedback``: overrides for the optimizer of plastic feedback, e.g. ``{'weight_decay': 0.0}``).
 * Metrics (``pfa_jax.metrics``; see ``pfa_jax.app.experiment``): every epoch, gradient alignment on the
   first ``metrics_batch_size`` test examples (0: off). At the end, when asked:
   ``sharpness.enabled`` on the first ``sharpness.examples`` training examples with
@@ -32,16 +33,37 @@ A ``config.json`` written before the sections existed (flat keys ``rule``, ``rul
 ``robustness_examples``) is migrated by ``from_json`` (``MIGRATED`` maps each old key to its new
 place); so is an old key given to ``--set``, with an error naming the new key. JSON turns tuples
 into lists; ``from_json`` and ``set_value`` turn them back, the only places that do.
+
+Every value is checked when it is set (``set_value``, which ``override`` and ``from_json`` use)
+against the type of its key's default: ints, numbers (``SCHEDULED`` keys also a tuple of numbers,
+one per schedule segment), strings, booleans, the tuples of ``TUPLES``, dicts for sections. A
+``--set`` text that is not a Python literal is taken as a string, which only string keys accept
+(the error says so); ``inf`` and ``nan`` are read as floats (and then refused by the checks of
+``pfa_jax.app.spec``). The free sections ``FREE`` take any keys; their values are checked by the
+model, the rule and the optimizer they configure.
 """
 from __future__ import annotations
 
 import ast
+import functools
 import json
 from typing import Iterable
 
 import ml_collections
 
-__all__ = ["default_config", "from_json", "MIGRATED", "override", "set_value", "tuples"]
+__all__ = ["default_config", "FREE", "from_json", "get", "MIGRATED", "override", "SCHEDULED", "set_value",
+           "tuples", "TUPLES"]
+
+# sections whose keys are free (options of the model, the rule, the feedback optimizer; per-layer rules)
+FREE = ("model_options", "rule.options", "rule.layers", "optimizer.feedback")
+# number-valued keys that also take one value per schedule segment
+SCHEDULED = ("optimizer.learning_rate", "optimizer.weight_decay")
+# tuple-valued keys: (element types, their description)
+TUPLES = {"optimizer.lr_milestones": ((int,), "ints (epochs)"),
+          "optimizer.wd_milestones": ((int,), "ints (epochs)"),
+          "robustness.adversarial_epsilons": ((int, float), "numbers"),
+          "robustness.noise_sigmas": ((int, float), "numbers"),
+          "robustness.attacks": ((str,), "strings")}
 
 # old flat key -> (section, key) of the sectioned config
 MIGRATED = {
@@ -83,6 +105,11 @@ def default_config() -> ml_collections.ConfigDict:
             "weight_decay": 1e-4,
             "wd_milestones": (),
             "momentum": 0.9,
+            "nesterov": False,
+            "b1": 0.9,
+            "b2": 0.999,
+            "eps": 1e-8,
+            "feedback": {},
         },
         "metrics_batch_size": 256,
         "sharpness": {"enabled": False, "examples": 1000, "iterations": 100, "tolerance": 1e-3,
@@ -90,6 +117,11 @@ def default_config() -> ml_collections.ConfigDict:
         "robustness": {"adversarial_epsilons": (), "attacks": ("fgsm", "pgd"), "pgd_steps": 10,
                        "noise_sigmas": (), "examples": 1000},
     })
+
+
+def get(config: ml_collections.ConfigDict, key: str):
+    """The value of the dotted ``key`` (e.g. ``'rule.name'``)."""
+    return functools.reduce(lambda node, part: node[part], key.split("."), config)
 
 
 def tuples(value):
@@ -104,47 +136,111 @@ def tuples(value):
 def from_json(text: str) -> ml_collections.ConfigDict:
     """A config from its JSON text (a run directory's ``config.json``): the flat keys of an old
     config migrated into their sections (``MIGRATED``), keys added since then at their defaults,
-    lists turned back into tuples. A key no config has ever had raises ``ValueError``."""
-    flat = json.loads(text)
+    lists turned back into tuples, every value checked as by ``set_value``. Invalid JSON, a key no
+    config has ever had or a value of the wrong type raises ``ValueError``."""
+    try:
+        flat = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON: {error.msg} at line {error.lineno} column "
+                         f"{error.colno}") from None
+    if not isinstance(flat, dict):
+        raise ValueError(f"not a config: the JSON holds a {type(flat).__name__}, not an object")
     old = {k: flat.pop(k) for k in list(flat)
            if k in MIGRATED and (MIGRATED[k][0] != k or not isinstance(flat[k], dict))}
     for key, value in old.items():
         section, name = MIGRATED[key]
         flat.setdefault(section, {})[name] = value
     config = default_config()
-    for section, value in flat.items():
-        if isinstance(value, dict) and isinstance(config.get(section), ml_collections.ConfigDict) \
-                and section not in ("model_options",):
-            for key, inner in value.items():
-                config[section][key] = tuples(inner)
-        else:
-            set_value(config, section, value)
+    for key, value in flat.items():
+        set_value(config, key, value)
     return config
 
 
-def _renamed(key: str, config: ml_collections.ConfigDict) -> str | None:
-    """The new name of an old flat ``key`` (``MIGRATED``), or None if ``key`` is not one."""
+def _renamed(key: str, config: ml_collections.ConfigDict, value) -> str | None:
+    """The new name of an old flat ``key`` (``MIGRATED``), or None if ``key`` is not one (a key
+    that is both, as ``rule``, is the new section when given a dict)."""
     top, *rest = key.split(".")
-    if top not in MIGRATED or (top in config and rest):
+    if top not in MIGRATED or (top in config and (rest or isinstance(value, dict))):
         return None
     return ".".join(MIGRATED[top] + tuple(rest))
 
 
+def _kind(key: str, default) -> tuple[tuple[type, ...], str]:
+    """The types a value of ``key`` may have, from its default (and ``SCHEDULED`` / ``TUPLES``),
+    and their description for an error message."""
+    if key in TUPLES:
+        return (tuple,), f"a tuple of {TUPLES[key][1]}"
+    if isinstance(default, bool):
+        return (bool,), "True or False"
+    if isinstance(default, int):
+        return (int,), "an int"
+    if isinstance(default, float):
+        return ((int, float, tuple), "a number or a tuple of numbers (one per schedule segment)"
+                ) if key in SCHEDULED else ((int, float), "a number")
+    return (str,), "a string"
+
+
+def _typed(key: str, value):
+    """``value`` if it has the type of ``key``'s default (a string that spells a float, e.g.
+    ``'inf'``, as that float); else ``ValueError`` naming the key, the value and the type."""
+    default = get(default_config(), key)
+    types, description = _kind(key, default)
+    if isinstance(value, str) and float in types:
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    elements = TUPLES[key][0] if key in TUPLES else (int, float)
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types) and (
+        not isinstance(value, tuple) or all(
+            isinstance(v, elements) and not isinstance(v, bool) for v in value))
+    if not ok:
+        raise ValueError(f"config {key}={value!r} must be {description} (default {default!r})")
+    return value
+
+
 def set_value(config: ml_collections.ConfigDict, key: str, value) -> None:
-    """Sets the dotted ``key`` (e.g. ``'optimizer.learning_rate'``); a top-level key must exist."""
-    renamed = _renamed(key, config)
+    """Sets the dotted ``key`` (e.g. ``'optimizer.learning_rate'``) to ``value``, checked against the
+    type of the key's default (``ValueError`` naming the key, the value and what it must be).
+
+    A section (``optimizer``, ``sharpness``, ...) takes a dict, whose keys are set one by one; the
+    free-form sections ``FREE`` (the model's and the rule's options, the per-layer rules) take any
+    keys, whose values are checked where they are used (``pfa_jax.app.spec``).
+    """
+    renamed = _renamed(key, config, value)
     if renamed is not None:
         raise ValueError(f"config key {key!r} is now {renamed!r}: set {renamed}=...")
     *parents, leaf = key.split(".")
     node = config
     for i, part in enumerate(parents):
+        where = ".".join(parents[:i + 1])
+        if ".".join(parents[:i]) in FREE and parents[:i]:
+            raise ValueError(f"config key {key!r}: {'.'.join(parents[:i])} takes plain options, "
+                             f"not sections")
         if part not in node:
-            raise ValueError(f"unknown config key {'.'.join(parents[:i + 1])!r}; valid keys: "
-                             f"{sorted(node.keys())}")
+            raise ValueError(f"unknown config key {where!r}; valid keys: {sorted(node.keys())}")
+        if not isinstance(node[part], ml_collections.ConfigDict):
+            raise ValueError(f"config key {where!r} holds a value ({node[part]!r}), not a "
+                             f"section: set {where}=VALUE")
         node = node[part]
-    if node is config and leaf not in config:
-        raise ValueError(f"unknown config key {key!r}; valid keys: {sorted(config.keys())}")
-    node[leaf] = tuples(value)
+    value = tuples(value)
+    if ".".join(parents) in FREE:
+        node[leaf] = value
+        return
+    if leaf not in node:
+        section = f" of {'.'.join(parents)}" if parents else ""
+        raise ValueError(f"unknown config key {key!r}; valid keys{section}: {sorted(node.keys())}")
+    if isinstance(node[leaf], ml_collections.ConfigDict):
+        if not isinstance(value, dict):
+            raise ValueError(f"config {key}={value!r} must be a dict (a section: "
+                             f"{sorted(node[leaf].keys())})")
+        if key in FREE:
+            node[leaf] = value
+            return
+        for inner, inner_value in value.items():
+            set_value(config, f"{key}.{inner}", inner_value)
+        return
+    node[leaf] = _typed(key, value)
 
 
 def override(config: ml_collections.ConfigDict, assignments: Iterable[str]
@@ -156,7 +252,15 @@ def override(config: ml_collections.ConfigDict, assignments: Iterable[str]
             raise ValueError(f"override {assignment!r} is not of the form key=value")
         try:
             value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        set_value(config, key, value)
+        except (ValueError, SyntaxError) as error:
+            value, unparsed = text, f" ({error.msg})" if isinstance(error, SyntaxError) else ""
+        else:
+            unparsed = None
+        try:
+            set_value(config, key, value)
+        except ValueError as error:
+            if unparsed is None:
+                raise
+            raise ValueError(f"{error}; {text!r} is not a Python literal{unparsed}, so it was "
+                             "read as a string") from None
     return config

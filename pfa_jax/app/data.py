@@ -201,7 +201,7 @@ def _fashion_mnist_dir(data_dir):
 
 
 def _tfds_sources(name, data_dir):
-    """The train and test `tfds.data_source`s of `name`, or a RuntimeError saying how to get them."""
+    """The train and test `tfds.data_source`s of `name`, or a FileNotFoundError saying how to get them."""
     import tensorflow_datasets as tfds  # Imported here: slow to import, and the IDX path does not need it.
 
     try:
@@ -214,7 +214,7 @@ def _tfds_sources(name, data_dir):
             "TensorFlow; reading it afterwards needs neither) and pass its directory as data_dir "
             "or $TFDS_DATA_DIR"
         )
-        raise RuntimeError(
+        raise FileNotFoundError(
             f"could not load {name!r} through tensorflow-datasets (data_dir={data_dir!r}): "
             f"{type(e).__name__}: {e}\nTo get it, {how}."
         ) from e

@@ -43,10 +43,12 @@ robustness the first ``robustness.examples`` validation images.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import pathlib
 import shutil
+import sys
 import time
 
 import jax
@@ -56,9 +58,11 @@ import numpy as np
 from tqdm import tqdm
 
 from pfa_jax import metrics, train
+from pfa_jax import nn as pnn
 from pfa_jax.app import config as config_lib
 from pfa_jax.app import data, plots, pretrain, sources, streaming
-from pfa_jax.app.checkpoint import Checkpoints
+from pfa_jax.app.checkpoint import (CheckpointDamagedError, CheckpointMismatchError, Checkpoints,
+                                    crc32)
 from pfa_jax.app.spec import RunSpec
 
 __all__ = ["check_fits", "DivergenceError", "format_record", "load_config", "machine", "run"]
@@ -76,20 +80,28 @@ def _check_finite(state, losses, epoch: int, out: pathlib.Path) -> None:
     if finite.all() and params_finite:
         return
     where = f"step {int(np.argmin(finite)) + 1}" if not finite.all() else "its end (parameters)"
-    raise DivergenceError(
-        f"training diverged in epoch {epoch + 1} at {where}: non-finite values. The last good "
-        f"checkpoint (after epoch {epoch}) is kept in {out / 'checkpoints'}; lower the learning "
-        "rate and start again, or --resume with a changed config")
+    kept = (f"The last good checkpoint (after epoch {epoch}) is kept in {out / 'checkpoints'}; "
+            "lower the learning rate and start again, or --resume with a changed config"
+            ) if epoch else ("No epoch completed, so no checkpoint was written; lower the learning "
+                             "rate and start again (--overwrite)")
+    raise DivergenceError(f"training diverged in epoch {epoch + 1} at {where}: non-finite values. "
+                          f"{kept}")
 
 
 def _prepare_run_dir(out: str | pathlib.Path, overwrite: bool) -> pathlib.Path:
     out = pathlib.Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a run directory; choose another --out")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"run directory {out} already exists; pass --resume to continue "
                                   "it, --overwrite to replace it, or choose another --out")
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FileExistsError(f"cannot create the run directory {out}: {error.strerror} "
+                              f"({error.filename}); choose another --out") from None
     return out
 
 
@@ -98,11 +110,14 @@ def _floats(tree):
 
 
 def check_fits(model, name: str, dataset: data.Dataset | streaming.StreamedDataset) -> None:
-    """Raises if the model cannot take the dataset's images (traced with shapes only, no compile)."""
+    """Raises if the model cannot take the dataset's images (traced with shapes only, no compile),
+    or if ``rule.layers`` names a layer the model does not have."""
     try:
         jax.eval_shape(model.init, {"params": jax.random.key(0)},
                        jax.ShapeDtypeStruct((1,) + dataset.image_shape, jnp.float32))
-    except Exception as error:  # noqa: BLE001 - any tracing failure means the shapes do not fit
+    except pnn.RuleMapError as error:
+        raise ValueError(f"config rule.layers: {error}") from None
+    except Exception as error:  # noqa: BLE001 - any other tracing failure: the shapes do not fit
         raise ValueError(f"config model={name!r} does not fit {dataset.name} images of shape "
                          f"{dataset.image_shape} ({type(error).__name__}: {error}); choose another "
                          "model or pad_to") from None
@@ -138,22 +153,104 @@ def _closing_metrics(state, dataset: data.Dataset, spec: RunSpec, key) -> dict:
 
 
 def load_config(out: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """The resolved config of an existing run directory."""
+    """The resolved config of an existing run directory (errors name the file)."""
     path = pathlib.Path(out) / "config.json"
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {out} is not a run directory to resume")
-    return config_lib.from_json(path.read_text())
+    try:
+        return config_lib.from_json(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
-def _resume_point(out: pathlib.Path, checkpoints: Checkpoints, epochs: int) -> tuple[int, list[str]]:
-    """(completed epochs of the newest checkpoint, the metrics lines of those epochs)."""
-    done = checkpoints.latest()
-    if done is None:
+def _metrics_lines(path: pathlib.Path, epochs: int, crcs: np.ndarray | None) -> list[str]:
+    """The first ``epochs`` lines of ``metrics.jsonl``, each checked to be a JSON record and, where
+    the checkpoint saved them (``crcs``), to be the line the run wrote; errors name the line."""
+    try:
+        lines = path.read_text().splitlines()[:epochs]
+    except (OSError, UnicodeDecodeError) as error:
+        raise FileNotFoundError(f"{path} cannot be read ({error}); the checkpoint after epoch "
+                                f"{epochs} needs its first {epochs} records") from None
+    if len(lines) < epochs:
+        raise ValueError(f"{path} has {len(lines)} records; the checkpoint after epoch {epochs} "
+                         f"needs {epochs}: the file was cut after the run wrote it")
+    for number, line in enumerate(lines, start=1):
+        try:
+            json.loads(line)["epoch_time"]
+        except (ValueError, TypeError, KeyError) as error:
+            raise ValueError(f"{path} line {number} is not a metrics record "
+                             f"({type(error).__name__}: {error})") from None
+        if crcs is not None and (number > len(crcs) or crcs[number - 1] != crc32(line)):
+            raise ValueError(f"{path} line {number} differs from the record saved with the "
+                             f"checkpoint after epoch {epochs} (checksum): the file was changed "
+                             "after the run wrote it")
+    return lines
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """``{dotted key: value}`` of a nested dict."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _config_changes(out: pathlib.Path, config: ml_collections.ConfigDict) -> str:
+    """The keys in which ``config`` differs from the run directory's ``config.json``."""
+    saved, new = _flat(load_config(out).to_dict()), _flat(config.to_dict())
+    changed = [f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(saved) | set(new))
+               if saved.get(k) != new.get(k)]
+    return ", ".join(changed) or "none"
+
+
+def _resume(out: pathlib.Path, checkpoints: Checkpoints, spec: RunSpec, like
+            ) -> tuple[int, train.TrainState, list[str], list[str]]:
+    """(completed epochs, restored state, metrics lines kept, errors of the damaged checkpoints
+    skipped) from the newest intact checkpoint; an intact checkpoint of another state (the config
+    changed) or none intact raises, naming them."""
+    steps = checkpoints.steps()
+    if not steps:
         raise FileNotFoundError(f"no checkpoint in {out / 'checkpoints'} to resume from")
-    if done > epochs:
-        raise ValueError(f"epochs={epochs} is fewer than the {done} epochs already checkpointed")
-    lines = (out / "metrics.jsonl").read_text().splitlines()[:done]
-    return done, lines
+    if steps[0] > spec.epochs:
+        raise ValueError(f"epochs={spec.epochs} is fewer than the {steps[0]} epochs already "
+                         "checkpointed")
+    damaged = []
+    for done in steps:
+        try:
+            state, crcs = checkpoints.restore(done, like)
+        except CheckpointDamagedError as error:
+            damaged.append(str(error))
+            continue
+        except CheckpointMismatchError as error:
+            raise CheckpointMismatchError(
+                f"{error}. The config differs from the run's {out / 'config.json'} in "
+                f"{_config_changes(out, spec.config)}: resume with the run's own config (another "
+                "rule, model or optimizer needs a new run, another --out); the checkpoints are "
+                "intact and left as they are") from None
+        return done, state, _metrics_lines(out / "metrics.jsonl", done, crcs), damaged
+    raise CheckpointDamagedError(
+        f"no intact checkpoint in {out / 'checkpoints'} to resume from: " + "; ".join(damaged)
+        + ". They are left as they are; start a new run (--overwrite or another --out)")
+
+
+def _set_aside(out: pathlib.Path, checkpoints: Checkpoints, damaged: list[str], done: int) -> None:
+    """Moves the checkpoints newer than ``done`` (the damaged ones) to ``out/damaged-checkpoints``,
+    saying so on stderr; the resumed run writes its own checkpoints of those epochs."""
+    for epoch in [e for e in checkpoints.steps() if e > done]:
+        (out / "damaged-checkpoints").mkdir(exist_ok=True)
+        target = out / "damaged-checkpoints" / str(epoch)
+        for copy in itertools.count(2):
+            if not target.exists():
+                break
+            target = out / "damaged-checkpoints" / f"{epoch}.{copy}"
+        shutil.move(checkpoints.path(epoch), target)
+    checkpoints.reload()
+    for error in damaged:
+        print(f"pfa-jax: warning: {error}; moved to {out / 'damaged-checkpoints'}. Resuming "
+              f"from the checkpoint after epoch {done}, the newest intact one", file=sys.stderr)
 
 
 def machine() -> str:
@@ -185,8 +282,9 @@ def _prepare(spec: RunSpec, out, overwrite: bool, resume: bool, init_key):
     if resume:
         out = pathlib.Path(out)
         checkpoints = Checkpoints(out / "checkpoints")
-        first, kept = _resume_point(out, checkpoints, spec.epochs)
-        state = checkpoints.restore(first, state)
+        first, state, kept, damaged = _resume(out, checkpoints, spec, state)
+        if damaged:
+            _set_aside(out, checkpoints, damaged, first)
     else:
         out = _prepare_run_dir(out, overwrite)
         checkpoints = Checkpoints(out / "checkpoints")
@@ -219,6 +317,7 @@ def run(spec: RunSpec, out: str | pathlib.Path, overwrite: bool = False, progres
                                            source.dataset.num_classes)
     record = json.loads(kept[-1]) if kept else {}
     start = time.perf_counter() - sum(json.loads(line)["epoch_time"] for line in kept)
+    lines = list(kept)
     with open(out / "metrics.jsonl", "w") as log:
         log.writelines(line + "\n" for line in kept)
         bar = tqdm(range(first, spec.epochs), desc="epochs", disable=not progress,
@@ -231,9 +330,10 @@ def run(spec: RunSpec, out: str | pathlib.Path, overwrite: bool = False, progres
             _check_finite(state, steps["loss"], epoch, out)
             record = _epoch_record(state, steps, source.evaluate(state), heldout, epoch,
                                    time.perf_counter() - epoch_start)
-            log.write(json.dumps(record) + "\n")
+            lines.append(json.dumps(record))
+            log.write(lines[-1] + "\n")
             log.flush()
-            checkpoints.save(epoch + 1, state)
+            checkpoints.save(epoch + 1, state, lines)
             bar.set_postfix(loss=f"{record['train_loss']:.4f}",
                             acc=f"{100 * record['train_accuracy']:.2f}%",
                             test_acc=f"{100 * record['test_accuracy']:.2f}%")

@@ -13,6 +13,7 @@ per epoch.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -20,6 +21,7 @@ import ml_collections
 
 from pfa_jax import augment, metrics, models, rules
 from pfa_jax import nn as pnn
+from pfa_jax.app import config as config_lib
 from pfa_jax.app import data, streaming
 from pfa_jax.optim import OptimizerConfig
 
@@ -98,7 +100,7 @@ def num_classes(dataset: str) -> int:
 
 
 def _int(config, key: str, low: int = 1) -> int:
-    value = config[key]
+    value = config_lib.get(config, key)
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"config {key}={value!r} must be an int >= {low}")
     return value
@@ -127,11 +129,14 @@ def _data(config) -> DataSpec:
         augment.check(config.augment)
     except ValueError as error:
         raise ValueError(f"config {error}") from None
-    return DataSpec(dataset=dataset, data_dir=config.data_dir or None, holdout=config.holdout,
-                    pad_to=config.pad_to or None, limit=config.limit or None,
+    return DataSpec(dataset=dataset, data_dir=config.data_dir or None,
+                    holdout=_int(config, "holdout", low=0),
+                    pad_to=_int(config, "pad_to", low=0) or None,
+                    limit=_int(config, "limit", low=0) or None,
                     image_size=_int(config, "image_size", low=0), augment=config.augment,
                     batch_size=_int(config, "batch_size"),
-                    eval_batch_size=_int(config, "eval_batch_size"), seed=config.seed)
+                    eval_batch_size=_int(config, "eval_batch_size"),
+                    seed=_int(config, "seed", low=0))
 
 
 def _rule(config):
@@ -140,12 +145,14 @@ def _rule(config):
     _choice(section, "name", rules.names())
     try:
         rule = rules.get(section.name, **section.options.to_dict())
-        if not section.layers:
-            return rule
+    except ValueError as error:
+        raise ValueError(f"config rule.options: {error}") from None
+    if not section.layers:
+        return rule
+    try:
         return {pnn.DEFAULT: rule, **{k: rules.get(v) for k, v in section.layers.items()}}
     except ValueError as error:
-        raise ValueError(f"config rule.options={section.options.to_dict()!r} / rule.layers="
-                         f"{section.layers.to_dict()!r}: {error}") from None
+        raise ValueError(f"config rule.layers={section.layers.to_dict()!r}: {error}") from None
 
 
 def _optimizer(config, epochs: int) -> OptimizerConfig:
@@ -163,17 +170,23 @@ def _optimizer(config, epochs: int) -> OptimizerConfig:
 
 
 def _measurements(config) -> tuple[Sharpness | None, Robustness]:
+    """The closing measurements, every value checked now rather than after training."""
     sharp, robust = config.sharpness, config.robustness
     for attack in robust.attacks:
         metrics.check_attack(attack, "true", *robust.adversarial_epsilons)
-    if any(not s >= 0 for s in robust.noise_sigmas):
-        raise ValueError(f"config robustness.noise_sigmas must be >= 0, got "
-                         f"{list(robust.noise_sigmas)}")
-    sizes = {"metrics_batch_size": config.metrics_batch_size,
-             "sharpness.examples": sharp.examples, "sharpness.probes": sharp.probes,
-             "robustness.examples": robust.examples, "robustness.pgd_steps": robust.pgd_steps}
-    if min(sizes.values()) < 0:
-        raise ValueError(f"config metric sizes must be >= 0, got {sizes}")
+    if any(not 0 <= s < math.inf for s in robust.noise_sigmas):
+        raise ValueError(f"config robustness.noise_sigmas={tuple(robust.noise_sigmas)!r} must be "
+                         "finite and >= 0")
+    _int(config, "metrics_batch_size", low=0)
+    for key in ("robustness.examples", "robustness.pgd_steps"):
+        _int(config, key, low=1 if robust.adversarial_epsilons or robust.noise_sigmas else 0)
+    if sharp.enabled:
+        for key, low in (("sharpness.examples", 1), ("sharpness.iterations", 1),
+                         ("sharpness.probes", 2)):
+            _int(config, key, low=low)
+        if not 0 <= sharp.tolerance < math.inf:
+            raise ValueError(f"config sharpness.tolerance={sharp.tolerance!r} must be finite and "
+                             ">= 0")
     robustness = Robustness(robust.examples, tuple(robust.adversarial_epsilons),
                             tuple(robust.attacks), robust.pgd_steps, tuple(robust.noise_sigmas))
     sharpness = (Sharpness(sharp.examples, sharp.iterations, sharp.tolerance, sharp.probes)
@@ -194,7 +207,7 @@ def resolve(config: ml_collections.ConfigDict) -> RunSpec:
         raise ValueError(f"config: {error}") from None
     sharpness, robustness = _measurements(config)
     return RunSpec(config=config, rule=rule, model=model, optimizer=_optimizer(config, epochs),
-                   data=data_spec, epochs=epochs, seed=config.seed,
+                   data=data_spec, epochs=epochs, seed=data_spec.seed,
                    noise_pretrain_steps=_int(config, "noise_pretrain_steps", low=0),
                    metrics_batch_size=config.metrics_batch_size, sharpness=sharpness,
                    robustness=robustness)

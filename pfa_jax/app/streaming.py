@@ -273,9 +273,9 @@ def _sources(name: str, data_dir: str | None):
         builder = tfds.builder(name, data_dir=data_dir)
         prepared = builder.is_prepared()
     except Exception as e:  # tfds fails in many ways; the cause is chained.
-        raise RuntimeError(f"could not open {name!r} through tensorflow-datasets (data_dir="
-                           f"{data_dir!r}): {type(e).__name__}: {e}\nTo get it: {HOW_TO_PREPARE}."
-                           ) from e
+        raise FileNotFoundError(f"could not open {name!r} through tensorflow-datasets (data_dir="
+                                f"{data_dir!r}): {type(e).__name__}: {e}\nTo get it: "
+                                f"{HOW_TO_PREPARE}.") from e
     missing = [s for s in (TRAIN_SPLIT, TEST_SPLIT) if not prepared or s not in builder.info.splits]
     if missing:
         raise FileNotFoundError(

@@ -23,9 +23,11 @@ BatchNorm, activations, pooling and residual additions use ordinary autodiff.
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import flax.linen as nn
 
+from pfa_jax import fields
 from pfa_jax import nn as pnn
 from pfa_jax.models.base import Model
 from pfa_jax.models.lenet import LeNet
@@ -57,7 +59,8 @@ def options(name: str) -> tuple[str, ...]:
 def get(name: str, rule="bp", num_classes: int = 10, **kwargs) -> nn.Module:
     """The model ``name`` whose ``Dense`` / ``Conv`` layers follow ``rule``.
 
-    Lists among the options (``widths=[512, 512]`` from an API caller) become tuples, so the model
+    Options of the wrong type or non-positive sizes raise ``ValueError`` naming them. Lists among
+    the options (``widths=[512, 512]`` from an API caller) become tuples, so the model
     stays hashable (a static ``jit`` argument); configs restore their tuples when they are loaded
     (``pfa_jax.app.config``).
     """
@@ -67,7 +70,19 @@ def get(name: str, rule="bp", num_classes: int = 10, **kwargs) -> nn.Module:
         raise ValueError(f"model {name!r} has no option(s) {unknown}; valid options: "
                          f"{list(options(name))}")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    _check_sizes(cls, name, {"num_classes": num_classes, **kwargs})
     return cls(rule=pnn.bind_classes(rule, num_classes), num_classes=num_classes, **fixed, **kwargs)
+
+
+def _check_sizes(cls, name: str, options: dict) -> None:
+    """Types as annotated (``pfa_jax.fields``); every int option (a count or a width) >= 1."""
+    fields.check(cls, options, f"model {name!r}: ")
+    hints = typing.get_type_hints(cls)
+    for key, value in options.items():
+        if hints.get(key) in (int, tuple[int, ...]) and min(
+                value if isinstance(value, tuple) else (value,), default=1) < 1:
+            raise ValueError(f"model {name!r}: {key}={value!r} must be positive (a count of units "
+                             "or blocks)")
 
 
 def _entry(name: str):

@@ -13,7 +13,7 @@ returned in float32, so the loss is computed in float32.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -43,6 +43,17 @@ class Model(Layers):
     """A classifier: ``__call__(x, train=False)`` maps images ``(N, H, W, C)`` to logits."""
 
     num_classes: int = 10
+    input_ranks: ClassVar[tuple[int, ...]] = (4,)  # the ranks of input ``__call__`` takes
+
+    def inputs(self, x):
+        """``x``, checked to be a batch (rank in ``input_ranks``), so that a single image without
+        its batch axis is an error instead of a batch of rows."""
+        if x.ndim not in self.input_ranks:
+            takes = " or ".join({2: "(batch, features)", 4: "(batch, height, width, channels)"}[r]
+                                for r in self.input_ranks)
+            raise ValueError(f"{type(self).__name__} takes inputs of shape {takes}, got shape "
+                             f"{tuple(x.shape)}; a single image needs a batch axis: x[None]")
+        return x
 
     def classifier(self, x, widths: Sequence[int] = (), prefix: str = "dense"):
         """Flattens ``x``, applies ReLU ``Dense`` layers ``{prefix}_{i}`` and the ``output`` layer,

@@ -19,6 +19,7 @@ class LeNet(Model):
     @nn.compact
     def __call__(self, x, train: bool = False):
         del train
+        x = self.inputs(x)
         for i, (features, padding) in enumerate(((6, "SAME"), (16, "VALID"))):
             x = pnn.Conv(features, (5, 5), padding=padding, rule=self.rule, dtype=self.dtype,
                          name=f"conv_{i}")(x)

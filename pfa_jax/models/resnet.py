@@ -74,7 +74,7 @@ class CifarResNet(ResNet):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.relu(self.conv_bn(x, 16, 3, 1, train, ("stem", "stem_bn")))
+        x = nn.relu(self.conv_bn(self.inputs(x), 16, 3, 1, train, ("stem", "stem_bn")))
         return self.stages_and_head(x, (16, 32, 64), (self.blocks_per_stage,) * 3, "A", train)
 
 
@@ -83,6 +83,6 @@ class ImageNetResNet(ResNet):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.relu(self.conv_bn(x, 64, 7, 2, train, ("stem", "stem_bn")))
+        x = nn.relu(self.conv_bn(self.inputs(x), 64, 7, 2, train, ("stem", "stem_bn")))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         return self.stages_and_head(x, (64, 128, 256, 512), self.stage_sizes, "B", train)

@@ -49,9 +49,18 @@ def optimizer(model: nnx.Module, tx: optax.GradientTransformation) -> nnx.Optimi
     return nnx.Optimizer(model, tx, wrt=TRAINED)
 
 
+def _check(model: nnx.Module, batch: dict, where: str) -> None:
+    """``pfa_jax.train.check_batch`` against the model's ``input_shape`` and number of classes
+    (where the model has them: the models of ``pfa_jax.nnx.models`` do)."""
+    linen = getattr(model, "linen", None)
+    train.check_batch(batch["image"], batch["label"], input_shape=getattr(model, "input_shape", ()),
+                      num_classes=getattr(linen, "num_classes", 0), where=where)
+
+
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict) -> dict:
     """One step on ``batch = {'image', 'label'}``, in place; returns ``loss``, ``accuracy`` and the
     hyper-parameters the optimizer state holds (``pfa_jax.optim.hyperparameters``)."""
+    _check(model, batch, "nnx train_step")
     def loss_fn(model):
         logits = model(batch["image"], train=True)
         return train.cross_entropy(logits, batch["label"]).mean(), logits
@@ -66,6 +75,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict) -> dict
 
 def eval_step(model: nnx.Module, batch: dict) -> dict:
     """Mean loss and accuracy of the eval-mode model on ``batch``."""
+    _check(model, batch, "nnx eval_step")
     logits = model(batch["image"], train=False)
     return {"loss": train.cross_entropy(logits, batch["label"]).mean(),
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
@@ -96,4 +106,4 @@ def linen_state(model: nnx.Module, key: jax.Array | None = None) -> train.TrainS
         feedback=variables["feedback"], batch_stats=variables["batch_stats"], opt_state=None,
         rng=jax.random.key(0) if key is None else key, model=model.linen, tx=_NO_OPTIMIZER,
         feedback_tx=_NO_OPTIMIZER, layers=player.table(model.linen, sample, train=False),
-        input_shape=tuple(model.input_shape))
+        input_shape=tuple(model.input_shape), num_classes=model.linen.num_classes)

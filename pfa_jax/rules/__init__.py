@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from pfa_jax import fields
 from pfa_jax.rules import ops
 from pfa_jax.rules.base import INITS, Rule, soft_align
 from pfa_jax.rules.bp import BP
@@ -30,7 +31,9 @@ def names() -> tuple[str, ...]:
 
 
 def get(name: str | Rule, **options) -> Rule:
-    """The rule ``name`` with ``options`` (a ``Rule`` instance is returned as it is)."""
+    """The rule ``name`` with ``options`` (a ``Rule`` instance is returned as it is, or with
+    ``options`` replaced). Unknown options and options of the wrong type (``pfa_jax.fields``) raise
+    ``ValueError`` naming them; each rule then checks its values' ranges."""
     if isinstance(name, Rule):
         cls = type(name)
     elif name in _REGISTRY:
@@ -41,6 +44,7 @@ def get(name: str | Rule, **options) -> Rule:
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"rule {cls.name!r} has no option(s) {unknown}; valid options: {valid}")
+    fields.check(cls, options, f"{cls.name}: ")
     if isinstance(name, Rule):
         return dataclasses.replace(name, **options) if options else name
     return cls(**options)

@@ -107,7 +107,12 @@ class DFA(SparseFeedback, Rule):
             raise ValueError(f"dfa: classes={self.classes!r} must be a positive int")
 
     def for_classes(self, num_classes: int) -> Rule:
-        return self if self.classes is not None else dataclasses.replace(self, classes=num_classes)
+        if self.classes is None:
+            return dataclasses.replace(self, classes=num_classes)
+        if self.classes != num_classes:
+            raise ValueError(f"dfa: classes={self.classes!r} but the network has {num_classes} "
+                             "outputs; leave classes unset (the model sets it) or make them equal")
+        return self
 
     def init_feedback(self, key, kernel):
         if self.classes is None:
