@@ -44,7 +44,7 @@ from pfa_jax import layers as player
 from pfa_jax import loops
 from pfa_jax import nn as pnn
 from pfa_jax.nnx.train import linen_state
-from pfa_jax.train import apply_with_rule, check_batch, cross_entropy, eval_step, step_rngs
+from pfa_jax.train import apply_with_rule, cross_entropy, eval_step, step_rngs
 
 __all__ = ["adversarial", "alignment", "angle", "as_state", "attack_images", "ATTACKS",
            "check_attack", "corruption", "gradient_alignment", "GRADIENTS",
@@ -154,8 +154,7 @@ def _batch_list(state, batches, where: str) -> list[dict]:
         raise ValueError(f"{where}: no batches given; pass a batch {{'image', 'label'}} or a list "
                          "of them")
     for batch in batches:
-        check_batch(batch["image"], batch["label"], input_shape=state.input_shape,
-                    num_classes=state.num_classes, where=where)
+        state.check(batch["image"], batch["label"], where)
     return batches
 
 
@@ -180,6 +179,7 @@ def hessian_vector_product(state, batch, vector) -> jax.Array:
     """``H v`` for the batch's mean loss, ``H`` the Hessian w.r.t. ``params`` flattened
     (``jax.flatten_util.ravel_pytree`` order), of the true model in eval mode (BatchNorm with running
     statistics), as forward-over-reverse ``jvp(grad(L))``."""
+    state.check(batch["image"], batch["label"], "hessian_vector_product")
     flat, unravel = ravel_pytree(state.params)
 
     def grad(flat_params):
@@ -252,6 +252,8 @@ def _clip(x, lower, upper):
 def input_gradient(state, images, labels, key, gradient: str = "true") -> jax.Array:
     """``d(sum of losses)/d images`` in eval mode: of the true model (``"true"``) or through the rule's
     own backward pass (``"rule"``, a diagnostic: it is not the gradient of the function attacked)."""
+    state.check(images, labels, "input_gradient")
+
     def loss(x):
         logits, _ = apply_with_rule(state.model, state.variables(), x, False, {"feedback": key})
         return cross_entropy(logits, labels).sum()
@@ -282,6 +284,7 @@ def attack_images(state, batch, epsilon, key=None, *, attack: str = "fgsm", step
     """
     check_attack(attack, gradient)
     x0, labels = batch["image"], batch["label"]
+    state.check(x0, labels, "attack_images")
     start_key, key = jax.random.split(_default_key(state, key, 2))
     unit = 1.0 if scale is None else jnp.asarray(scale)
     radius = epsilon * unit

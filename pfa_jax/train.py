@@ -79,6 +79,11 @@ class TrainState(struct.PyTreeNode):
     input_shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
     num_classes: int = struct.field(pytree_node=False, default=0)  # the width of the logits
 
+    def check(self, images, labels, where: str) -> None:
+        """``check_batch`` against this state's input shape and number of classes."""
+        check_batch(images, labels, input_shape=self.input_shape, num_classes=self.num_classes,
+                    where=where)
+
     def variables(self) -> dict:
         return {"params": self.params, "feedback": self.feedback, "batch_stats": self.batch_stats}
 
@@ -199,11 +204,6 @@ def check_batch(images, labels=None, *, input_shape=(), num_classes: int = 0,
                          f"to {high}")
 
 
-def _check(state: TrainState, images, labels, where: str) -> None:
-    check_batch(images, labels, input_shape=state.input_shape, num_classes=state.num_classes,
-                where=where)
-
-
 def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
@@ -237,7 +237,7 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = AXIS):
     Pure. Under ``pmap`` / ``shard_map`` with ``axis_name`` bound, loss, gradients, feedback signals
     and BatchNorm statistics are averaged over that axis.
     """
-    _check(state, batch["image"], batch["label"], "train_step")
+    state.check(batch["image"], batch["label"], "train_step")
     parallel = _bound(axis_name)
     model = state.model
     if parallel and hasattr(model, "axis_name"):
@@ -274,7 +274,7 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = AXIS):
 
 def eval_step(state: TrainState, batch: dict) -> dict:
     """Mean loss and accuracy on ``batch``; an optional ``batch['mask']`` weights the examples."""
-    _check(state, batch["image"], batch["label"], "eval_step")
+    state.check(batch["image"], batch["label"], "eval_step")
     logits = state.model.apply(state.variables(), batch["image"], train=False)
     mask = batch.get("mask", jnp.ones(logits.shape[:1], jnp.float32))
     count = jnp.sum(mask)
@@ -304,7 +304,7 @@ def train_epoch(state: TrainState, images, labels, key, batch_size: int, augment
     there).
     """
     pfa_augment.check(augment)
-    _check(state, images, labels, "train_epoch")
+    state.check(images, labels, "train_epoch")
     loop = loops.resolve(loop, state.params)
     steps = images.shape[0] // batch_size
     if steps == 0:
@@ -329,7 +329,7 @@ _evaluation = loops.Loop(_eval_window, static_argnames=("batch_size",))
 def evaluate(state: TrainState, images, labels, batch_size: int = 1000, loop: str = "auto") -> dict:
     """Loss and accuracy over a whole split (the last batch is padded and masked); ``loop`` as in
     ``pfa_jax.loops.resolve``."""
-    _check(state, images, labels, "evaluate")
+    state.check(images, labels, "evaluate")
     n = images.shape[0]
     steps = -(-n // batch_size)
     pad = steps * batch_size - n
