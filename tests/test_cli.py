@@ -5,6 +5,7 @@ import re
 import shutil
 
 import chex
+import numpy as np
 import pytest
 from test_data import make_fashion_dir
 
@@ -182,3 +183,34 @@ def test_a_run_directory_written_before_the_config_sections_resumes_exactly(tmp_
          for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (old, tmp_path / "new"))
     assert len(resumed) == len(straight) == 2
     chex.assert_trees_all_close(resumed, straight, rtol=1e-5, atol=1e-6)
+
+
+def _scalars(out) -> dict:
+    """``{tag: [(step, value), ...]}`` of a run's TensorBoard events, read by TensorBoard itself."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(str(out / "tensorboard"),
+                                                size_guidance={event_accumulator.SCALARS: 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_shows_the_records_and_the_steps_once_also_after_a_resume(fashion_dir, tmp_path):
+    out = tmp_path / "run"
+    argv = train_args(fashion_dir, out, "--rule", "kp", "--set", "log_every_steps=3")
+    assert cli.main(argv) == 0
+    shutil.rmtree(out / "checkpoints" / "2")  # the run resumes from epoch 1 and trains epoch 2 again
+    assert cli.main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
+    scalars, records = _scalars(out), _records(out)
+    steps = 256 // 32
+    assert [s for s, _ in scalars["step/loss"]] == [3, 6, 11, 14]  # every 3rd step of each epoch
+    assert [s for s, _ in scalars["step/learning_rate"]] == [3, 6, 11, 14]
+    for tag, key in [("train/loss", "train_loss"), ("test/accuracy", "test_accuracy")]:
+        assert [s for s, _ in scalars[tag]] == [steps, 2 * steps]
+        np.testing.assert_allclose([v for _, v in scalars[tag]], [r[key] for r in records], rtol=1e-6)
+    for layer in ("hidden_0", "output"):
+        np.testing.assert_allclose(
+            [v for _, v in scalars[f"alignment/{layer}/weight_angle"]],
+            [r["alignment"][layer]["weight_angle"] for r in records], rtol=1e-5)
+    assert "gradient_alignment/hidden_0/grad_angle" in scalars

@@ -5,12 +5,12 @@ directories (metrics, plots, checkpoints) and the experiment runner's training l
 * ``experiment``: one run from a config into a run directory; ``sources``: in-memory and streamed
   training data behind one interface; ``data``: Fashion-MNIST IDX files, MNIST / CIFAR-10 through
   tensorflow-datasets; ``streaming``: ImageNet from array_record files;
-* ``checkpoint``: orbax checkpoints of a ``TrainState``; ``plots``: a run's curves; ``cli``: the
-  command.
+* ``checkpoint``: orbax checkpoints of a ``TrainState``; ``plots``: a run's curves; ``events``: its
+  TensorBoard event files; ``cli``: the command.
 
 Nothing here is imported by ``import pfa_jax``; import the modules you use, e.g.
 ``from pfa_jax.app import data``.
 """
 
-__all__ = ["checkpoint", "cli", "config", "data", "experiment", "plots", "pretrain", "sources",
-           "streaming"]
+__all__ = ["checkpoint", "cli", "config", "data", "events", "experiment", "plots", "pretrain",
+           "sources", "streaming"]

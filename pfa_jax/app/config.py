@@ -18,6 +18,8 @@ Keys:
 * ``noise_pretrain_steps``: train steps on Gaussian noise with random labels before the data
   (``pfa_jax.app.pretrain``; 0: none), at ``batch_size``.
 * ``epochs``, ``batch_size``, ``eval_batch_size``, ``seed``.
+* ``log_every_steps``: the per-step scalars of the run's TensorBoard events
+  (``pfa_jax.app.events``) every that many steps (0: none).
 * ``optimizer``: the fields of ``pfa_jax.optim.OptimizerConfig`` (``steps_per_epoch`` is derived;
   ``optimizer.feedback``: overrides for the optimizer of plastic feedback, e.g. ``{'weight_decay': 0.0}``).
 * Metrics (``pfa_jax.metrics``; see ``pfa_jax.app.experiment``): every epoch, gradient alignment on the
@@ -112,6 +114,7 @@ def default_config() -> ml_collections.ConfigDict:
             "feedback": {},
         },
         "metrics_batch_size": 256,
+        "log_every_steps": 50,
         "sharpness": {"enabled": False, "examples": 1000, "iterations": 100, "tolerance": 1e-3,
                       "probes": 100},
         "robustness": {"adversarial_epsilons": (), "attacks": ("fgsm", "pgd"), "pgd_steps": 10,

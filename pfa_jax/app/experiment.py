@@ -5,7 +5,9 @@ A run directory holds ``config.json`` (the resolved config), ``metrics.jsonl`` (
 epoch: train / test loss and accuracy, learning rate, weight decay, per-layer alignment, per-layer
 gradient alignment on a fixed held-out batch, epoch time), ``checkpoints/`` (orbax, after every
 epoch, the newest two kept), ``curves.png`` (accuracy and alignment against the epoch,
-``pfa_jax.app.plots``) and ``summary.json`` (the final record, ``wall_time``, ``machine`` and, when the
+``pfa_jax.app.plots``), ``tensorboard/`` (event files of the same records, per-layer angles and
+per-step loss, accuracy and learning rate every ``log_every_steps`` steps: ``pfa_jax.app.events``)
+and ``summary.json`` (the final record, ``wall_time``, ``machine`` and, when the
 config asks, ``sharpness``, ``adversarial`` and ``noise``). ``wall_time`` is the time from the first
 epoch to the last one's checkpoint (the closing measurements not included); a resumed run counts the
 recorded epoch times of the epochs it restored, not the time lost to the interruption and the
@@ -42,6 +44,7 @@ robustness the first ``robustness.examples`` validation images.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -63,6 +66,7 @@ from pfa_jax.app import config as config_lib
 from pfa_jax.app import data, plots, pretrain, sources, streaming
 from pfa_jax.app.checkpoint import (CheckpointDamagedError, CheckpointMismatchError, Checkpoints,
                                     crc32)
+from pfa_jax.app.events import Events
 from pfa_jax.app.spec import RunSpec
 
 __all__ = ["check_fits", "DivergenceError", "format_record", "load_config", "machine", "run"]
@@ -311,6 +315,8 @@ def run(spec: RunSpec, out: str | pathlib.Path, overwrite: bool = False, progres
     init_key, key = jax.random.split(jax.random.key(spec.seed))
     source, state, heldout, out, checkpoints, first, kept = _prepare(spec, out, overwrite, resume,
                                                                       init_key)
+    events = Events(out / "tensorboard", source.num_train // spec.data.batch_size, first,
+                    spec.log_every_steps)
     if not first and spec.noise_pretrain_steps:
         state, _ = pretrain.noise_pretrain(state, jax.random.fold_in(key, 2**31),
                                            spec.noise_pretrain_steps, spec.data.batch_size,
@@ -318,7 +324,7 @@ def run(spec: RunSpec, out: str | pathlib.Path, overwrite: bool = False, progres
     record = json.loads(kept[-1]) if kept else {}
     start = time.perf_counter() - sum(json.loads(line)["epoch_time"] for line in kept)
     lines = list(kept)
-    with open(out / "metrics.jsonl", "w") as log:
+    with open(out / "metrics.jsonl", "w") as log, contextlib.closing(events):
         log.writelines(line + "\n" for line in kept)
         bar = tqdm(range(first, spec.epochs), desc="epochs", disable=not progress,
                    initial=first, total=spec.epochs)
@@ -327,12 +333,14 @@ def run(spec: RunSpec, out: str | pathlib.Path, overwrite: bool = False, progres
             state, steps = source.train_epoch(state, jax.random.fold_in(key, epoch), epoch,
                                               progress)
             steps = jax.device_get(steps)
+            events.steps(epoch, steps)
             _check_finite(state, steps["loss"], epoch, out)
             record = _epoch_record(state, steps, source.evaluate(state), heldout, epoch,
                                    time.perf_counter() - epoch_start)
             lines.append(json.dumps(record))
             log.write(lines[-1] + "\n")
             log.flush()
+            events.epoch(record)
             checkpoints.save(epoch + 1, state, lines)
             bar.set_postfix(loss=f"{record['train_loss']:.4f}",
                             acc=f"{100 * record['train_accuracy']:.2f}%",

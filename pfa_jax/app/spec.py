@@ -86,6 +86,7 @@ class RunSpec:
     seed: int
     noise_pretrain_steps: int
     metrics_batch_size: int
+    log_every_steps: int
     sharpness: Sharpness | None
     robustness: Robustness
 
@@ -209,5 +210,6 @@ def resolve(config: ml_collections.ConfigDict) -> RunSpec:
     return RunSpec(config=config, rule=rule, model=model, optimizer=_optimizer(config, epochs),
                    data=data_spec, epochs=epochs, seed=data_spec.seed,
                    noise_pretrain_steps=_int(config, "noise_pretrain_steps", low=0),
-                   metrics_batch_size=config.metrics_batch_size, sharpness=sharpness,
+                   metrics_batch_size=config.metrics_batch_size,
+                   log_every_steps=_int(config, "log_every_steps", low=0), sharpness=sharpness,
                    robustness=robustness)
