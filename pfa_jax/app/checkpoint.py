@@ -70,10 +70,15 @@ def _checksums(arrays: dict) -> np.ndarray:
     return np.array([crc32(leaf) for leaf in jax.tree.leaves(arrays)], np.uint32)
 
 
+def _keys(path) -> list:
+    """The steps of a tree path as plain keys, whether they are dict keys, attributes (named
+    tuples) or indices: orbax's metadata tree has dicts where the state has named tuples."""
+    return [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
+
+
 def _name(path) -> str:
-    """A tree path as ``'opt_state/params/0/mu'`` whether its steps are dict keys, attributes
-    (named tuples) or indices: orbax's metadata tree has dicts where the state has named tuples."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    """A tree path as ``'opt_state/params/0/mu'`` (``_keys``)."""
+    return "/".join(map(str, _keys(path)))
 
 
 def _shapes(tree) -> dict:
@@ -117,8 +122,8 @@ class _Quiet:
 
 
 class Checkpoints:
-    """``save(epoch, state, records)``, ``steps()``, ``latest()``, ``restore(epoch, like)`` and
-    ``records(epoch)`` under one directory."""
+    """``save(epoch, state, records)``, ``steps()`` and ``restore(epoch, like)`` under one
+    directory."""
 
     def __init__(self, directory: str | pathlib.Path, keep: int = 2):
         self.directory = pathlib.Path(directory).absolute()
@@ -140,10 +145,6 @@ class Checkpoints:
         """The completed epochs of every checkpoint, newest first."""
         with _Quiet():
             return sorted(self.manager.all_steps(), reverse=True)
-
-    def latest(self) -> int | None:
-        """The number of completed epochs of the newest checkpoint (None if there is none)."""
-        return self.manager.latest_step()
 
     def path(self, epoch: int) -> pathlib.Path:
         return self.directory / str(epoch)
@@ -176,12 +177,13 @@ class Checkpoints:
         metadata = self._metadata(epoch)
         wanted = _arrays(like)
         saved = {k: v for k, v in metadata.items() if k != INTEGRITY}
-        if _shapes(saved) != _shapes(wanted):
+        saved_shapes, wanted_shapes = _shapes(saved), _shapes(wanted)
+        if saved_shapes != wanted_shapes:
             if "inner_states" in saved.get("opt_state", {}):
                 return _with_arrays(like, self._migrate(epoch, like)), None
             raise CheckpointMismatchError(
                 f"checkpoint {self.path(epoch)} is intact but holds another state than this config "
-                f"builds ({_differences(_shapes(saved), _shapes(wanted))})")
+                f"builds ({_differences(saved_shapes, wanted_shapes)})")
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, wanted)
         if INTEGRITY in metadata:
             target[INTEGRITY] = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), metadata[INTEGRITY])
@@ -202,10 +204,11 @@ class Checkpoints:
         """The arrays of a checkpoint with the old optimizer-state layout, migrated."""
         raw = self._read(epoch, None)
         arrays = {**raw, "opt_state": migrate_opt_state(raw["opt_state"], like.opt_state)}
-        if _shapes(arrays) != _shapes(_arrays(like)):
+        migrated, wanted = _shapes(arrays), _shapes(_arrays(like))
+        if migrated != wanted:
             raise CheckpointMismatchError(
                 f"checkpoint {self.path(epoch)} (old optimizer layout) holds another state than "
-                f"this config builds ({_differences(_shapes(arrays), _shapes(_arrays(like)))})")
+                f"this config builds ({_differences(migrated, wanted)})")
         return arrays
 
 
@@ -222,7 +225,7 @@ def migrate_opt_state(old: dict, like):
     from the ``g`` part of the old trees, the step counts (of the injection and of its schedules)
     from the old schedule's count; the injected values are recomputed from them at the next step."""
     def pick(path, leaf):
-        group, *rest = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
+        group, *rest = _keys(path)
         chain = old["inner_states"][group]["inner_state"]
         if rest[-1] == "count" and rest[0] in ("count", "hyperparams_states"):
             return chain[-1]["count"]  # the step count, also of each wrapped schedule

@@ -183,10 +183,16 @@ def _kind(key: str, default) -> tuple[tuple[type, ...], str]:
     return (str,), "a string"
 
 
+@functools.cache
+def _default(key: str):
+    """The default value of the dotted leaf ``key`` (a number, string or tuple: immutable)."""
+    return get(default_config(), key)
+
+
 def _typed(key: str, value):
     """``value`` if it has the type of ``key``'s default (a string that spells a float, e.g.
     ``'inf'``, as that float); else ``ValueError`` naming the key, the value and the type."""
-    default = get(default_config(), key)
+    default = _default(key)
     types, description = _kind(key, default)
     if isinstance(value, str) and float in types:
         try:

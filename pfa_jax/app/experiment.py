@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 from tqdm import tqdm
 
 from pfa_jax import metrics, train
@@ -191,20 +192,10 @@ def _metrics_lines(path: pathlib.Path, epochs: int, crcs: np.ndarray | None) -> 
     return lines
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """``{dotted key: value}`` of a nested dict."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
 def _config_changes(out: pathlib.Path, config: ml_collections.ConfigDict) -> str:
     """The keys in which ``config`` differs from the run directory's ``config.json``."""
-    saved, new = _flat(load_config(out).to_dict()), _flat(config.to_dict())
+    saved, new = (traverse_util.flatten_dict(c.to_dict(), sep=".")
+                  for c in (load_config(out), config))
     changed = [f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(saved) | set(new))
                if saved.get(k) != new.get(k)]
     return ", ".join(changed) or "none"
@@ -315,8 +306,6 @@ def run(spec: RunSpec, out: str | pathlib.Path, overwrite: bool = False, progres
     init_key, key = jax.random.split(jax.random.key(spec.seed))
     source, state, heldout, out, checkpoints, first, kept = _prepare(spec, out, overwrite, resume,
                                                                       init_key)
-    events = Events(out / "tensorboard", source.num_train // spec.data.batch_size, first,
-                    spec.log_every_steps)
     if not first and spec.noise_pretrain_steps:
         state, _ = pretrain.noise_pretrain(state, jax.random.fold_in(key, 2**31),
                                            spec.noise_pretrain_steps, spec.data.batch_size,
@@ -324,6 +313,8 @@ def run(spec: RunSpec, out: str | pathlib.Path, overwrite: bool = False, progres
     record = json.loads(kept[-1]) if kept else {}
     start = time.perf_counter() - sum(json.loads(line)["epoch_time"] for line in kept)
     lines = list(kept)
+    events = Events(out / "tensorboard", source.num_train // spec.data.batch_size, first,
+                    spec.log_every_steps)
     with open(out / "metrics.jsonl", "w") as log, contextlib.closing(events):
         log.writelines(line + "\n" for line in kept)
         bar = tqdm(range(first, spec.epochs), desc="epochs", disable=not progress,
