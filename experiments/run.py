@@ -15,7 +15,11 @@ records the runs, their labels, the hardware and each invocation's wall time.
 
 Every run's config is validated before the first one starts. ``--workers N`` runs N runs at once in
 separate processes (useful on a GPU, which small models leave mostly idle); GPU memory is then
-allocated on demand (``XLA_PYTHON_CLIENT_PREALLOCATE=false``).
+allocated on demand (``XLA_PYTHON_CLIENT_PREALLOCATE=false``). Each run trains on every device
+(``devices`` in its config; ``--set devices=1`` with several workers on a multi-GPU host gives each
+run one). On several hosts run the same command on each (``--distributed`` or ``--coordinator``,
+``--num-processes``, ``--process-id``, as for ``pfa-jax train``, see ``pfa_jax.app.placement``):
+every run then trains on all processes' devices, and only process 0 writes ``experiment.json``.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ import ml_collections  # noqa: E402
 
 from experiments import configs  # noqa: E402
 from pfa_jax.app import config as config_lib  # noqa: E402
-from pfa_jax.app import experiment, spec  # noqa: E402
+from pfa_jax.app import experiment, placement, spec  # noqa: E402
 
 DEFAULT_OUT = pathlib.Path(__file__).parent / "results"
 
@@ -86,7 +90,9 @@ def train_one(config_json: str, run_dir: str, progress: bool) -> dict:
         return experiment.run(spec.resolve(config), run_dir, overwrite=not resume, progress=progress,
                               resume=resume)
     except experiment.DivergenceError as error:
-        (run_dir / "diverged.json").write_text(json.dumps({"error": str(error)}, indent=2) + "\n")
+        if placement.writer():
+            (run_dir / "diverged.json").write_text(json.dumps({"error": str(error)}, indent=2)
+                                                   + "\n")
         return {"diverged": str(error)}
 
 
@@ -95,7 +101,10 @@ def _record_invocation(exp_dir: pathlib.Path, name: str, started: float, info: d
     """Writes this invocation into ``experiment.json`` (``new``: as another invocation, else over
     the last one), which lists the whole sweep (all runs, whether this invocation trained them or
     not). Written when the invocation starts and again after each run it finishes, so a killed
-    invocation still leaves its hardware and the time until its last finished run."""
+    invocation still leaves its hardware and the time until its last finished run. Only process
+    0 of a multi-process invocation writes it."""
+    if not placement.writer():
+        return
     exp_dir.mkdir(parents=True, exist_ok=True)
     path = exp_dir / "experiment.json"
     record = json.loads(path.read_text()) if path.exists() else {"invocations": []}
@@ -145,6 +154,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="runs trained at once")
     parser.add_argument("--list", action="store_true", help="list the runs and their state")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch output")
+    placement.add_arguments(parser)
     args = parser.parse_args(argv)
     if not args.experiments:
         if not args.list:
@@ -157,6 +167,11 @@ def main(argv=None) -> int:
     try:
         if args.workers < 1:
             raise ValueError(f"--workers={args.workers} must be >= 1")
+        placement.from_arguments(args)
+        if args.workers > 1 and jax.process_count() > 1:
+            raise ValueError(f"--workers={args.workers} runs runs side by side in one process "
+                             "each; a multi-process invocation trains one run at a time on all "
+                             "processes: use --workers 1")
         sweeps = {name: [r for r in configs.load(name).runs() if fnmatch.fnmatch(r.name, args.only)]
                   for name in args.experiments}
         jobs = []
@@ -180,6 +195,7 @@ def main(argv=None) -> int:
                    if state(args.out / job[0] / job[1].name) in ("new", "partial")],
                   key=lambda job: -_cost(job[2]))
     print(f"{len(todo)} of {len(jobs)} runs to train ({len(jobs) - len(todo)} finished before)")
+    placement.barrier("experiments.run: runs listed")  # before process 0 writes into any of them
     for name in sweeps:
         _record_invocation(args.out / name, name, started, info, new=True)
     for (name, run), summary in _train_all(todo, args.out, args.workers, not args.quiet):

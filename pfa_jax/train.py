@@ -283,25 +283,35 @@ def eval_step(state: TrainState, batch: dict) -> dict:
     return {"loss": loss, "accuracy": accuracy, "count": count}
 
 
-def _epoch_batch_step(state: TrainState, step, images, labels, augment_key, *, augment: str):
-    """``train_step`` on batch ``i`` of an epoch, ``step = (i, indices)``: the rows ``indices``,
-    augmented with ``fold_in(augment_key, i)``."""
+def _on(x, sharding):
+    """``x`` constrained to ``sharding`` (None: left to XLA)."""
+    return x if sharding is None else lax.with_sharding_constraint(x, sharding)
+
+
+def _epoch_batch_step(state: TrainState, step, images, labels, augment_key, *, augment: str,
+                      sharding=None):
+    """``train_step`` on batch ``i`` of an epoch, ``step = (i, indices)``: the rows ``indices``
+    (placed by ``sharding``), augmented with ``fold_in(augment_key, i)``."""
     i, indices = step
+    indices = _on(indices, sharding)
     batch_images = pfa_augment.apply(augment, jax.random.fold_in(augment_key, i), images[indices])
     return train_step(state, {"image": batch_images, "label": labels[indices]})
 
 
-_epoch = loops.Loop(_epoch_batch_step, static_argnames=("augment",), donate_carry=True)
+_epoch = loops.Loop(_epoch_batch_step, static_argnames=("augment", "sharding"), donate_carry=True)
 
 
 def train_epoch(state: TrainState, images, labels, key, batch_size: int, augment: str = "none",
-                loop: str = "auto", on_step: Callable[[int, dict], None] | None = None):
+                loop: str = "auto", on_step: Callable[[int, dict], None] | None = None,
+                sharding: NamedSharding | None = None):
     """One shuffled epoch of ``train_step`` (drops the last partial batch); ``augment`` names a
     ``pfa_jax.augment`` recipe applied to each batch; ``loop`` as in ``pfa_jax.loops.resolve``.
     ``state`` is donated. Returns the state and per-step metrics (arrays of length
     ``len(images) // batch_size``). ``on_step(i, metrics)`` is called after each step of the
     ``"steps"`` loop (a progress bar; the scan's steps run inside one call, so it is not called
-    there).
+    there). ``sharding`` places every batch (data parallel: ``NamedSharding(mesh,
+    PartitionSpec("batch"))`` with ``images``, ``labels`` and ``state`` replicated on ``mesh``, so
+    each device gathers, augments and differentiates only its own rows); None: XLA's choice.
     """
     pfa_augment.check(augment)
     state.check(images, labels, "train_epoch")
@@ -312,23 +322,25 @@ def train_epoch(state: TrainState, images, labels, key, batch_size: int, augment
     images, labels = jnp.asarray(images), jnp.asarray(labels)
     order = jax.random.permutation(key, images.shape[0])[:steps * batch_size].reshape(steps, batch_size)
     return _epoch(state, (jnp.arange(steps), order), images, labels, jax.random.fold_in(key, 1),
-                  loop=loop, on_step=on_step, augment=augment)
+                  loop=loop, on_step=on_step, augment=augment, sharding=sharding)
 
 
-def _eval_window(totals: dict, i, state: TrainState, images, labels, mask, *, batch_size: int):
+def _eval_window(totals: dict, i, state: TrainState, images, labels, mask, *, batch_size: int,
+                 sharding=None):
     """``totals`` plus batch ``i``'s loss and accuracy sums (masked rows excluded)."""
-    window = lambda a: lax.dynamic_slice_in_dim(a, i * batch_size, batch_size)
+    window = lambda a: _on(lax.dynamic_slice_in_dim(a, i * batch_size, batch_size), sharding)
     m = eval_step(state, {"image": window(images), "label": window(labels), "mask": window(mask)})
     sums = {"loss": m["loss"] * m["count"], "accuracy": m["accuracy"] * m["count"]}
     return jax.tree.map(jnp.add, totals, sums), None
 
 
-_evaluation = loops.Loop(_eval_window, static_argnames=("batch_size",))
+_evaluation = loops.Loop(_eval_window, static_argnames=("batch_size", "sharding"))
 
 
-def evaluate(state: TrainState, images, labels, batch_size: int = 1000, loop: str = "auto") -> dict:
+def evaluate(state: TrainState, images, labels, batch_size: int = 1000, loop: str = "auto",
+             sharding: NamedSharding | None = None) -> dict:
     """Loss and accuracy over a whole split (the last batch is padded and masked); ``loop`` as in
-    ``pfa_jax.loops.resolve``."""
+    ``pfa_jax.loops.resolve``; ``sharding`` places every batch, as in ``train_epoch``."""
     state.check(images, labels, "evaluate")
     n = images.shape[0]
     steps = -(-n // batch_size)
@@ -338,7 +350,8 @@ def evaluate(state: TrainState, images, labels, batch_size: int = 1000, loop: st
     mask = (jnp.arange(steps * batch_size) < n).astype(jnp.float32)
     zeros = {"loss": jnp.zeros((), jnp.float32), "accuracy": jnp.zeros((), jnp.float32)}
     totals, _ = _evaluation(zeros, jnp.arange(steps), state, images, labels, mask,
-                            loop=loops.resolve(loop, state.params), batch_size=batch_size)
+                            loop=loops.resolve(loop, state.params), batch_size=batch_size,
+                            sharding=sharding)
     return jax.tree.map(lambda t: t / n, totals)
 
 

@@ -1,10 +1,15 @@
 """Multi-process data parallelism: two processes on localhost (``jax.distributed`` with CPU gloo
 collectives, two CPU devices each) train ``ffn2`` with PFA on a batch sharded over all four devices,
-and end with the same parameters and feedback as one process training on the whole batch."""
+and end with the same parameters and feedback as one process training on the whole batch: with
+``train_step`` directly, and as two processes of the ``pfa-jax train`` command (also killed in
+epoch 2 and resumed)."""
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -66,3 +71,95 @@ def test_two_processes_match_one_process_on_the_whole_batch(tmp_path):
         np.testing.assert_allclose(distributed[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
     initial = worker.flat({"params": worker.initial_state(pj, jax).params})
     assert any(not np.allclose(initial[k], expected[k]) for k in initial)  # training moved them
+
+
+# -- the command ---------------------------------------------------------------------------------
+COMMAND_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def fashion_dir(tmp_path_factory):
+    from test_data import make_fashion_dir
+
+    return make_fashion_dir(tmp_path_factory.mktemp("fashion"), 2048, 256)
+
+
+def command_args(fashion_dir, out, *extra) -> list[str]:
+    """A 3-epoch PFA run of 32 steps per epoch (the processes hold 2 devices each)."""
+    return ["train", "--rule", "pfa", "--epochs", "3", "--quiet", "--out", str(out),
+            "--set", f"data_dir={fashion_dir}", "--set", "model_options.widths=(64,32)",
+            "--set", "eval_batch_size=256", *extra]
+
+
+def start_processes(argv: list[str], num_processes: int = 2) -> list[subprocess.Popen]:
+    """``pfa-jax`` with ``argv`` in ``num_processes`` processes joined on localhost, with two CPU
+    devices each."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+               + " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                          if "device_count" not in f))
+    return [subprocess.Popen([sys.executable, "-m", "pfa_jax.app.cli", *argv, "--coordinator",
+                              f"localhost:{port}", "--num-processes", str(num_processes),
+                              "--process-id", str(i)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for i in range(num_processes)]
+
+
+def finish(procs) -> list[str]:
+    logs = []
+    try:
+        logs = [p.communicate(timeout=COMMAND_TIMEOUT_S)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"the processes did not finish in {COMMAND_TIMEOUT_S} s")
+    for i, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{log[-4000:]}"
+    return logs
+
+
+@pytest.fixture(scope="module")
+def one_process(fashion_dir, tmp_path_factory):
+    """The summary of the run in this process, on one device."""
+    from pfa_jax.app import cli
+
+    out = tmp_path_factory.mktemp("one") / "run"
+    assert cli.main(command_args(fashion_dir, out, "--set", "devices=1")) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def assert_same_summary(summary: dict, expected: dict) -> None:
+    from test_data_parallel import assert_same_run
+
+    assert (summary["devices"], summary["processes"]) == (4, 2)
+    assert_same_run(summary, expected)
+
+
+def test_two_processes_of_the_command_give_the_one_process_run(fashion_dir, tmp_path, one_process):
+    out = tmp_path / "run"
+    logs = finish(start_processes(command_args(fashion_dir, out)))
+    assert all("final test accuracy" in log for log in logs)
+    assert_same_summary(json.loads((out / "summary.json").read_text()), one_process)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]  # written once, by process 0
+
+
+def test_both_processes_killed_in_epoch_2_resume_to_the_one_process_run(fashion_dir, tmp_path,
+                                                                         one_process):
+    out = tmp_path / "run"
+    procs = start_processes(command_args(fashion_dir, out))
+    deadline = time.monotonic() + COMMAND_TIMEOUT_S
+    while not (out / "checkpoints" / "1").is_dir():  # orbax renames a checkpoint when complete
+        assert all(p.poll() is None for p in procs), [p.communicate()[0][-2000:] for p in procs]
+        assert time.monotonic() < deadline, "no checkpoint after epoch 1"
+        time.sleep(0.01)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.communicate()
+    assert not (out / "checkpoints" / "2").exists()  # killed in epoch 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    finish(start_processes(command_args(fashion_dir, out, "--resume")))
+    assert_same_summary(json.loads((out / "summary.json").read_text()), one_process)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]

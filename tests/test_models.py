@@ -22,7 +22,7 @@ from pfa_jax import rules
 from pfa_jax.nn import layer_paths
 
 MNIST, CIFAR = (28, 28, 1), (32, 32, 3)
-SHAPES = {"ffn2": MNIST, "lenet": MNIST, "resnet20": CIFAR, "resnet56": CIFAR, "resnet18": CIFAR}
+SHAPES = {"ffn2": MNIST, "lenet": MNIST, "resnet8": CIFAR, "resnet20": CIFAR, "resnet56": CIFAR, "resnet18": CIFAR}
 BATCH = 2
 
 
@@ -123,11 +123,11 @@ def flatten_blocks(tree):
 # -- registry -----------------------------------------------------------------------------
 
 def test_names():
-    assert models.names() == ("ffn2", "lenet", "resnet20", "resnet56", "resnet18")
+    assert models.names() == ("ffn2", "lenet", "resnet8", "resnet20", "resnet56", "resnet18")
 
 
 def test_unknown_name_and_option_raise():
-    with pytest.raises(ValueError, match=r"'resnet19'.*ffn2, lenet, resnet20"):
+    with pytest.raises(ValueError, match=r"'resnet19'.*ffn2, lenet, resnet8, resnet20"):
         models.get("resnet19")
     with pytest.raises(ValueError, match=r"\['depth'\].*axis_name.*widths"):
         models.get("ffn2", depth=3)
@@ -190,10 +190,12 @@ def test_lenet_on_cifar_shapes():
 #   resnet20: stem 3*3*3*16 + 32 = 464; stage1 3 * (2*2304 + 64) = 14,016;
 #             stage2 (4608 + 9216 + 128) + 2 * (2*9216 + 128) = 51,072;
 #             stage3 (18432 + 36864 + 256) + 2 * (2*36864 + 256) = 203,520; output 650 -> 269,722
+#   resnet8:  464 + 4672 + 13,952 + 55,552 + 650 (one block per stage)                = 75,290
 #   resnet56: 464 + 9*4672 + (13,952 + 8*18,560) + (55,552 + 8*73,984) + 650         = 853,018
 #   resnet18 (1000 classes): torchvision's                                            = 11,689,512
 @pytest.mark.parametrize("name, classes, expected", [
-    ("ffn2", 10, 669_706), ("lenet", 10, 61_706), ("resnet20", 10, 269_722),
+    ("ffn2", 10, 669_706), ("lenet", 10, 61_706), ("resnet8", 10, 75_290),
+    ("resnet20", 10, 269_722),
     ("resnet56", 10, 853_018), ("resnet18", 1000, 11_689_512)])
 def test_param_counts(name, classes, expected):
     model = models.get(name, num_classes=classes)

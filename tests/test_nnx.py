@@ -159,7 +159,7 @@ def test_linen_variables_convert_to_nnx_and_back():
 
 
 def test_every_registry_model_has_an_nnx_twin():
-    shapes = {"ffn2": (28, 28, 1), "lenet": (28, 28, 1), "resnet20": (32, 32, 3),
+    shapes = {"ffn2": (28, 28, 1), "lenet": (28, 28, 1), "resnet8": (32, 32, 3), "resnet20": (32, 32, 3),
               "resnet56": (32, 32, 3), "resnet18": (64, 64, 3)}
     for name in pj.models.names():
         model = nnx.eval_shape(lambda n=name: pj.nnx.models.get(

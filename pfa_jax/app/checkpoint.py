@@ -30,7 +30,6 @@ import zlib
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -213,7 +212,12 @@ class Checkpoints:
 
 
 def _with_arrays(like: TrainState, arrays: dict) -> TrainState:
-    arrays = jax.tree.map(jnp.array, arrays)  # copies: a migrated count may fill several leaves
+    """``like`` holding ``arrays``, each copied (a migrated count may fill several leaves) and
+    placed as ``like``'s array of its place (e.g. replicated on the run's devices)."""
+    leaves, tree = jax.tree.flatten(arrays)
+    placed = [jax.device_put(np.array(leaf), target.sharding)
+              for leaf, target in zip(leaves, jax.tree.leaves(_arrays(like)))]
+    arrays = jax.tree.unflatten(tree, placed)
     return like.replace(**{k: v for k, v in arrays.items() if k != "rng"},
                         rng=jax.random.wrap_key_data(arrays["rng"]))
 

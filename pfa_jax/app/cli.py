@@ -4,6 +4,8 @@
     pfa-jax train --rule pfa --set rule.options.expansion=5 --set optimizer.weight_decay='(0.03, 9e-5)' \
         --set optimizer.wd_milestones='(1,)'
     pfa-jax train --resume --out runs/DIR --epochs 40     # continue from the newest checkpoint
+    pfa-jax train --set devices=1                         # one device (default: all of them)
+    pfa-jax train --coordinator HOST0:1234 --num-processes 4 --process-id I   # on each of 4 hosts
     pfa-jax rules | models
 
 Flags set the common keys of ``pfa_jax.app.config.default_config()``; ``--set key=value`` sets any key.
@@ -15,7 +17,7 @@ import sys
 
 from pfa_jax import models, rules
 from pfa_jax.app import config as config_lib
-from pfa_jax.app import data
+from pfa_jax.app import data, placement
 
 __all__ = ["main"]
 
@@ -50,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                             "saved config (flags and --set change it, e.g. --epochs to train longer)")
     train.add_argument("--quiet", action="store_true", help="no progress output (default: bars "
                        "and one summary per epoch)")
+    placement.add_arguments(train)
     commands.add_parser("rules", help="list the rules")
     commands.add_parser("models", help="list the models")
     return parser
@@ -69,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     flags = [f"{key}={getattr(args, name)}" for name, (key, _, _) in _FLAGS.items()
              if getattr(args, name) is not None]
     try:
+        placement.from_arguments(args)
         if args.resume and not args.out:
             raise ValueError("--resume needs --out, the run directory to continue")
         config = experiment.load_config(args.out) if args.resume else config_lib.default_config()

@@ -18,6 +18,9 @@ Keys:
 * ``noise_pretrain_steps``: train steps on Gaussian noise with random labels before the data
   (``pfa_jax.app.pretrain``; 0: none), at ``batch_size``.
 * ``epochs``, ``batch_size``, ``eval_batch_size``, ``seed``.
+* ``devices``: how many devices train (data parallel, ``pfa_jax.app.placement``): 0, the default,
+  every device of every process; ``n`` the first ``n`` (1: one device). The batch sizes must
+  divide by the count; the numbers are those of one device to float rounding.
 * ``log_every_steps``: the per-step scalars of the run's TensorBoard events
   (``pfa_jax.app.events``) every that many steps (0: none).
 * ``optimizer``: the fields of ``pfa_jax.optim.OptimizerConfig`` (``steps_per_epoch`` is derived;
@@ -99,6 +102,7 @@ def default_config() -> ml_collections.ConfigDict:
         "batch_size": 64,
         "eval_batch_size": 1000,
         "seed": 0,
+        "devices": 0,
         "optimizer": {
             "name": "sgd",
             "learning_rate": 0.01,

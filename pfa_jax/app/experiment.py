@@ -31,6 +31,15 @@ the first ``sharpness.examples`` training examples; adversarial and noise robust
 scale): the perturbation of channel ``c`` is scaled by ``1 / std_c`` of the standardisation and
 adversarial images are clipped to the standardised images of pixel values 0 and 1.
 
+Data parallel (``pfa_jax.app.placement``): the run trains on ``devices`` devices (0: every device
+of every process), the state replicated and every batch split over them, evaluation and the
+per-epoch gradient alignment too; the closing measurements run replicated. ``summary.json``
+records ``devices`` and ``processes``. With several processes (``placement.initialize``) every
+process runs the same program on its own part of each batch; only process 0 writes
+``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``curves.png`` and ``summary.json``, and
+orbax writes and restores the checkpoints from all of them (the run directory must be one file
+system that every process sees).
+
 Streamed datasets (``pfa_jax.app.streaming``: ``imagenet2012``) do not fit in memory. Their epochs are a
 Python loop of one jitted ``train.train_step`` (state donated) per prefetched batch (an inner progress
 bar counts the steps), evaluation a loop of jitted ``train.eval_step``, with the same per-epoch
@@ -64,7 +73,7 @@ from tqdm import tqdm
 from pfa_jax import metrics, train
 from pfa_jax import nn as pnn
 from pfa_jax.app import config as config_lib
-from pfa_jax.app import data, plots, pretrain, sources, streaming
+from pfa_jax.app import data, placement, plots, pretrain, sources, streaming
 from pfa_jax.app.checkpoint import (CheckpointDamagedError, CheckpointMismatchError, Checkpoints,
                                     crc32)
 from pfa_jax.app.events import Events
@@ -94,14 +103,18 @@ def _check_finite(state, losses, epoch: int, out: pathlib.Path) -> None:
 
 
 def _prepare_run_dir(out: str | pathlib.Path, overwrite: bool) -> pathlib.Path:
+    """An empty run directory ``out``: every process checks it before process 0 empties it."""
     out = pathlib.Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file, not a run directory; choose another --out")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"run directory {out} already exists; pass --resume to continue "
-                                  "it, --overwrite to replace it, or choose another --out")
+    replace = out.exists() and any(out.iterdir())
+    if replace and not overwrite:
+        raise FileExistsError(f"run directory {out} already exists; pass --resume to continue "
+                              "it, --overwrite to replace it, or choose another --out")
+    placement.barrier("pfa_jax: run directory checked")
+    if replace and placement.writer():
         shutil.rmtree(out)
+    placement.barrier("pfa_jax: run directory emptied")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -128,23 +141,25 @@ def check_fits(model, name: str, dataset: data.Dataset | streaming.StreamedDatas
                          "model or pad_to") from None
 
 
-def _split(images, labels, count: int, batch_size: int) -> list[dict]:
-    """The first ``count`` examples as batches of at most ``batch_size``."""
-    return [{"image": jnp.asarray(images[i:i + batch_size]),
-             "label": jnp.asarray(labels[i:i + batch_size])}
-            for i in range(0, min(count, len(labels)), batch_size)]
+def _split(images, labels, count: int, batch_size: int, where: placement.Placement) -> list[dict]:
+    """The first ``count`` examples as batches of at most ``batch_size``, replicated on the
+    devices of ``where``."""
+    return where.whole([{"image": images[i:i + batch_size], "label": labels[i:i + batch_size]}
+                        for i in range(0, min(count, len(labels)), batch_size)])
 
 
-def _closing_metrics(state, dataset: data.Dataset, spec: RunSpec, key) -> dict:
+def _closing_metrics(state, dataset: data.Dataset, spec: RunSpec, key,
+                     where: placement.Placement) -> dict:
     """Sharpness, adversarial and noise robustness, as far as ``spec`` asks for them."""
     results, sharp, robust = {}, spec.sharpness, spec.robustness
     batch_size = spec.data.eval_batch_size
     if sharp is not None:
-        batches = _split(dataset.train_images, dataset.train_labels, sharp.examples, batch_size)
+        batches = _split(dataset.train_images, dataset.train_labels, sharp.examples, batch_size,
+                         where)
         results["sharpness"] = metrics.sharpness(
             state, batches, jax.random.fold_in(key, 0), iterations=sharp.iterations,
             tolerance=sharp.tolerance, probes=sharp.probes)
-    test = _split(dataset.test_images, dataset.test_labels, robust.examples, batch_size)
+    test = _split(dataset.test_images, dataset.test_labels, robust.examples, batch_size, where)
     mean, std = np.asarray(dataset.mean, np.float32), np.asarray(dataset.std, np.float32)
     pixels = {"scale": 1.0 / std, "lower": -mean / std, "upper": (1.0 - mean) / std}
     if robust.adversarial_epsilons:
@@ -233,8 +248,10 @@ def _resume(out: pathlib.Path, checkpoints: Checkpoints, spec: RunSpec, like
 
 def _set_aside(out: pathlib.Path, checkpoints: Checkpoints, damaged: list[str], done: int) -> None:
     """Moves the checkpoints newer than ``done`` (the damaged ones) to ``out/damaged-checkpoints``,
-    saying so on stderr; the resumed run writes its own checkpoints of those epochs."""
-    for epoch in [e for e in checkpoints.steps() if e > done]:
+    saying so on stderr; the resumed run writes its own checkpoints of those epochs. Process 0
+    moves them once every process has read the directory."""
+    placement.barrier("pfa_jax: checkpoints read")
+    for epoch in [e for e in checkpoints.steps() if e > done and placement.writer()]:
         (out / "damaged-checkpoints").mkdir(exist_ok=True)
         target = out / "damaged-checkpoints" / str(epoch)
         for copy in itertools.count(2):
@@ -242,8 +259,9 @@ def _set_aside(out: pathlib.Path, checkpoints: Checkpoints, damaged: list[str], 
                 break
             target = out / "damaged-checkpoints" / f"{epoch}.{copy}"
         shutil.move(checkpoints.path(epoch), target)
+    placement.barrier("pfa_jax: damaged checkpoints set aside")
     checkpoints.reload()
-    for error in damaged:
+    for error in damaged if placement.writer() else ():
         print(f"pfa-jax: warning: {error}; moved to {out / 'damaged-checkpoints'}. Resuming "
               f"from the checkpoint after epoch {done}, the newest intact one", file=sys.stderr)
 
@@ -259,11 +277,14 @@ def machine() -> str:
 
 
 def _prepare(spec: RunSpec, out, overwrite: bool, resume: bool, init_key):
-    """The data source, the state (restored from the newest checkpoint when resuming), the
-    held-out batch, the run directory, its checkpoints and the metrics lines kept from a resumed
-    run. Everything is checked before anything in ``out`` changes; only then is ``config.json``
-    written, so a failed start leaves the run directory as it was."""
-    source = sources.for_spec(spec)
+    """The devices, the data source, the state (restored from the newest checkpoint when
+    resuming), the held-out batch, the run directory, its checkpoints and the metrics lines kept
+    from a resumed run. Everything is checked before anything in ``out`` changes; only then is
+    ``config.json`` written, so a failed start leaves the run directory as it was."""
+    where = placement.Placement.create(spec.devices)
+    for key in ("batch_size", "eval_batch_size"):
+        where.check_divides(key, getattr(spec.data, key))
+    source = sources.for_spec(spec, where)
     steps_per_epoch = source.num_train // spec.data.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size={spec.data.batch_size} exceeds the "
@@ -271,8 +292,8 @@ def _prepare(spec: RunSpec, out, overwrite: bool, resume: bool, init_key):
     check_fits(spec.model, spec.config.model, source.dataset)
     tx = dataclasses.replace(spec.optimizer, steps_per_epoch=steps_per_epoch)
     size = spec.metrics_batch_size
-    heldout = _split(*source.heldout(size), size, size)[0] if size else None
-    state = train.create_train_state(init_key, spec.model, source.sample(), tx)
+    heldout = _split(*source.heldout(size), size, size, where)[0] if size else None
+    state = where.whole(train.create_train_state(init_key, spec.model, source.sample(), tx))
     first, kept = 0, []
     if resume:
         out = pathlib.Path(out)
@@ -283,8 +304,10 @@ def _prepare(spec: RunSpec, out, overwrite: bool, resume: bool, init_key):
     else:
         out = _prepare_run_dir(out, overwrite)
         checkpoints = Checkpoints(out / "checkpoints")
-    (out / "config.json").write_text(spec.config.to_json(indent=2) + "\n")
-    return source, state, heldout, out, checkpoints, first, kept
+    placement.barrier("pfa_jax: run directory read")  # before process 0 writes into it
+    if placement.writer():
+        (out / "config.json").write_text(spec.config.to_json(indent=2) + "\n")
+    return where, source, state, heldout, out, checkpoints, first, kept
 
 
 def _epoch_record(state, steps, test: dict, heldout, epoch: int, epoch_time: float) -> dict:
@@ -299,24 +322,55 @@ def _epoch_record(state, steps, test: dict, heldout, epoch: int, epoch_time: flo
             "epoch_time": epoch_time}
 
 
+class _Records:
+    """What a run writes as it trains, on process 0 only: ``metrics.jsonl`` (the lines kept from
+    a resumed run, put in place in one atomic rename so that no interruption loses them, then
+    one per epoch, flushed) and the TensorBoard events. Every process keeps the lines (the
+    checkpoints carry their checksums)."""
+
+    def __init__(self, out: pathlib.Path, kept: list[str], spec: RunSpec, steps_per_epoch: int,
+                 first: int):
+        self.lines, self.write = list(kept), placement.writer()
+        if self.write:
+            staged = out / "metrics.jsonl.partial"
+            staged.write_text("".join(line + "\n" for line in kept))
+            os.replace(staged, out / "metrics.jsonl")
+            self.log = open(out / "metrics.jsonl", "a")
+            self.events = Events(out / "tensorboard", steps_per_epoch, first, spec.log_every_steps)
+
+    def steps(self, epoch: int, steps: dict) -> None:
+        if self.write:
+            self.events.steps(epoch, steps)
+
+    def epoch(self, record: dict) -> None:
+        self.lines.append(json.dumps(record))
+        if self.write:
+            self.log.write(self.lines[-1] + "\n")
+            self.log.flush()
+            self.events.epoch(record)
+
+    def close(self) -> None:
+        if self.write:
+            self.log.close()
+            self.events.close()
+
+
 def run(spec: RunSpec, out: str | pathlib.Path, overwrite: bool = False, progress: bool = True,
         resume: bool = False) -> dict:
     """Trains the run ``spec`` (``pfa_jax.app.spec.resolve``) and writes the run directory ``out``
     (``resume``: continues it from its newest checkpoint); returns the summary."""
     init_key, key = jax.random.split(jax.random.key(spec.seed))
-    source, state, heldout, out, checkpoints, first, kept = _prepare(spec, out, overwrite, resume,
-                                                                      init_key)
+    where, source, state, heldout, out, checkpoints, first, kept = _prepare(
+        spec, out, overwrite, resume, init_key)
     if not first and spec.noise_pretrain_steps:
         state, _ = pretrain.noise_pretrain(state, jax.random.fold_in(key, 2**31),
                                            spec.noise_pretrain_steps, spec.data.batch_size,
                                            source.dataset.num_classes)
+    progress = progress and placement.writer()
     record = json.loads(kept[-1]) if kept else {}
     start = time.perf_counter() - sum(json.loads(line)["epoch_time"] for line in kept)
-    lines = list(kept)
-    events = Events(out / "tensorboard", source.num_train // spec.data.batch_size, first,
-                    spec.log_every_steps)
-    with open(out / "metrics.jsonl", "w") as log, contextlib.closing(events):
-        log.writelines(line + "\n" for line in kept)
+    records = _Records(out, kept, spec, source.num_train // spec.data.batch_size, first)
+    with contextlib.closing(records):
         bar = tqdm(range(first, spec.epochs), desc="epochs", disable=not progress,
                    initial=first, total=spec.epochs)
         for epoch in bar:
@@ -324,27 +378,27 @@ def run(spec: RunSpec, out: str | pathlib.Path, overwrite: bool = False, progres
             state, steps = source.train_epoch(state, jax.random.fold_in(key, epoch), epoch,
                                               progress)
             steps = jax.device_get(steps)
-            events.steps(epoch, steps)
+            records.steps(epoch, steps)
             _check_finite(state, steps["loss"], epoch, out)
             record = _epoch_record(state, steps, source.evaluate(state), heldout, epoch,
                                    time.perf_counter() - epoch_start)
-            lines.append(json.dumps(record))
-            log.write(lines[-1] + "\n")
-            log.flush()
-            events.epoch(record)
-            checkpoints.save(epoch + 1, state, lines)
+            records.epoch(record)
+            checkpoints.save(epoch + 1, state, records.lines)
             bar.set_postfix(loss=f"{record['train_loss']:.4f}",
                             acc=f"{100 * record['train_accuracy']:.2f}%",
                             test_acc=f"{100 * record['test_accuracy']:.2f}%")
             if progress:
                 tqdm.write(format_record(record, spec.epochs))
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    plots.run_curves(records, out / "curves.png", title=spec.title)
-    summary = {**record, "wall_time": time.perf_counter() - start, "steps": int(state.step),
-               "machine": machine(),
+    wall_time = time.perf_counter() - start
+    if placement.writer():
+        plots.run_curves([json.loads(line) for line in records.lines], out / "curves.png",
+                         title=spec.title)
+    summary = {**record, "wall_time": wall_time, "steps": int(state.step), "machine": machine(),
+               "devices": where.size, "processes": jax.process_count(),
                **_closing_metrics(state, source.closing(), spec,
-                                  jax.random.fold_in(key, spec.epochs))}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+                                  jax.random.fold_in(key, spec.epochs), where)}
+    if placement.writer():
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 

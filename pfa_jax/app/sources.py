@@ -9,7 +9,12 @@
 
 A step progress bar shows the live train loss and accuracy every 10 steps.
 
-Both are made from a run spec (``for_spec``) and give ``num_train``, ``sample()`` (one image for initialisation), ``heldout(n)`` (the first ``n``
+Both place their batches with a ``pfa_jax.app.placement.Placement``: split over its devices, the
+state replicated. In memory, every process holds the whole dataset, replicated on the devices, and
+each device gathers and augments only its own rows of a batch inside the compiled step; streamed,
+each process reads, decodes and crops only its own rows of every global batch.
+
+Both are made from a run spec and a placement (``for_spec``) and give ``num_train``, ``sample()`` (one image for initialisation), ``heldout(n)`` (the first ``n``
 test images and labels), ``train_epoch(state, key, epoch, progress)`` -> ``(state, per-step
 metrics)``, ``evaluate(state)`` -> ``{'loss', 'accuracy'}`` and ``closing()`` (a ``data.Dataset``
 for the closing measurements).
@@ -20,12 +25,12 @@ import collections
 import contextlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from pfa_jax import loops, train
 from pfa_jax.app import data, streaming
+from pfa_jax.app.placement import Placement
 from pfa_jax.app.spec import DataSpec, RunSpec
 
 __all__ = ["for_spec", "InMemory", "Streamed"]
@@ -41,11 +46,11 @@ class InMemory:
     """A ``data.Dataset`` on the device: an epoch is ``train.train_epoch``, evaluation
     ``train.evaluate``."""
 
-    def __init__(self, spec: RunSpec):
-        self.config = spec.data
+    def __init__(self, spec: RunSpec, placement: Placement):
+        self.config, self.placement = spec.data, placement
         self.dataset = data.load(spec.data.dataset, **_load_options(spec.data))
         self.num_train = len(self.dataset.train_images)
-        self._train = None
+        self._placed = {}
 
     def sample(self) -> np.ndarray:
         return self.dataset.train_images[:1]
@@ -56,17 +61,23 @@ class InMemory:
     def train_epoch(self, state, key, epoch: int, progress: bool):
         """The key alone sets the epoch's order and augmentation; ``progress`` shows a step bar
         where the epoch is a loop of steps (not a scan)."""
-        if self._train is None:
-            self._train = jnp.asarray(self.dataset.train_images), jnp.asarray(self.dataset.train_labels)
         loop = loops.resolve("auto", state.params)
         total = self.num_train // self.config.batch_size
         with _StepBar(epoch, total, progress and loop == "steps") as bar:
-            return train.train_epoch(state, *self._train, key, self.config.batch_size,
-                                     self.config.augment, loop=loop, on_step=bar)
+            return train.train_epoch(state, *self._split("train"), key, self.config.batch_size,
+                                     self.config.augment, loop=loop, on_step=bar,
+                                     sharding=self.placement.rows)
 
     def evaluate(self, state) -> dict:
-        return train.evaluate(state, self.dataset.test_images, self.dataset.test_labels,
-                              self.config.eval_batch_size)
+        return train.evaluate(state, *self._split("test"), self.config.eval_batch_size,
+                              sharding=self.placement.rows)
+
+    def _split(self, split: str):
+        """The split's images and labels, replicated on the devices (placed once)."""
+        if split not in self._placed:
+            self._placed[split] = self.placement.whole(
+                (getattr(self.dataset, f"{split}_images"), getattr(self.dataset, f"{split}_labels")))
+        return self._placed[split]
 
     def closing(self) -> data.Dataset:
         return self.dataset
@@ -97,11 +108,12 @@ _streamed_epoch = loops.Loop(train.train_step, donate_carry=True)
 _eval_step = jax.jit(train.eval_step)
 
 
-def _on_device(batches, ahead: int = 2):
-    """``batches`` put on the device ``ahead`` batches before they are used."""
+def _on_devices(batches, placement: Placement, size: int, ahead: int = 2):
+    """Global batches of ``size`` from this process's parts ``batches``, put on the devices
+    ``ahead`` batches before they are used."""
     queue = collections.deque()
     for batch in batches:
-        queue.append(jax.device_put(batch))
+        queue.append(placement.batch(batch, size))
         if len(queue) > ahead:
             yield queue.popleft()
     yield from queue
@@ -111,8 +123,8 @@ class Streamed:
     """A ``streaming.StreamedDataset``: an epoch is a loop of jitted train steps over its batches,
     evaluation a loop of jitted eval steps (see the module docstring)."""
 
-    def __init__(self, spec: RunSpec):
-        self.config, self.spec = spec.data, spec
+    def __init__(self, spec: RunSpec, placement: Placement):
+        self.config, self.spec, self.placement = spec.data, spec, placement
         self.dataset = streaming.load(spec.data.dataset, **_load_options(spec.data),
                                       image_size=spec.data.image_size or streaming.IMAGE_SIZE)
         self.num_train = self.dataset.num_train
@@ -125,15 +137,19 @@ class Streamed:
 
     def train_epoch(self, state, key, epoch: int, progress: bool):
         del key  # the batches come from (seed, epoch); the state carries its own key
-        batches = self.dataset.train_batches(self.config.batch_size, self.config.seed, epoch)
-        total = self.num_train // self.config.batch_size
-        with contextlib.closing(batches), _StepBar(epoch, total, progress) as bar:
-            return _streamed_epoch.steps(state, _on_device(batches), on_step=bar)
+        size = self.config.batch_size
+        batches = self.dataset.train_batches(size, self.config.seed, epoch,
+                                             self.placement.local_rows(size))
+        with contextlib.closing(batches), _StepBar(epoch, self.num_train // size, progress) as bar:
+            return _streamed_epoch.steps(state, _on_devices(batches, self.placement, size),
+                                         on_step=bar)
 
     def evaluate(self, state) -> dict:
-        batches = self.dataset.eval_batches(self.config.eval_batch_size)
+        size = self.config.eval_batch_size
+        batches = self.dataset.eval_batches(size, rows=self.placement.local_rows(size))
         with contextlib.closing(batches):
-            results = jax.device_get([_eval_step(state, batch) for batch in _on_device(batches)])
+            results = jax.device_get([_eval_step(state, batch)
+                                      for batch in _on_devices(batches, self.placement, size)])
         means = loops.weighted_mean([{k: r[k] for k in ("loss", "accuracy")} for r in results],
                                     [r["count"] for r in results])
         return {k: float(v) for k, v in means.items()}
@@ -145,6 +161,6 @@ class Streamed:
 
 
 
-def for_spec(spec: RunSpec) -> InMemory | Streamed:
-    """The data source of ``spec.data``."""
-    return (Streamed if spec.data.streamed else InMemory)(spec)
+def for_spec(spec: RunSpec, placement: Placement) -> InMemory | Streamed:
+    """The data source of ``spec.data``, its batches placed by ``placement``."""
+    return (Streamed if spec.data.streamed else InMemory)(spec, placement)

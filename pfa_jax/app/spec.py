@@ -84,6 +84,7 @@ class RunSpec:
     data: DataSpec
     epochs: int
     seed: int
+    devices: int
     noise_pretrain_steps: int
     metrics_batch_size: int
     log_every_steps: int
@@ -209,6 +210,7 @@ def resolve(config: ml_collections.ConfigDict) -> RunSpec:
     sharpness, robustness = _measurements(config)
     return RunSpec(config=config, rule=rule, model=model, optimizer=_optimizer(config, epochs),
                    data=data_spec, epochs=epochs, seed=data_spec.seed,
+                   devices=_int(config, "devices", low=0),
                    noise_pretrain_steps=_int(config, "noise_pretrain_steps", low=0),
                    metrics_batch_size=config.metrics_batch_size,
                    log_every_steps=_int(config, "log_every_steps", low=0), sharpness=sharpness,

@@ -146,30 +146,34 @@ class StreamedDataset:
     def image_shape(self) -> tuple[int, int, int]:
         return (self.image_size, self.image_size, 3)
 
-    def train_batches(self, batch_size: int, seed: int, epoch: int) -> Iterator[dict]:
+    def train_batches(self, batch_size: int, seed: int, epoch: int, rows: slice = slice(None)
+                      ) -> Iterator[dict]:
         """Epoch ``epoch``'s shuffled, augmented training batches ``{'image', 'label'}`` (the last
-        partial batch is dropped)."""
+        partial batch is dropped); ``rows``: only these rows of each batch (one process's part of
+        a global batch: it reads and decodes only those records)."""
         steps = self.num_train // batch_size
         order = _seed(seed, epoch, 0).permutation(self.num_train)[:steps * batch_size]
 
         def prepare(image, index):
             return train_crop(_seed(seed, epoch, 1, index), image, self.image_size)
 
-        return self._stream(self.train_source, order.reshape(steps, batch_size), prepare, False)
+        plan = order.reshape(steps, batch_size)[:, rows]
+        return self._stream(self.train_source, plan, prepare, False)
 
-    def eval_batches(self, batch_size: int, split: str = "test", count: int | None = None
-                     ) -> Iterator[dict]:
+    def eval_batches(self, batch_size: int, split: str = "test", count: int | None = None,
+                     rows: slice = slice(None)) -> Iterator[dict]:
         """The first ``count`` (default all) examples of ``split`` (``'test'``: the validation split,
         or ``'train'``) in stored order, centre-cropped, as batches ``{'image', 'label', 'mask'}``
-        of ``batch_size`` (the last one zero-padded, its padding masked out)."""
+        of ``batch_size`` (the last one zero-padded, its padding masked out); ``rows``: only
+        these rows of each batch, as in ``train_batches``."""
         if split not in ("train", "test"):
             raise ValueError(f"split={split!r} is unknown; valid: 'train', 'test'")
         source, size = ((self.test_source, self.num_test) if split == "test"
                         else (self.train_source, self.num_train))
         indices = np.arange(size if count is None else min(count, size))
-        plan = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+        plan = [indices[i:i + batch_size][rows] for i in range(0, len(indices), batch_size)]
         return self._stream(source, plan, lambda image, _: eval_crop(image, self.image_size), True,
-                            batch_size)
+                            len(range(batch_size)[rows]))
 
     def arrays(self, split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
         """The first ``count`` examples of ``split`` (``'train'`` or ``'test'``), centre-cropped, as

@@ -10,6 +10,7 @@ name       architecture                                                         
 =========  ===================================================================  ==============
 ffn2       MLP 784-512-512-10, ReLU, bias (option ``widths``)                   669,706
 lenet      LeNet-5: conv 6@5x5, pool, conv 16@5x5, pool, 120, 84, output        61,706 (28x28x1)
+resnet8    CIFAR ResNet, 3 stages x 1 BasicBlock, option-A shortcuts, BN        75,290
 resnet20   CIFAR ResNet, 3 stages x 3 BasicBlocks, option-A shortcuts, BN       269,722
 resnet56   CIFAR ResNet, 3 stages x 9 BasicBlocks, option-A shortcuts, BN       853,018
 resnet18   ImageNet ResNet-18, option-B shortcuts, BN                           11,689,512 (1000)
@@ -38,6 +39,7 @@ from pfa_jax.models.resnet import BasicBlock, CifarResNet, ImageNetResNet
 _REGISTRY: dict[str, tuple[type[Model], dict]] = {
     "ffn2": (MLP, {}),
     "lenet": (LeNet, {}),
+    "resnet8": (CifarResNet, {"blocks_per_stage": 1}),
     "resnet20": (CifarResNet, {"blocks_per_stage": 3}),
     "resnet56": (CifarResNet, {"blocks_per_stage": 9}),
     "resnet18": (ImageNetResNet, {"stage_sizes": (2, 2, 2, 2)}),

@@ -172,12 +172,17 @@ class ImageNetResNet(ResNet):
         return self.blocks_and_head(x, train)
 
 
+def _resnet8(**kwargs):
+    return CifarResNet(blocks_per_stage=1, name="resnet8", **kwargs)
+
+
 def _resnet56(**kwargs):
     return CifarResNet(blocks_per_stage=9, name="resnet56", **kwargs)
 
 
-_REGISTRY: dict[str, Any] = {"ffn2": MLP, "lenet": LeNet, "resnet20": CifarResNet,
-                             "resnet56": _resnet56, "resnet18": ImageNetResNet}
+_REGISTRY: dict[str, Any] = {"ffn2": MLP, "lenet": LeNet, "resnet8": _resnet8,
+                             "resnet20": CifarResNet, "resnet56": _resnet56,
+                             "resnet18": ImageNetResNet}
 
 
 def get(name: str, *, rngs: nnx.Rngs, input_shape: Sequence[int], rule="bp",

@@ -1,0 +1,72 @@
+"""``pfa-jax train`` on every device (4 forced CPU devices, ``tests/conftest.py``) against the same
+run on one device: the batch split over the devices, the state replicated, the same numbers.
+
+Each step equals one device's to float rounding (about 1e-7 relative); over a run a ReLU whose input
+lies within rounding of zero can flip and the difference grows, so the runs are short. The ResNet
+run measures no gradient alignment: with BatchNorm after them, the BP gradients of its first
+layers are sums that cancel almost exactly, so their angles move by about 0.1 degrees when the
+parameters move by 1e-7 relative (measured), which shows the rounding of the parameters, not the
+data-parallel step; ffn2's gradient angles are compared."""
+import json
+
+import numpy as np
+import pytest
+from flax import traverse_util
+from test_data import make_fashion_dir
+
+from pfa_jax.app import cli
+
+
+@pytest.fixture(scope="module")
+def fashion_dir(tmp_path_factory):
+    return make_fashion_dir(tmp_path_factory.mktemp("fashion"), 256, 128)
+
+
+def run(fashion_dir, out, devices, *extra) -> dict:
+    assert cli.main(["train", "--rule", "pfa", "--epochs", "2", "--quiet", "--out", str(out),
+                     "--set", f"data_dir={fashion_dir}", "--set", "eval_batch_size=64",
+                     "--set", f"devices={devices}", *extra]) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def assert_same_run(many: dict, one: dict) -> None:
+    """Angles to 0.01 degrees, loss, accuracy and every other figure to 1e-4 relative."""
+    many, one = (traverse_util.flatten_dict(s, sep="/") for s in (many, one))
+    assert set(many) == set(one)
+    for key, value in one.items():
+        if not isinstance(value, float) or "time" in key:
+            continue
+        if key.endswith("angle"):
+            np.testing.assert_allclose(many[key], value, atol=0.01, err_msg=key)
+        else:
+            np.testing.assert_allclose(many[key], value, rtol=1e-4, atol=1e-7, err_msg=key)
+
+
+@pytest.mark.parametrize("model, extra", [
+    ("ffn2", ("--batch-size", "32", "--set", "model_options.widths=(64,32)",
+              "--set", "metrics_batch_size=64")),
+    ("resnet8", ("--batch-size", "64", "--set", "limit=128", "--set", "metrics_batch_size=0")),
+])
+def test_every_device_gives_the_one_device_run(fashion_dir, tmp_path, model, extra):
+    many = run(fashion_dir, tmp_path / "all", 0, "--model", model, *extra)
+    one = run(fashion_dir, tmp_path / "one", 1, "--model", model, *extra)
+    assert (many["devices"], many["processes"], one["devices"]) == (4, 1, 1)
+    assert ("gradient_alignment" in one) == (model == "ffn2")
+    assert_same_run(many, one)
+    assert len(json.loads((tmp_path / "all" / "metrics.jsonl").read_text().splitlines()[-1])[
+        "alignment"]) == len(one["alignment"])
+
+
+@pytest.mark.parametrize("setting, message", [
+    (("--batch-size", "30"), "batch_size=30 does not split evenly over the 4 devices"),
+    (("--set", "eval_batch_size=50"), "eval_batch_size=50 does not split evenly over the 4"),
+    (("--set", "devices=5"), "devices=5 is not available: 4 cpu device(s); valid: 0 (all) or 1..4"),
+    (("--set", "devices=-1"), "devices=-1 must be an int >= 0"),
+])
+def test_a_batch_or_device_count_that_does_not_fit_fails_before_training(
+        fashion_dir, tmp_path, capsys, setting, message):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--quiet", "--out", str(out), "--set", f"data_dir={fashion_dir}",
+                     *setting]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
