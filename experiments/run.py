@@ -33,12 +33,12 @@ import datetime  # noqa: E402
 import fnmatch  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
-import pathlib  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
 import time  # noqa: E402
 
+from etils import epath  # noqa: E402
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
@@ -46,7 +46,7 @@ from experiments import configs  # noqa: E402
 from pfa_jax.app import config as config_lib  # noqa: E402
 from pfa_jax.app import experiment, placement, spec  # noqa: E402
 
-DEFAULT_OUT = pathlib.Path(__file__).parent / "results"
+DEFAULT_OUT = epath.Path(__file__).parent / "results"
 
 
 def run_config(name: str, run: "configs.common.Run", assignments=()) -> ml_collections.ConfigDict:
@@ -57,7 +57,7 @@ def run_config(name: str, run: "configs.common.Run", assignments=()) -> ml_colle
     return config_lib.override(config, assignments)
 
 
-def state(run_dir: pathlib.Path) -> str:
+def state(run_dir: epath.Path) -> str:
     """``done``, ``diverged``, ``partial`` (checkpointed, will resume) or ``new``."""
     if (run_dir / "summary.json").exists():
         return "done"
@@ -83,7 +83,7 @@ def hardware() -> dict:
 
 def train_one(config_json: str, run_dir: str, progress: bool) -> dict:
     """Trains (or resumes) one run; returns its summary, or ``{'diverged': message}``."""
-    run_dir = pathlib.Path(run_dir)
+    run_dir = epath.Path(run_dir)
     config = config_lib.from_json(config_json)
     resume = state(run_dir) == "partial"
     try:
@@ -96,7 +96,7 @@ def train_one(config_json: str, run_dir: str, progress: bool) -> dict:
         return {"diverged": str(error)}
 
 
-def _record_invocation(exp_dir: pathlib.Path, name: str, started: float, info: dict,
+def _record_invocation(exp_dir: epath.Path, name: str, started: float, info: dict,
                        new: bool) -> None:
     """Writes this invocation into ``experiment.json`` (``new``: as another invocation, else over
     the last one), which lists the whole sweep (all runs, whether this invocation trained them or
@@ -120,7 +120,7 @@ def _record_invocation(exp_dir: pathlib.Path, name: str, started: float, info: d
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _train_all(todo, out: pathlib.Path, workers: int, progress: bool):
+def _train_all(todo, out: epath.Path, workers: int, progress: bool):
     """Yields ``((experiment, run), summary)`` as runs finish: in this process with one worker,
     else in ``workers`` spawned processes."""
     if workers == 1:
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     parser.add_argument("experiments", nargs="*", metavar="EXPERIMENT",
                         help=f"one or more of: {', '.join(configs.names())} (none with --list: "
                              "list them all)")
-    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
+    parser.add_argument("--out", type=epath.Path, default=DEFAULT_OUT,
                         help="results directory (default experiments/results)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key in every run, e.g. epochs=5")

@@ -14,7 +14,7 @@ import pytest
 from flax import traverse_util
 from test_data import make_fashion_dir
 
-from pfa_jax.app import cli
+from pfa_jax.app import cli, placement
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +70,26 @@ def test_a_batch_or_device_count_that_does_not_fit_fails_before_training(
                      *setting]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_one_process_holds_every_row_and_batches_split_over_the_devices():
+    where = placement.Placement.create(0)
+    assert where.size == 4 and where.local_rows(64) == slice(0, 64)
+    batch = where.batch({"image": np.zeros((8, 3), np.float32)}, 8)
+    assert [s.data.shape for s in batch["image"].addressable_shards] == [(2, 3)] * 4
+    assert placement.Placement.create(2).size == 2
+
+
+@pytest.mark.parametrize("arguments, environment, message", [
+    ({"num_processes": 2, "process_id": 2}, {}, r"process_id=2 must lie in \[0, num_processes=2\)"),
+    ({"num_processes": 2}, {}, r"process_id=None must lie in \[0, num_processes=2\)"),
+    ({}, {"JAX_NUM_PROCESSES": "two"}, r"num_processes='two' \(or \$JAX_NUM_PROCESSES\) must be"),
+])
+def test_bad_process_settings_are_named_before_joining(monkeypatch, arguments, environment,
+                                                       message):
+    for variable in placement.ENVIRONMENT:
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=message):
+        placement.initialize(**arguments)

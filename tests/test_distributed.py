@@ -62,6 +62,7 @@ def reference():
                         "loss": metrics["loss"]})
 
 
+@pytest.mark.slow  # the command's two-process test below covers this path end to end
 def test_two_processes_match_one_process_on_the_whole_batch(tmp_path):
     distributed = run_workers(tmp_path)
     expected = reference()
@@ -144,6 +145,7 @@ def test_two_processes_of_the_command_give_the_one_process_run(fashion_dir, tmp_
     assert [r["epoch"] for r in records] == [1, 2, 3]  # written once, by process 0
 
 
+@pytest.mark.slow  # a minute on 2 cores
 def test_both_processes_killed_in_epoch_2_resume_to_the_one_process_run(fashion_dir, tmp_path,
                                                                          one_process):
     out = tmp_path / "run"

@@ -1,8 +1,9 @@
 """Every model trains with every rule: the training loss falls on a small set of noisy prototypes.
 
-ResNets compile slowly on a CPU, so the fast suite trains ResNet-20 with the two rules whose
-machinery differs most from a kernel-shaped feedback matrix (PFA's two-matrix feedback, DFA's taps);
-every other ResNet case, ResNet-56 and ResNet-18 included, runs under ``-m slow``. The rules' conv
+ResNets compile slowly on a CPU, so the fast suite trains ResNet-8 (one block per stage: the same
+blocks, strides and shortcuts as ResNet-20) with the two rules whose machinery differs most from a
+kernel-shaped feedback matrix (PFA's two-matrix feedback, DFA's taps); every other ResNet case,
+ResNet-20, ResNet-56 and ResNet-18 included, runs under ``-m slow``. The rules' conv
 ops are checked against references in test_rules.py for every rule, the weight mirror's training in
 test_network_rules.py and BRSF's per-step draws under jit / pmap in test_train.py.
 """
@@ -13,9 +14,9 @@ import pytest
 
 import pfa_jax as pj
 
-SHAPES = {"ffn2": (28, 28, 1), "lenet": (28, 28, 1), "resnet20": (8, 8, 3),
+SHAPES = {"ffn2": (28, 28, 1), "lenet": (28, 28, 1), "resnet8": (8, 8, 3), "resnet20": (8, 8, 3),
           "resnet56": (8, 8, 3), "resnet18": (16, 16, 3)}
-FAST_RESNET_CASES = {("resnet20", "pfa"), ("resnet20", "dfa")}
+FAST_RESNET_CASES = {("resnet8", "pfa"), ("resnet8", "dfa")}
 # Plain SGD for LeNet: without BatchNorm, feedback alignment in its conv layers diverges with momentum,
 # and DFA needs a ten times smaller step there and in the deep ResNet-56 (the PFA paper's CIFAR DFA
 # runs use lr 0.001 too).

@@ -25,13 +25,13 @@ today's ``{'params': ..., 'feedback': ...}`` layout, so a run directory of that 
 from __future__ import annotations
 
 import logging
-import pathlib
 import zlib
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from pfa_jax.train import TrainState
 
@@ -96,7 +96,7 @@ def _differences(saved: dict, wanted: dict) -> str:
     return "; ".join(lines[:3]) + more
 
 
-def _unreadable(path: pathlib.Path, error: Exception) -> CheckpointDamagedError:
+def _unreadable(path: epath.Path, error: Exception) -> CheckpointDamagedError:
     """The error for an unreadable checkpoint: the storage library's message cut to its first
     line, without the storage spec it appends."""
     message = str(error).splitlines()[0] if str(error) else ""
@@ -124,8 +124,9 @@ class Checkpoints:
     """``save(epoch, state, records)``, ``steps()`` and ``restore(epoch, like)`` under one
     directory."""
 
-    def __init__(self, directory: str | pathlib.Path, keep: int = 2):
-        self.directory = pathlib.Path(directory).absolute()
+    def __init__(self, directory: str | epath.Path, keep: int = 2):
+        directory = epath.Path(directory)
+        self.directory = directory if "://" in str(directory) else directory.absolute()
         with _Quiet():  # a damaged checkpoint's metadata is logged here; restore reports it
             self.manager = ocp.CheckpointManager(
                 self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep),
@@ -145,7 +146,7 @@ class Checkpoints:
         with _Quiet():
             return sorted(self.manager.all_steps(), reverse=True)
 
-    def path(self, epoch: int) -> pathlib.Path:
+    def path(self, epoch: int) -> epath.Path:
         return self.directory / str(epoch)
 
     def reload(self) -> None:

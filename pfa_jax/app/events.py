@@ -16,8 +16,6 @@ shows each step once. ``metrics.jsonl`` stays the run's record; these files are 
 """
 from __future__ import annotations
 
-import pathlib
-
 import numpy as np
 from tensorboardX import SummaryWriter
 
@@ -32,7 +30,7 @@ _STEP = ("loss", "accuracy", "learning_rate", "weight_decay")
 class Events:
     """The event files of one run (module docstring)."""
 
-    def __init__(self, directory: str | pathlib.Path, steps_per_epoch: int, first_epoch: int = 0,
+    def __init__(self, directory, steps_per_epoch: int, first_epoch: int = 0,
                  log_every_steps: int = 0):
         self.steps_per_epoch, self.log_every_steps = steps_per_epoch, log_every_steps
         self.writer = SummaryWriter(str(directory), purge_step=first_epoch * steps_per_epoch + 1

@@ -58,8 +58,6 @@ import dataclasses
 import itertools
 import json
 import os
-import pathlib
-import shutil
 import sys
 import time
 
@@ -67,6 +65,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import traverse_util
 from tqdm import tqdm
 
@@ -86,7 +85,7 @@ class DivergenceError(RuntimeError):
     """The training loss or the parameters became non-finite."""
 
 
-def _check_finite(state, losses, epoch: int, out: pathlib.Path) -> None:
+def _check_finite(state, losses, epoch: int, out: epath.Path) -> None:
     """Raises ``DivergenceError`` naming the epoch (1-based) and step of the first non-finite loss,
     or the epoch whose parameters are non-finite; earlier epochs' checkpoints stay as they are."""
     finite = np.isfinite(losses)
@@ -102,9 +101,9 @@ def _check_finite(state, losses, epoch: int, out: pathlib.Path) -> None:
                           f"{kept}")
 
 
-def _prepare_run_dir(out: str | pathlib.Path, overwrite: bool) -> pathlib.Path:
+def _prepare_run_dir(out: str | epath.Path, overwrite: bool) -> epath.Path:
     """An empty run directory ``out``: every process checks it before process 0 empties it."""
-    out = pathlib.Path(out)
+    out = epath.Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file, not a run directory; choose another --out")
     replace = out.exists() and any(out.iterdir())
@@ -113,7 +112,7 @@ def _prepare_run_dir(out: str | pathlib.Path, overwrite: bool) -> pathlib.Path:
                               "it, --overwrite to replace it, or choose another --out")
     placement.barrier("pfa_jax: run directory checked")
     if replace and placement.writer():
-        shutil.rmtree(out)
+        out.rmtree()
     placement.barrier("pfa_jax: run directory emptied")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -172,9 +171,9 @@ def _closing_metrics(state, dataset: data.Dataset, spec: RunSpec, key,
     return results
 
 
-def load_config(out: str | pathlib.Path) -> ml_collections.ConfigDict:
+def load_config(out: str | epath.Path) -> ml_collections.ConfigDict:
     """The resolved config of an existing run directory (errors name the file)."""
-    path = pathlib.Path(out) / "config.json"
+    path = epath.Path(out) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {out} is not a run directory to resume")
     try:
@@ -183,7 +182,7 @@ def load_config(out: str | pathlib.Path) -> ml_collections.ConfigDict:
         raise ValueError(f"{path}: {error}") from None
 
 
-def _metrics_lines(path: pathlib.Path, epochs: int, crcs: np.ndarray | None) -> list[str]:
+def _metrics_lines(path: epath.Path, epochs: int, crcs: np.ndarray | None) -> list[str]:
     """The first ``epochs`` lines of ``metrics.jsonl``, each checked to be a JSON record and, where
     the checkpoint saved them (``crcs``), to be the line the run wrote; errors name the line."""
     try:
@@ -207,7 +206,7 @@ def _metrics_lines(path: pathlib.Path, epochs: int, crcs: np.ndarray | None) -> 
     return lines
 
 
-def _config_changes(out: pathlib.Path, config: ml_collections.ConfigDict) -> str:
+def _config_changes(out: epath.Path, config: ml_collections.ConfigDict) -> str:
     """The keys in which ``config`` differs from the run directory's ``config.json``."""
     saved, new = (traverse_util.flatten_dict(c.to_dict(), sep=".")
                   for c in (load_config(out), config))
@@ -216,7 +215,7 @@ def _config_changes(out: pathlib.Path, config: ml_collections.ConfigDict) -> str
     return ", ".join(changed) or "none"
 
 
-def _resume(out: pathlib.Path, checkpoints: Checkpoints, spec: RunSpec, like
+def _resume(out: epath.Path, checkpoints: Checkpoints, spec: RunSpec, like
             ) -> tuple[int, train.TrainState, list[str], list[str]]:
     """(completed epochs, restored state, metrics lines kept, errors of the damaged checkpoints
     skipped) from the newest intact checkpoint; an intact checkpoint of another state (the config
@@ -246,7 +245,7 @@ def _resume(out: pathlib.Path, checkpoints: Checkpoints, spec: RunSpec, like
         + ". They are left as they are; start a new run (--overwrite or another --out)")
 
 
-def _set_aside(out: pathlib.Path, checkpoints: Checkpoints, damaged: list[str], done: int) -> None:
+def _set_aside(out: epath.Path, checkpoints: Checkpoints, damaged: list[str], done: int) -> None:
     """Moves the checkpoints newer than ``done`` (the damaged ones) to ``out/damaged-checkpoints``,
     saying so on stderr; the resumed run writes its own checkpoints of those epochs. Process 0
     moves them once every process has read the directory."""
@@ -258,7 +257,7 @@ def _set_aside(out: pathlib.Path, checkpoints: Checkpoints, damaged: list[str], 
             if not target.exists():
                 break
             target = out / "damaged-checkpoints" / f"{epoch}.{copy}"
-        shutil.move(checkpoints.path(epoch), target)
+        checkpoints.path(epoch).rename(target)
     placement.barrier("pfa_jax: damaged checkpoints set aside")
     checkpoints.reload()
     for error in damaged if placement.writer() else ():
@@ -296,7 +295,7 @@ def _prepare(spec: RunSpec, out, overwrite: bool, resume: bool, init_key):
     state = where.whole(train.create_train_state(init_key, spec.model, source.sample(), tx))
     first, kept = 0, []
     if resume:
-        out = pathlib.Path(out)
+        out = epath.Path(out)
         checkpoints = Checkpoints(out / "checkpoints")
         first, state, kept, damaged = _resume(out, checkpoints, spec, state)
         if damaged:
@@ -324,19 +323,22 @@ def _epoch_record(state, steps, test: dict, heldout, epoch: int, epoch_time: flo
 
 class _Records:
     """What a run writes as it trains, on process 0 only: ``metrics.jsonl`` (the lines kept from
-    a resumed run, put in place in one atomic rename so that no interruption loses them, then
-    one per epoch, flushed) and the TensorBoard events. Every process keeps the lines (the
-    checkpoints carry their checksums)."""
+    a resumed run, then one more per epoch) and the TensorBoard events. ``metrics.jsonl`` is
+    written whole each time and put in place by a rename, so no interruption loses or cuts a
+    record, also on file systems that cannot append (cloud storage). Every process keeps the
+    lines (the checkpoints carry their checksums)."""
 
-    def __init__(self, out: pathlib.Path, kept: list[str], spec: RunSpec, steps_per_epoch: int,
+    def __init__(self, out: epath.Path, kept: list[str], spec: RunSpec, steps_per_epoch: int,
                  first: int):
-        self.lines, self.write = list(kept), placement.writer()
+        self.out, self.lines, self.write = out, list(kept), placement.writer()
         if self.write:
-            staged = out / "metrics.jsonl.partial"
-            staged.write_text("".join(line + "\n" for line in kept))
-            os.replace(staged, out / "metrics.jsonl")
-            self.log = open(out / "metrics.jsonl", "a")
+            self._save()
             self.events = Events(out / "tensorboard", steps_per_epoch, first, spec.log_every_steps)
+
+    def _save(self) -> None:
+        staged = self.out / "metrics.jsonl.partial"
+        staged.write_text("".join(line + "\n" for line in self.lines))
+        staged.replace(self.out / "metrics.jsonl")
 
     def steps(self, epoch: int, steps: dict) -> None:
         if self.write:
@@ -345,17 +347,15 @@ class _Records:
     def epoch(self, record: dict) -> None:
         self.lines.append(json.dumps(record))
         if self.write:
-            self.log.write(self.lines[-1] + "\n")
-            self.log.flush()
+            self._save()
             self.events.epoch(record)
 
     def close(self) -> None:
         if self.write:
-            self.log.close()
             self.events.close()
 
 
-def run(spec: RunSpec, out: str | pathlib.Path, overwrite: bool = False, progress: bool = True,
+def run(spec: RunSpec, out: str | epath.Path, overwrite: bool = False, progress: bool = True,
         resume: bool = False) -> dict:
     """Trains the run ``spec`` (``pfa_jax.app.spec.resolve``) and writes the run directory ``out``
     (``resume``: continues it from its newest checkpoint); returns the summary."""

@@ -1,4 +1,5 @@
-"""PNG figures of a run's ``metrics.jsonl`` records (matplotlib, headless).
+"""PNG figures of a run's ``metrics.jsonl`` records (matplotlib's object-oriented ``Figure``: no
+pyplot, so the global backend, e.g. a notebook's inline one, is left as it is).
 
 ``run_curves`` draws, against the epoch: train and test accuracy; the per-layer angle between
 feedback and kernel (``weight_angle``, PFA's path alignment; layers without kernel-shaped feedback
@@ -7,10 +8,8 @@ are absent); and the per-layer angle between the rule's update and the true grad
 """
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+from etils import epath
+from matplotlib.figure import Figure
 
 __all__ = ["run_curves"]
 
@@ -20,8 +19,9 @@ def _layer_series(records: list[dict], group: str, key: str) -> dict[str, list[f
     return {layer: [r[group][layer][key] for r in records] for layer in layers}
 
 
-def run_curves(records: list[dict], path, title: str = "") -> None:
-    """Saves the accuracy and alignment curves of one run's epoch records to ``path`` (PNG)."""
+def run_curves(records: list[dict], path, title: str = "") -> Figure:
+    """Saves the accuracy and alignment curves of one run's epoch records to ``path`` (PNG; any
+    ``etils.epath`` path, e.g. on cloud storage); returns the figure (a notebook shows it)."""
     epochs = [r["epoch"] for r in records]
     panels = [("accuracy (%)", {split: [100 * r[f"{split}_accuracy"] for r in records]
                                 for split in ("train", "test")}),
@@ -29,7 +29,8 @@ def run_curves(records: list[dict], path, title: str = "") -> None:
               ("update angle to BP gradient (deg)",
                _layer_series(records, "gradient_alignment", "grad_angle"))]
     panels = [(label, series) for label, series in panels if series]
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    figure = Figure(figsize=(4.5 * len(panels), 3.4))
+    axes = figure.subplots(1, len(panels), squeeze=False)
     for axis, (label, series) in zip(axes[0], panels):
         for name, values in series.items():
             axis.plot(epochs, values, label=name)
@@ -40,5 +41,6 @@ def run_curves(records: list[dict], path, title: str = "") -> None:
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    with epath.Path(path).open("wb") as file:
+        figure.savefig(file, format="png", dpi=100)
+    return figure
