@@ -30,6 +30,8 @@ Data parallel, two ways, same numbers as one device:
   devices too (the model is cloned with ``axis_name``), so it equals one big batch.
 * ``jax.jit(train_step)`` with the batch sharded over a device mesh (``shard_batch``, a
   ``NamedSharding`` over axis ``"batch"``) and the state replicated: XLA partitions the same program.
+  ``train_epoch`` and ``evaluate`` take that ``NamedSharding`` as ``sharding=`` and split every
+  batch of an in-memory epoch the same way (``pfa_jax.app.placement`` does this for the command).
 """
 from __future__ import annotations
 

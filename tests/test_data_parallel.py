@@ -57,6 +57,16 @@ def test_every_device_gives_the_one_device_run(fashion_dir, tmp_path, model, ext
         "alignment"]) == len(one["alignment"])
 
 
+def test_a_run_resumes_on_another_device_count(fashion_dir, tmp_path):
+    ffn2 = ("--model", "ffn2", "--batch-size", "32", "--set", "model_options.widths=(64,32)",
+            "--set", "metrics_batch_size=0")
+    one = run(fashion_dir, tmp_path / "one", 1, *ffn2)
+    run(fashion_dir, tmp_path / "moved", 0, *ffn2, "--epochs", "1")
+    moved = run(fashion_dir, tmp_path / "moved", 1, *ffn2, "--resume")
+    assert moved["devices"] == 1
+    assert_same_run(moved, one)
+
+
 @pytest.mark.parametrize("setting, message", [
     (("--batch-size", "30"), "batch_size=30 does not split evenly over the 4 devices"),
     (("--set", "eval_batch_size=50"), "eval_batch_size=50 does not split evenly over the 4"),

@@ -4,7 +4,7 @@
     pfa-jax train --rule pfa --set rule.options.expansion=5 --set optimizer.weight_decay='(0.03, 9e-5)' \
         --set optimizer.wd_milestones='(1,)'
     pfa-jax train --resume --out runs/DIR --epochs 40     # continue from the newest checkpoint
-    pfa-jax train --set devices=1                         # one device (default: all of them)
+    pfa-jax train --devices 1                             # one device (default: all of them)
     pfa-jax train --coordinator HOST0:1234 --num-processes 4 --process-id I   # on each of 4 hosts
     pfa-jax rules | models
 
@@ -27,7 +27,9 @@ _FLAGS = {"rule": ("rule.name", str, f"the learning rule, one of {', '.join(rule
           "dataset": ("dataset", str, f"one of {', '.join(data.DATASETS)}"),
           "epochs": ("epochs", int, "training epochs (a positive int)"),
           "batch_size": ("batch_size", int, "training batch size (a positive int)"),
-          "seed": ("seed", int, "seed of the initialisation, data order and noise (an int)")}
+          "seed": ("seed", int, "seed of the initialisation, data order and noise (an int)"),
+          "devices": ("devices", int, "devices to train on, the batch split over them: 0 for "
+                                      "every device of every process, N for the first N")}
 
 
 def _parser() -> argparse.ArgumentParser:
