@@ -138,10 +138,15 @@ class Placement:
                              "count that divides it")
 
     def local_rows(self, size: int) -> slice:
-        """The rows of a global batch of ``size`` that this process's devices hold."""
+        """The rows of a global batch of ``size`` that this process's devices hold (one block:
+        ``jax.devices()`` lists each process's devices together)."""
         spans = self.rows.addressable_devices_indices_map((size,)).values()
         starts, stops = zip(*((s[0].start or 0, size if s[0].stop is None else s[0].stop)
                               for s in spans))
+        if sum(stops) - sum(starts) != max(stops) - min(starts):
+            raise ValueError(f"process {jax.process_index()}'s devices hold rows {starts} .. "
+                             f"{stops} of a batch, not one block; order the mesh's devices by "
+                             "process")
         return slice(min(starts), max(stops))
 
     def batch(self, local, size: int):
