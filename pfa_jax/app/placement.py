@@ -126,9 +126,18 @@ class Placement:
         return self.mesh.size
 
     @property
-    def rows(self) -> NamedSharding:
-        """A batch's sharding: its first axis split over the devices."""
+    def rows(self) -> jax.sharding.Sharding:
+        """A batch's sharding: its first axis split over the devices (one device: that device)."""
+        if self.size == 1:
+            return jax.sharding.SingleDeviceSharding(self.mesh.devices.flat[0])
         return NamedSharding(self.mesh, PartitionSpec(train.AXIS))
+
+    @property
+    def split(self) -> NamedSharding | None:
+        """The ``sharding=`` of ``train.train_epoch`` and ``train.evaluate``: ``rows``, or None on
+        one device, where the compiled program stays the one-device program of before (no
+        sharding annotations, so the same fusions and the same rounding)."""
+        return None if self.size == 1 else self.rows
 
     def check_divides(self, key: str, size: int) -> None:
         """Raises unless a batch of ``size`` (config ``key``) splits evenly over the devices."""
@@ -152,9 +161,13 @@ class Placement:
     def batch(self, local, size: int):
         """The global batch of ``size`` rows of which this process holds ``local`` (a pytree of
         arrays, their rows ``local_rows(size)``), split over the devices."""
+        if self.size == 1:
+            return jax.device_put(local, self.rows)
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
             self.rows, np.asarray(x), (size,) + np.shape(x)[1:]), local)
 
     def whole(self, tree):
         """``tree`` (the same on every process) replicated on every device."""
+        if self.size == 1:
+            return jax.device_put(tree, self.rows)
         return train.replicate_on(tree, self.mesh)

@@ -66,11 +66,11 @@ class InMemory:
         with _StepBar(epoch, total, progress and loop == "steps") as bar:
             return train.train_epoch(state, *self._split("train"), key, self.config.batch_size,
                                      self.config.augment, loop=loop, on_step=bar,
-                                     sharding=self.placement.rows)
+                                     sharding=self.placement.split)
 
     def evaluate(self, state) -> dict:
         return train.evaluate(state, *self._split("test"), self.config.eval_batch_size,
-                              sharding=self.placement.rows)
+                              sharding=self.placement.split)
 
     def _split(self, split: str):
         """The split's images and labels, replicated on the devices (placed once)."""
