@@ -45,7 +45,7 @@ def variant(model_name: str, rule: str, devices: int, per_device: int):
     where = Placement.create(devices)
     batch = random_batch((devices * per_device,) + IMAGE_SHAPES[model_name])
     state = where.whole(train_state(model_name, rule, batch))
-    batch = jax.device_put(jax.device_get(batch), where.rows)
+    batch = where.batch(jax.device_get(batch), devices * per_device)
     step = jax.jit(train.train_step)
     return lambda: step(state, batch)
 

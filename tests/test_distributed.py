@@ -36,20 +36,25 @@ def run_workers(tmp_path, num_processes=2):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).parent.parent), env.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, worker.__file__, str(port), str(i), str(num_processes),
-                               str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(num_processes)]
-    logs = []
+    finish([subprocess.Popen([sys.executable, worker.__file__, str(port), str(i),
+                              str(num_processes), str(out)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for i in range(num_processes)],
+           TIMEOUT_S)
+    return dict(np.load(out))
+
+
+def finish(procs, timeout: float) -> list[str]:
+    """The processes' output, once each has exited with status 0 within ``timeout`` seconds
+    (killed and failed otherwise)."""
     try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
-        pytest.fail(f"distributed workers did not finish in {TIMEOUT_S} s")
+        pytest.fail(f"the processes did not finish in {timeout} s")
     for i, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{log[-4000:]}"
-    return dict(np.load(out))
+    return logs
 
 
 def reference():
@@ -106,19 +111,6 @@ def start_processes(argv: list[str], num_processes: int = 2) -> list[subprocess.
                              stderr=subprocess.STDOUT, text=True) for i in range(num_processes)]
 
 
-def finish(procs) -> list[str]:
-    logs = []
-    try:
-        logs = [p.communicate(timeout=COMMAND_TIMEOUT_S)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"the processes did not finish in {COMMAND_TIMEOUT_S} s")
-    for i, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{log[-4000:]}"
-    return logs
-
-
 @pytest.fixture(scope="module")
 def one_process(fashion_dir, tmp_path_factory):
     """The summary of the run in this process, on one device."""
@@ -138,7 +130,7 @@ def assert_same_summary(summary: dict, expected: dict) -> None:
 
 def test_two_processes_of_the_command_give_the_one_process_run(fashion_dir, tmp_path, one_process):
     out = tmp_path / "run"
-    logs = finish(start_processes(command_args(fashion_dir, out)))
+    logs = finish(start_processes(command_args(fashion_dir, out)), COMMAND_TIMEOUT_S)
     assert all("final test accuracy" in log for log in logs)
     assert_same_summary(json.loads((out / "summary.json").read_text()), one_process)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -161,7 +153,7 @@ def test_both_processes_killed_in_epoch_2_resume_to_the_one_process_run(fashion_
         p.communicate()
     assert not (out / "checkpoints" / "2").exists()  # killed in epoch 2
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
-    finish(start_processes(command_args(fashion_dir, out, "--resume")))
+    finish(start_processes(command_args(fashion_dir, out, "--resume")), COMMAND_TIMEOUT_S)
     assert_same_summary(json.loads((out / "summary.json").read_text()), one_process)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
