@@ -12,12 +12,13 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as imagenet
+from test_cli import _scalars
 from test_data import make_fashion_dir
 
 from experiments import configs
 from experiments import run as runner
 from pfa_jax import models
-from pfa_jax.app import cli, data, experiment, spec, streaming
+from pfa_jax.app import checkpoint, cli, data, experiment, spec, streaming
 from pfa_jax.app.config import default_config, set_value
 
 N_TRAIN, N_VALIDATION = 24, 10
@@ -100,10 +101,13 @@ def test_train_crops_depend_on_seed_and_epoch_only(imagenet_dir):
     first, again = epoch(0, 0), epoch(0, 0)
     np.testing.assert_array_equal(first[0], again[0])
     np.testing.assert_array_equal(first[1], again[1])
-    # Another thread count and prefetch depth give the same batches.
-    other = load(imagenet_dir, workers=1, prefetch=0)
-    np.testing.assert_array_equal(np.concatenate([b["image"] for b in other.train_batches(8, 0, 0)]),
-                                  first[0])
+    # Another thread count and prefetch depth, or grain worker processes, give the same batches.
+    for other in (load(imagenet_dir, workers=1, prefetch=0), load(imagenet_dir, processes=2)):
+        np.testing.assert_array_equal(
+            np.concatenate([b["image"] for b in other.train_batches(8, 0, 0)]), first[0])
+    # Started at batch 1 (a run resumed mid-epoch), the epoch goes on with the same batches.
+    later = [b["label"] for b in ds.train_batches(8, seed=0, epoch=0, start=1)]
+    np.testing.assert_array_equal(np.concatenate(later), first[1][8:])
     second, other_seed = epoch(0, 1), epoch(1, 0)
     assert sorted(second[1]) == sorted(first[1])  # every record once per epoch
     assert not np.array_equal(second[1], first[1]) and not np.array_equal(other_seed[1], first[1])
@@ -241,6 +245,84 @@ def test_streamed_run_records_resumes_and_measures(imagenet_dir, tmp_path):
         np.testing.assert_allclose(flat(a), flat(b), rtol=1e-6, atol=1e-6)
 
 
+def test_streamed_run_resumes_mid_epoch_with_the_same_batches(imagenet_dir, tmp_path, monkeypatch,
+                                                              capsys):
+    """3 steps per epoch (24 / 8) and a checkpoint every 2 steps: mid-epoch ones at global steps 2
+    and 4, epoch-end ones after steps 3 and 6. Interrupted just after the one at step 4 (epoch 2,
+    one batch in), the resumed run continues with batch 2 of epoch 2 and ends as an
+    uninterrupted run, step by step."""
+    config = lambda **values: tiny_config(imagenet_dir, checkpoint_every_steps=2, log_every_steps=1,
+                                          **values)
+    experiment.run(config(), tmp_path / "straight", progress=False)
+    out = tmp_path / "resumed"
+    save = checkpoint.Checkpoints.save
+
+    def save_then_stop(self, key, state, lines=(), within=None):
+        save(self, key, state, lines, within)
+        if within is not None and key == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run(config(), out, progress=False)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (out / experiment.MIDWAY).iterdir()) == ["2", "4"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1"]
+    assert len(records(out)) == 1
+    before = sorted(str(p) for p in out.rglob("*"))
+
+    # Another batch size gives another step count: refused, nothing changed.
+    with pytest.raises(ValueError, match=r"step-checkpoints/4 was written mid-epoch with 3 steps per "
+                       r"epoch; this config gives 2 \(batch_size or limit changed\)"):
+        experiment.run(config(batch_size=12), out, progress=False, resume=True)
+    assert sorted(str(p) for p in out.rglob("*")) == before
+
+    # A damaged mid-epoch checkpoint is set aside; the run resumes from the newest intact one.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    for file in (damaged / experiment.MIDWAY / "4").rglob("*"):
+        if file.is_file() and file.stat().st_size > 0:
+            file.write_bytes(b"\0" * file.stat().st_size)
+    experiment.run(config(), damaged, progress=False, resume=True)
+    assert "Resuming from the checkpoint after epoch 1, the newest intact one" in capsys.readouterr().err
+    assert (damaged / "damaged-checkpoints" / "step-4").is_dir()
+    assert [r["test_loss"] for r in records(damaged)] == pytest.approx(
+        [r["test_loss"] for r in records(tmp_path / "straight")], rel=1e-6)
+
+    starts, train_batches = [], streaming.StreamedDataset.train_batches
+
+    def recorded(self, batch_size, seed, epoch, rows=slice(None), start=0):
+        starts.append((epoch, start))
+        return train_batches(self, batch_size, seed, epoch, rows, start)
+
+    monkeypatch.setattr(streaming.StreamedDataset, "train_batches", recorded)
+    summary = experiment.run(config(), out, progress=False, resume=True)
+    assert starts == [(1, 1)]  # epoch 2 (0-based 1) from its second batch
+    assert summary["steps"] == 6
+    resumed, straight = records(out), records(tmp_path / "straight")
+    assert len(resumed) == 2
+    for a, b in zip(resumed, straight):
+        a.pop("epoch_time"), b.pop("epoch_time")
+        np.testing.assert_allclose(jax_leaves(a), jax_leaves(b), rtol=1e-6, atol=1e-6)
+    # Every step's loss, read back by TensorBoard: the same batches in the same order, each once.
+    steps, straight_steps = (_scalars(d)["step/loss"] for d in (out, tmp_path / "straight"))
+    assert [s for s, _ in steps] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([v for _, v in steps], [v for _, v in straight_steps], rtol=1e-6)
+    # The mid-epoch checkpoint is kept beside the epoch ones; a second resume has nothing to do.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1", "2"]
+
+
+def test_mid_epoch_checkpoints_are_for_streamed_data(tmp_path):
+    fashion = make_fashion_dir(tmp_path, 32, 8)
+    with pytest.raises(ValueError, match="checkpoint_every_steps=5 applies to streamed datasets "
+                       r"\(imagenet2012\) only; fashion_mnist's epochs are one compiled call each"):
+        tiny_config(str(fashion), dataset="fashion_mnist", image_size=0, checkpoint_every_steps=5)
+    with pytest.raises(ValueError, match="data_processes=2 applies to streamed datasets"):
+        tiny_config(str(fashion), dataset="fashion_mnist", image_size=0, data_processes=2)
+    with pytest.raises(ValueError, match="checkpoint_every_steps=-1 must be an int >= 0"):
+        tiny_config(str(tmp_path), checkpoint_every_steps=-1)
+
+
 def jax_leaves(record):
     """The record's numbers in a fixed order."""
     if isinstance(record, dict):
@@ -252,6 +334,13 @@ def test_streamed_divergence_and_bad_options(imagenet_dir, tmp_path):
     with pytest.raises(experiment.DivergenceError, match="diverged in epoch 1"):
         experiment.run(tiny_config(imagenet_dir, learning_rate=1e12, **{"rule.name": "bp"}),
                        tmp_path / "run", progress=False)
+    # Checkpointing every step: the steps before the first non-finite loss are checkpointed, the
+    # diverged state is not.
+    with pytest.raises(experiment.DivergenceError, match=r"diverged in epoch 1 at step 3: .* The "
+                       r"last good checkpoint \(at step 2 of epoch 1\) is kept in .*step-checkpoints"):
+        experiment.run(tiny_config(imagenet_dir, learning_rate=1e12, checkpoint_every_steps=1,
+                                   **{"rule.name": "bp"}), tmp_path / "every", progress=False)
+    assert sorted(p.name for p in (tmp_path / "every" / experiment.MIDWAY).iterdir()) == ["1", "2"]
     with pytest.raises(ValueError, match="augment='crop_flip' is for in-memory datasets"):
         experiment.run(tiny_config(imagenet_dir, augment="crop_flip"), tmp_path / "a", progress=False)
     with pytest.raises(ValueError, match="image_size=16 applies to streamed datasets"):
@@ -265,6 +354,8 @@ def test_fig5_config():
     bp, pfa = runs["bp"], runs["pfa"]
     assert (bp.model, bp.dataset, bp.epochs, bp.batch_size, bp.image_size) == (
         "resnet18", "imagenet2012", 75, 256, 224)
+    assert (bp.data_processes, bp.checkpoint_every_steps) == (8, 1000)
+    spec.resolve(bp)  # valid as a whole
     assert (bp.optimizer.learning_rate, bp.optimizer.lr_milestones, bp.optimizer.lr_decay) == (
         0.1, (20, 40, 60), 0.1)
     assert bp.optimizer.weight_decay == 1e-4 and runs["usf"].optimizer.weight_decay == 1e-4

@@ -1,11 +1,14 @@
-"""Checkpoints of a ``TrainState`` with orbax: one per completed epoch, the newest ``keep`` kept, each
-carrying checksums that restore verifies.
+"""Checkpoints of a ``TrainState`` with orbax, the newest ``keep`` kept, each carrying checksums that
+restore verifies. ``pfa_jax.app.experiment`` keeps one per completed epoch (keyed by the epoch) and,
+for streamed data, mid-epoch ones (keyed by the global step) in a second directory.
 
 Only the arrays are written (step, params, feedback, batch_stats, opt_state and the raw data of the
 RNG key); the model, optimizer and other static fields come from the state that ``restore`` is
 given, which must be built from the same config (``pfa_jax.app.experiment`` does this). Beside them,
 in the same atomic orbax checkpoint, ``integrity``: the CRC-32 of every array's bytes (in
-``jax.tree.leaves`` order) and of every line of the run's metrics so far (``save``'s ``records``).
+``jax.tree.leaves`` order) and of every line of the run's metrics so far (``save``'s ``records``);
+and for a mid-epoch checkpoint ``within_epoch`` (``save``'s ``within``, checksummed with the
+arrays): where in the epoch the run stands and the per-step metrics of the epoch's steps so far.
 
 ``restore`` tells three failures apart, each a ``CheckpointError`` naming the checkpoint:
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -36,9 +40,19 @@ from etils import epath
 from pfa_jax.train import TrainState
 
 __all__ = ["CheckpointDamagedError", "CheckpointError", "CheckpointMismatchError", "Checkpoints",
-           "crc32", "migrate_opt_state"]
+           "crc32", "migrate_opt_state", "Restored"]
 
 INTEGRITY = "integrity"
+WITHIN = "within_epoch"
+
+
+class Restored(NamedTuple):
+    """A restored checkpoint: the state, the CRC-32s of the metrics lines saved with it (None: a
+    checkpoint from before the checksums) and its ``within`` tree (None: saved at an epoch's end)."""
+
+    state: TrainState
+    records: np.ndarray | None
+    within: dict | None
 
 
 class CheckpointError(RuntimeError):
@@ -121,8 +135,8 @@ class _Quiet:
 
 
 class Checkpoints:
-    """``save(epoch, state, records)``, ``steps()`` and ``restore(epoch, like)`` under one
-    directory."""
+    """``save(key, state, records, within)``, ``steps()`` and ``restore(key, like)`` under one
+    directory (the keys: completed epochs, or global steps)."""
 
     def __init__(self, directory: str | epath.Path, keep: int = 2):
         directory = epath.Path(directory)
@@ -132,17 +146,22 @@ class Checkpoints:
                 self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep),
                 item_handlers=ocp.StandardCheckpointHandler())
 
-    def save(self, epoch: int, state: TrainState, records: Sequence[str] = ()) -> None:
-        """Writes the state after ``epoch`` completed epochs with its checksums and those of the
-        metrics lines ``records``, and waits until it is on disk."""
+    def save(self, key: int, state: TrainState, records: Sequence[str] = (),
+             within: dict | None = None) -> None:
+        """Writes the state as checkpoint ``key`` with its checksums and those of the metrics
+        lines ``records`` (and ``within``, a tree of arrays, for a mid-epoch checkpoint), and
+        waits until it is on disk."""
         arrays = _arrays(state)
-        integrity = {"arrays": _checksums(arrays),
-                     "records": np.array([crc32(line) for line in records], np.uint32)}
-        self.manager.save(epoch, args=ocp.args.StandardSave({**arrays, INTEGRITY: integrity}))
+        if within is not None:
+            arrays[WITHIN] = jax.tree.map(np.asarray, within)
+        integrity = {"arrays": _checksums(arrays)}
+        if records:  # none before the first epoch ends (orbax saves no empty arrays)
+            integrity["records"] = np.array([crc32(line) for line in records], np.uint32)
+        self.manager.save(key, args=ocp.args.StandardSave({**arrays, INTEGRITY: integrity}))
         self.manager.wait_until_finished()
 
     def steps(self) -> list[int]:
-        """The completed epochs of every checkpoint, newest first."""
+        """The keys of every checkpoint, newest first."""
         with _Quiet():
             return sorted(self.manager.all_steps(), reverse=True)
 
@@ -170,26 +189,27 @@ class Checkpoints:
         except Exception as error:  # noqa: BLE001 - orbax raises many kinds; all mean unreadable
             raise _unreadable(self.path(epoch), error) from None
 
-    def restore(self, epoch: int, like: TrainState) -> tuple[TrainState, np.ndarray | None]:
-        """The state saved after ``epoch`` epochs, with the static fields of ``like``, its arrays
-        verified against their checksums (module docstring for the errors); and the CRC-32s of
-        the metrics lines saved with it (None: a checkpoint from before the checksums)."""
+    def restore(self, epoch: int, like: TrainState) -> Restored:
+        """Checkpoint ``epoch``: its state, with the static fields of ``like``, its arrays
+        verified against their checksums (module docstring for the errors); the CRC-32s of the
+        metrics lines saved with it; its ``within`` tree."""
         metadata = self._metadata(epoch)
         wanted = _arrays(like)
-        saved = {k: v for k, v in metadata.items() if k != INTEGRITY}
+        saved = {k: v for k, v in metadata.items() if k not in (INTEGRITY, WITHIN)}
         saved_shapes, wanted_shapes = _shapes(saved), _shapes(wanted)
         if saved_shapes != wanted_shapes:
             if "inner_states" in saved.get("opt_state", {}):
-                return _with_arrays(like, self._migrate(epoch, like)), None
+                return Restored(_with_arrays(like, self._migrate(epoch, like)), None, None)
             raise CheckpointMismatchError(
                 f"checkpoint {self.path(epoch)} is intact but holds another state than this config "
                 f"builds ({_differences(saved_shapes, wanted_shapes)})")
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, wanted)
-        if INTEGRITY in metadata:
-            target[INTEGRITY] = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), metadata[INTEGRITY])
+        for extra in (INTEGRITY, WITHIN):
+            if extra in metadata:
+                target[extra] = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), metadata[extra])
         arrays = self._read(epoch, target)
         if INTEGRITY not in arrays:
-            return _with_arrays(like, arrays), None
+            return Restored(_with_arrays(like, arrays), None, None)
         integrity = arrays.pop(INTEGRITY)
         saved_crcs, crcs = np.asarray(integrity["arrays"]), _checksums(arrays)
         paths = [_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(arrays)[0]]
@@ -198,7 +218,10 @@ class Checkpoints:
             raise CheckpointDamagedError(
                 f"checkpoint {self.path(epoch)} is damaged: {len(damaged)} array(s) differ from "
                 f"their checksums ({', '.join(damaged[:3])}{' ...' if len(damaged) > 3 else ''})")
-        return _with_arrays(like, arrays), np.asarray(integrity["records"])
+        within = arrays.pop(WITHIN, None)
+        return Restored(_with_arrays(like, arrays),
+                        np.asarray(integrity.get("records", np.zeros(0, np.uint32))),
+                        None if within is None else jax.tree.map(np.asarray, within))
 
     def _migrate(self, epoch: int, like: TrainState) -> dict:
         """The arrays of a checkpoint with the old optimizer-state layout, migrated."""

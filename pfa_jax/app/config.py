@@ -13,6 +13,8 @@ Keys:
 * ``dataset``, ``data_dir``, ``holdout``, ``pad_to``, ``limit``: see ``pfa_jax.app.data.load``.
 * ``image_size``: the crop size of streamed datasets (``pfa_jax.app.streaming``; 0: 224); in-memory
   datasets keep their size and take only 0.
+* ``data_processes``: grain worker processes preparing the batches of streamed datasets (0: in
+  threads of the training process); in-memory datasets take only 0.
 * ``augment``: a training-time augmentation of ``pfa_jax.augment.AUGMENTATIONS`` (``crop_flip``:
   the CIFAR pad-4 crop and horizontal flip).
 * ``noise_pretrain_steps``: train steps on Gaussian noise with random labels before the data
@@ -23,6 +25,9 @@ Keys:
   divide by the count; the numbers are those of one device to float rounding.
 * ``log_every_steps``: the per-step scalars of the run's TensorBoard events
   (``pfa_jax.app.events``) every that many steps (0: none).
+* ``checkpoint_every_steps``: streamed datasets also checkpoint every that many steps within an
+  epoch, and ``--resume`` continues from the newest of those mid-epoch (0: at epoch ends only; an
+  in-memory epoch is one compiled call, so in-memory datasets take only 0).
 * ``optimizer``: the fields of ``pfa_jax.optim.OptimizerConfig`` (``steps_per_epoch`` is derived;
   ``optimizer.feedback``: overrides for the optimizer of plastic feedback, e.g. ``{'weight_decay': 0.0}``).
 * Metrics (``pfa_jax.metrics``; see ``pfa_jax.app.experiment``): every epoch, gradient alignment on the
@@ -96,6 +101,7 @@ def default_config() -> ml_collections.ConfigDict:
         "pad_to": 0,
         "limit": 0,
         "image_size": 0,
+        "data_processes": 0,
         "augment": "none",
         "noise_pretrain_steps": 0,
         "epochs": 3,
@@ -119,6 +125,7 @@ def default_config() -> ml_collections.ConfigDict:
         },
         "metrics_batch_size": 256,
         "log_every_steps": 50,
+        "checkpoint_every_steps": 0,
         "sharpness": {"enabled": False, "examples": 1000, "iterations": 100, "tolerance": 1e-3,
                       "probes": 100},
         "robustness": {"adversarial_epsilons": (), "attacks": ("fgsm", "pgd"), "pgd_steps": 10,

@@ -43,8 +43,16 @@ system that every process sees).
 Streamed datasets (``pfa_jax.app.streaming``: ``imagenet2012``) do not fit in memory. Their epochs are a
 Python loop of one jitted ``train.train_step`` (state donated) per prefetched batch (an inner progress
 bar counts the steps), evaluation a loop of jitted ``train.eval_step``, with the same per-epoch
-records, checkpoints, resume and divergence guard. Every batch depends on ``(seed, epoch)`` only (see
-``pfa_jax.app.streaming``). ``image_size`` (a config key that only these datasets take; 0 or absent: 224)
+records, checkpoints, resume and divergence guard. Every batch depends on ``(seed, epoch, batch
+index)`` only (see ``pfa_jax.app.streaming``), prepared by grain in threads or, with
+``data_processes``, worker processes. With ``checkpoint_every_steps = n`` a checkpoint is also
+written every ``n`` global steps within an epoch into ``step-checkpoints/`` (keyed by global step,
+the newest two kept; none at an epoch's end, where ``checkpoints/`` gets one), carrying the
+epoch, the next batch, the steps per epoch, the epoch's per-step metrics so far and its elapsed
+time; ``resume`` continues from the newest checkpoint of either kind, the batches from the next
+one on, so the epoch's record and every step are those of an uninterrupted run. A mid-epoch
+checkpoint is written only if the epoch's losses so far and the parameters are finite.
+``image_size`` (a config key that only these datasets take; 0 or absent: 224)
 sets the crop size. ``augment`` must be ``'none'``: the training batches always get the standard
 random-resized crop and flip. The fixed-batch and closing measurements use the first examples of a
 split, centre-cropped as for evaluation and held in memory: gradient alignment the first
@@ -78,25 +86,31 @@ from pfa_jax.app.checkpoint import (CheckpointDamagedError, CheckpointMismatchEr
 from pfa_jax.app.events import Events
 from pfa_jax.app.spec import RunSpec
 
-__all__ = ["check_fits", "DivergenceError", "format_record", "load_config", "machine", "run"]
+__all__ = ["check_fits", "DivergenceError", "format_record", "load_config", "machine", "MIDWAY",
+           "run"]
+
+MIDWAY = "step-checkpoints"  # the mid-epoch checkpoints of a run directory, keyed by global step
 
 
 class DivergenceError(RuntimeError):
     """The training loss or the parameters became non-finite."""
 
 
-def _check_finite(state, losses, epoch: int, out: epath.Path) -> None:
-    """Raises ``DivergenceError`` naming the epoch (1-based) and step of the first non-finite loss,
-    or the epoch whose parameters are non-finite; earlier epochs' checkpoints stay as they are."""
+def _check_finite(state, losses, epoch: int, start: _Start) -> None:
+    """Raises ``DivergenceError`` naming the epoch (1-based) and step of the first non-finite loss
+    (``losses``: the epoch's so far), or the epoch whose parameters are non-finite, and the newest
+    checkpoint, which stays as it is with the older ones."""
     finite = np.isfinite(losses)
     params_finite = all(bool(np.all(np.isfinite(p))) for p in jax.tree.leaves(state.params))
     if finite.all() and params_finite:
         return
-    where = f"step {int(np.argmin(finite)) + 1}" if not finite.all() else "its end (parameters)"
-    kept = (f"The last good checkpoint (after epoch {epoch}) is kept in {out / 'checkpoints'}; "
-            "lower the learning rate and start again, or --resume with a changed config"
-            ) if epoch else ("No epoch completed, so no checkpoint was written; lower the learning "
-                             "rate and start again (--overwrite)")
+    where = (f"step {int(np.argmin(finite)) + 1}" if not finite.all()
+             else f"step {len(losses)} (the parameters)")
+    found = _found(start.checkpoints, start.midway, start.steps_per_epoch)
+    kept = (f"The last good checkpoint ({_when(found[0][0], start.steps_per_epoch)}) is kept in "
+            f"{found[0][1].directory}; lower the learning rate and start again, or --resume with "
+            "a changed config") if found else ("No epoch completed, so no checkpoint was written; "
+                                               "lower the learning rate and start again (--overwrite)")
     raise DivergenceError(f"training diverged in epoch {epoch + 1} at {where}: non-finite values. "
                           f"{kept}")
 
@@ -215,21 +229,67 @@ def _config_changes(out: epath.Path, config: ml_collections.ConfigDict) -> str:
     return ", ".join(changed) or "none"
 
 
-def _resume(out: epath.Path, checkpoints: Checkpoints, spec: RunSpec, like
-            ) -> tuple[int, train.TrainState, list[str], list[str]]:
-    """(completed epochs, restored state, metrics lines kept, errors of the damaged checkpoints
-    skipped) from the newest intact checkpoint; an intact checkpoint of another state (the config
-    changed) or none intact raises, naming them."""
-    steps = checkpoints.steps()
-    if not steps:
+def _progress(position: int, steps_per_epoch: int) -> str:
+    """A global step in words: ``'2 epochs'`` or ``'2 epochs and 5 steps'``."""
+    epochs, steps = divmod(position, steps_per_epoch)
+    return f"{epochs} epochs" + (f" and {steps} steps" if steps else "")
+
+
+def _when(position: int, steps_per_epoch: int) -> str:
+    """A checkpoint's global step in words: ``'after epoch 2'`` or ``'at step 5 of epoch 3'``."""
+    epochs, steps = divmod(position, steps_per_epoch)
+    return f"at step {steps} of epoch {epochs + 1}" if steps else f"after epoch {epochs}"
+
+
+def _found(checkpoints: Checkpoints, midway: Checkpoints | None, steps_per_epoch: int) -> list:
+    """Every checkpoint as ``(global step, its Checkpoints, key, name)``, newest first."""
+    found = [(e * steps_per_epoch, checkpoints, e, str(e)) for e in checkpoints.steps()]
+    found += [(g, midway, g, f"step-{g}") for g in (midway.steps() if midway else [])]
+    return sorted(found, key=lambda f: f[0], reverse=True)
+
+
+@dataclasses.dataclass
+class _Resumed:
+    """Where a resumed run starts: ``first`` completed epochs, the ``state``, the metrics lines
+    ``kept``; from a mid-epoch checkpoint the per-step metrics ``taken`` in epoch ``first`` and
+    the time it had run (``elapsed``); the errors of the damaged checkpoints skipped and those
+    checkpoints (``newer``: ``(Checkpoints, key, name)``), all newer than the one resumed from."""
+
+    first: int
+    state: train.TrainState
+    kept: list[str]
+    taken: dict | None = None
+    elapsed: float = 0.0
+    damaged: list[str] = dataclasses.field(default_factory=list)
+    newer: list = dataclasses.field(default_factory=list)
+    when: str = ""  # the checkpoint resumed from, in words (``_when``)
+
+
+def _within(within: dict, path: epath.Path, steps_per_epoch: int) -> tuple[dict, float]:
+    """The per-step metrics and elapsed time of a mid-epoch checkpoint, once its steps per epoch
+    are checked to be this config's."""
+    saved = int(within["steps_per_epoch"])
+    if saved != steps_per_epoch:
+        raise ValueError(f"checkpoint {path} was written mid-epoch with {saved} steps per epoch; "
+                         f"this config gives {steps_per_epoch} (batch_size or limit changed): "
+                         "resume with the run's own config")
+    return within["steps"], float(within["elapsed"])
+
+
+def _resume(out: epath.Path, checkpoints: Checkpoints, midway: Checkpoints | None, spec: RunSpec,
+            like, steps_per_epoch: int) -> _Resumed:
+    """The newest intact checkpoint, epoch-end or mid-epoch, restored; an intact checkpoint of
+    another state (the config changed) or none intact raises, naming them."""
+    found = _found(checkpoints, midway, steps_per_epoch)
+    if not found:
         raise FileNotFoundError(f"no checkpoint in {out / 'checkpoints'} to resume from")
-    if steps[0] > spec.epochs:
-        raise ValueError(f"epochs={spec.epochs} is fewer than the {steps[0]} epochs already "
-                         "checkpointed")
+    if found[0][0] > spec.epochs * steps_per_epoch:
+        raise ValueError(f"epochs={spec.epochs} is fewer than the "
+                         f"{_progress(found[0][0], steps_per_epoch)} already checkpointed")
     damaged = []
-    for done in steps:
+    for number, (position, holder, key, _) in enumerate(found):
         try:
-            state, crcs = checkpoints.restore(done, like)
+            restored = holder.restore(key, like)
         except CheckpointDamagedError as error:
             damaged.append(str(error))
             continue
@@ -239,30 +299,37 @@ def _resume(out: epath.Path, checkpoints: Checkpoints, spec: RunSpec, like
                 f"{_config_changes(out, spec.config)}: resume with the run's own config (another "
                 "rule, model or optimizer needs a new run, another --out); the checkpoints are "
                 "intact and left as they are") from None
-        return done, state, _metrics_lines(out / "metrics.jsonl", done, crcs), damaged
+        taken, elapsed = (None, 0.0) if restored.within is None else _within(
+            restored.within, holder.path(key), steps_per_epoch)
+        done = position // steps_per_epoch
+        return _Resumed(done, restored.state,
+                        _metrics_lines(out / "metrics.jsonl", done, restored.records), taken,
+                        elapsed, damaged, [f[1:] for f in found[:number]],
+                        _when(position, steps_per_epoch))
     raise CheckpointDamagedError(
         f"no intact checkpoint in {out / 'checkpoints'} to resume from: " + "; ".join(damaged)
         + ". They are left as they are; start a new run (--overwrite or another --out)")
 
 
-def _set_aside(out: epath.Path, checkpoints: Checkpoints, damaged: list[str], done: int) -> None:
-    """Moves the checkpoints newer than ``done`` (the damaged ones) to ``out/damaged-checkpoints``,
-    saying so on stderr; the resumed run writes its own checkpoints of those epochs. Process 0
-    moves them once every process has read the directory."""
+def _set_aside(out: epath.Path, resumed: _Resumed) -> None:
+    """Moves the checkpoints newer than the one resumed from (the damaged ones) to
+    ``out/damaged-checkpoints``, saying so on stderr; the resumed run writes its own checkpoints
+    of those steps. Process 0 moves them once every process has read the directory."""
     placement.barrier("pfa_jax: checkpoints read")
-    for epoch in [e for e in checkpoints.steps() if e > done and placement.writer()]:
+    for holder, key, name in resumed.newer if placement.writer() else ():
         (out / "damaged-checkpoints").mkdir(exist_ok=True)
-        target = out / "damaged-checkpoints" / str(epoch)
+        target = out / "damaged-checkpoints" / name
         for copy in itertools.count(2):
             if not target.exists():
                 break
-            target = out / "damaged-checkpoints" / f"{epoch}.{copy}"
-        checkpoints.path(epoch).rename(target)
+            target = out / "damaged-checkpoints" / f"{name}.{copy}"
+        holder.path(key).rename(target)
     placement.barrier("pfa_jax: damaged checkpoints set aside")
-    checkpoints.reload()
-    for error in damaged if placement.writer() else ():
+    for holder in {id(h): h for h, _, _ in resumed.newer}.values():
+        holder.reload()
+    for error in resumed.damaged if placement.writer() else ():
         print(f"pfa-jax: warning: {error}; moved to {out / 'damaged-checkpoints'}. Resuming "
-              f"from the checkpoint after epoch {done}, the newest intact one", file=sys.stderr)
+              f"from the checkpoint {resumed.when}, the newest intact one", file=sys.stderr)
 
 
 def machine() -> str:
@@ -275,11 +342,25 @@ def machine() -> str:
     return kind if len(devices) == 1 else f"{len(devices)} x {kind}"
 
 
-def _prepare(spec: RunSpec, out, overwrite: bool, resume: bool, init_key):
-    """The devices, the data source, the state (restored from the newest checkpoint when
-    resuming), the held-out batch, the run directory, its checkpoints and the metrics lines kept
-    from a resumed run. Everything is checked before anything in ``out`` changes; only then is
-    ``config.json`` written, so a failed start leaves the run directory as it was."""
+@dataclasses.dataclass
+class _Start:
+    """What a run starts from (``_prepare``)."""
+
+    where: placement.Placement
+    source: sources.InMemory | sources.Streamed
+    heldout: dict | None
+    out: epath.Path
+    checkpoints: Checkpoints  # one per completed epoch
+    midway: Checkpoints | None  # mid-epoch, keyed by global step (checkpoint_every_steps)
+    steps_per_epoch: int
+    resumed: _Resumed
+
+
+def _prepare(spec: RunSpec, out, overwrite: bool, resume: bool, init_key) -> _Start:
+    """The devices, the data source, the held-out batch, the run directory, its checkpoints and
+    where the run starts (restored from the newest checkpoint when resuming). Everything is
+    checked before anything in ``out`` changes; only then is ``config.json`` written, so a failed
+    start leaves the run directory as it was."""
     where = placement.Placement.create(spec.devices)
     for key in ("batch_size", "eval_batch_size"):
         where.check_divides(key, getattr(spec.data, key))
@@ -293,20 +374,20 @@ def _prepare(spec: RunSpec, out, overwrite: bool, resume: bool, init_key):
     size = spec.metrics_batch_size
     heldout = _split(*source.heldout(size), size, size, where)[0] if size else None
     state = where.whole(train.create_train_state(init_key, spec.model, source.sample(), tx))
-    first, kept = 0, []
+    out = epath.Path(out) if resume else _prepare_run_dir(out, overwrite)
+    checkpoints = Checkpoints(out / "checkpoints")
+    midway = (Checkpoints(out / MIDWAY) if spec.checkpoint_every_steps or (out / MIDWAY).exists()
+              else None)
     if resume:
-        out = epath.Path(out)
-        checkpoints = Checkpoints(out / "checkpoints")
-        first, state, kept, damaged = _resume(out, checkpoints, spec, state)
-        if damaged:
-            _set_aside(out, checkpoints, damaged, first)
+        resumed = _resume(out, checkpoints, midway, spec, state, steps_per_epoch)
+        if resumed.damaged:
+            _set_aside(out, resumed)
     else:
-        out = _prepare_run_dir(out, overwrite)
-        checkpoints = Checkpoints(out / "checkpoints")
+        resumed = _Resumed(0, state, [])
     placement.barrier("pfa_jax: run directory read")  # before process 0 writes into it
     if placement.writer():
         (out / "config.json").write_text(spec.config.to_json(indent=2) + "\n")
-    return where, source, state, heldout, out, checkpoints, first, kept
+    return _Start(where, source, heldout, out, checkpoints, midway, steps_per_epoch, resumed)
 
 
 def _epoch_record(state, steps, test: dict, heldout, epoch: int, epoch_time: float) -> dict:
@@ -355,48 +436,68 @@ class _Records:
             self.events.close()
 
 
+def _midway_save(start: _Start, records: _Records, epoch: int, epoch_start: float):
+    """``save(state, taken)`` for ``Streamed.train_epoch``: a mid-epoch checkpoint at the global
+    step after the epoch's steps ``taken``, once their losses and the parameters are finite."""
+    def save(state, taken: dict) -> None:
+        done = len(taken["loss"])
+        _check_finite(state, taken["loss"], epoch, start)
+        within = {"steps": taken, "epoch": epoch, "next_batch": done,
+                  "steps_per_epoch": start.steps_per_epoch,
+                  "elapsed": time.perf_counter() - epoch_start}
+        start.midway.save(epoch * start.steps_per_epoch + done, state, records.lines, within)
+    return save
+
+
 def run(spec: RunSpec, out: str | epath.Path, overwrite: bool = False, progress: bool = True,
         resume: bool = False) -> dict:
     """Trains the run ``spec`` (``pfa_jax.app.spec.resolve``) and writes the run directory ``out``
     (``resume``: continues it from its newest checkpoint); returns the summary."""
     init_key, key = jax.random.split(jax.random.key(spec.seed))
-    where, source, state, heldout, out, checkpoints, first, kept = _prepare(
-        spec, out, overwrite, resume, init_key)
-    if not first and spec.noise_pretrain_steps:
+    start = _prepare(spec, out, overwrite, resume, init_key)
+    source, out, resumed, state = start.source, start.out, start.resumed, start.resumed.state
+    first, kept = resumed.first, resumed.kept
+    if not resume and spec.noise_pretrain_steps:
         state, _ = pretrain.noise_pretrain(state, jax.random.fold_in(key, 2**31),
                                            spec.noise_pretrain_steps, spec.data.batch_size,
                                            source.dataset.num_classes)
     progress = progress and placement.writer()
     record = json.loads(kept[-1]) if kept else {}
-    start = time.perf_counter() - sum(json.loads(line)["epoch_time"] for line in kept)
-    records = _Records(out, kept, spec, source.num_train // spec.data.batch_size, first)
+    begun = (time.perf_counter() - sum(json.loads(line)["epoch_time"] for line in kept)
+             - resumed.elapsed)
+    records = _Records(out, kept, spec, start.steps_per_epoch, first)
     with contextlib.closing(records):
         bar = tqdm(range(first, spec.epochs), desc="epochs", disable=not progress,
                    initial=first, total=spec.epochs)
         for epoch in bar:
-            epoch_start = time.perf_counter()
+            epoch_start = time.perf_counter() - (resumed.elapsed if epoch == first else 0.0)
+            within = {}
+            if epoch == first and resumed.taken is not None:
+                within["taken"] = resumed.taken
+            if spec.checkpoint_every_steps:
+                within["save"] = _midway_save(start, records, epoch, epoch_start)
             state, steps = source.train_epoch(state, jax.random.fold_in(key, epoch), epoch,
-                                              progress)
+                                              progress, **within)
             steps = jax.device_get(steps)
             records.steps(epoch, steps)
-            _check_finite(state, steps["loss"], epoch, out)
-            record = _epoch_record(state, steps, source.evaluate(state), heldout, epoch,
+            _check_finite(state, steps["loss"], epoch, start)
+            record = _epoch_record(state, steps, source.evaluate(state), start.heldout, epoch,
                                    time.perf_counter() - epoch_start)
             records.epoch(record)
-            checkpoints.save(epoch + 1, state, records.lines)
+            start.checkpoints.save(epoch + 1, state, records.lines)
             bar.set_postfix(loss=f"{record['train_loss']:.4f}",
                             acc=f"{100 * record['train_accuracy']:.2f}%",
                             test_acc=f"{100 * record['test_accuracy']:.2f}%")
             if progress:
                 tqdm.write(format_record(record, spec.epochs))
-    wall_time = time.perf_counter() - start
+    wall_time = time.perf_counter() - begun
     if placement.writer():
         plots.run_curves([json.loads(line) for line in records.lines], out / "curves.png",
                          title=spec.title)
     summary = {**record, "wall_time": wall_time, "steps": int(state.step), "machine": machine(),
-               "devices": where.size, "processes": jax.process_count(),
+               "devices": start.where.size, "processes": jax.process_count(),
                **_closing_metrics(state, source.closing(), spec,
-                                  jax.random.fold_in(key, spec.epochs), where)}
+                                  jax.random.fold_in(key, spec.epochs), start.where)}
     if placement.writer():
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 
 import jax
 import numpy as np
@@ -84,12 +85,18 @@ class InMemory:
 
 
 class _StepBar:
-    """A progress bar over an epoch's steps, called as ``bar(i, metrics)`` after step ``i``; every
-    ``every`` steps it shows that step's train loss and accuracy (reading them waits for the step)."""
+    """A progress bar over an epoch's steps (``initial`` of them already taken), called as
+    ``bar(i, metrics)`` after step ``i``; every ``every`` steps it shows that step's train loss and
+    accuracy (reading them waits for the step)."""
 
-    def __init__(self, epoch: int, total: int, show: bool, every: int = 10):
-        self.bar = tqdm(total=total, desc=f"epoch {epoch + 1}", leave=False, disable=not show)
+    def __init__(self, epoch: int, total: int, show: bool, initial: int = 0, every: int = 10):
+        self.bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}", leave=False,
+                        disable=not show)
         self.every = every
+
+    def offset(self, start: int):
+        """The bar as called by a loop over the steps from step ``start`` on, counted from 0."""
+        return lambda i, metrics: self(start + i, metrics)
 
     def __call__(self, i: int, metrics: dict) -> None:
         self.bar.update(1)
@@ -126,7 +133,8 @@ class Streamed:
     def __init__(self, spec: RunSpec, placement: Placement):
         self.config, self.spec, self.placement = spec.data, spec, placement
         self.dataset = streaming.load(spec.data.dataset, **_load_options(spec.data),
-                                      image_size=spec.data.image_size or streaming.IMAGE_SIZE)
+                                      image_size=spec.data.image_size or streaming.IMAGE_SIZE,
+                                      processes=spec.data.processes)
         self.num_train = self.dataset.num_train
 
     def sample(self) -> np.ndarray:
@@ -135,14 +143,31 @@ class Streamed:
     def heldout(self, count: int) -> tuple[np.ndarray, np.ndarray]:
         return self.dataset.arrays("test", count)
 
-    def train_epoch(self, state, key, epoch: int, progress: bool):
+    def train_epoch(self, state, key, epoch: int, progress: bool, taken: dict | None = None,
+                    save=None):
+        """The epoch's steps from the batch after those ``taken`` (their per-step metrics, from a
+        run resumed mid-epoch; None: from the first batch); every ``checkpoint_every_steps``
+        global steps short of the epoch's end, ``save(state, taken)`` with the steps taken so
+        far in the epoch (a mid-epoch checkpoint)."""
         del key  # the batches come from (seed, epoch); the state carries its own key
-        size = self.config.batch_size
+        size, every = self.config.batch_size, self.spec.checkpoint_every_steps
+        total = self.num_train // size
+        parts = [] if taken is None else [taken]
+        done = 0 if taken is None else len(taken["loss"])
         batches = self.dataset.train_batches(size, self.config.seed, epoch,
-                                             self.placement.local_rows(size))
-        with contextlib.closing(batches), _StepBar(epoch, self.num_train // size, progress) as bar:
-            return _streamed_epoch.steps(state, _on_devices(batches, self.placement, size),
-                                         on_step=bar)
+                                             self.placement.local_rows(size), start=done)
+        placed = _on_devices(batches, self.placement, size)
+        with contextlib.closing(batches), _StepBar(epoch, total, progress, done) as bar:
+            while done < total:
+                global_step = epoch * total + done
+                chunk = min(total - done, every - global_step % every if every else total)
+                state, steps = _streamed_epoch.steps(
+                    state, itertools.islice(placed, chunk), on_step=bar.offset(done))
+                parts.append(jax.device_get(steps))
+                done += chunk
+                if done < total and save is not None:
+                    save(state, _concatenate(parts))
+        return state, _concatenate(parts)
 
     def evaluate(self, state) -> dict:
         size = self.config.eval_batch_size
@@ -159,6 +184,11 @@ class Streamed:
         return self.dataset.subset(sharpness.examples if sharpness else 0,
                                    robustness.examples if robustness.enabled else 0)
 
+
+
+def _concatenate(parts: list[dict]) -> dict:
+    """Per-step metrics of consecutive stretches of steps, as one stretch."""
+    return jax.tree.map(lambda *values: np.concatenate(values), *parts)
 
 
 def for_spec(spec: RunSpec, placement: Placement) -> InMemory | Streamed:

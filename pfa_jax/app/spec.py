@@ -38,6 +38,7 @@ class DataSpec:
     pad_to: int | None
     limit: int | None
     image_size: int
+    processes: int
     augment: str
     batch_size: int
     eval_batch_size: int
@@ -88,6 +89,7 @@ class RunSpec:
     noise_pretrain_steps: int
     metrics_batch_size: int
     log_every_steps: int
+    checkpoint_every_steps: int
     sharpness: Sharpness | None
     robustness: Robustness
 
@@ -123,10 +125,14 @@ def _data(config) -> DataSpec:
                                  f"{dataset} is streamed (pfa_jax.app.streaming: random-resized "
                                  f"crop and flip, the validation split as test set): use "
                                  f"{key}={plain!r}")
-    elif config.image_size:
-        raise ValueError(f"config image_size={config.image_size!r} applies to streamed datasets "
-                         f"({', '.join(data.STREAMED_DATASETS)}) only; {dataset} images keep "
-                         "their size (see pad_to): use image_size=0")
+    else:
+        for key, why in (("image_size", "images keep their size (see pad_to)"),
+                         ("data_processes", "batches are gathered on the device"),
+                         ("checkpoint_every_steps", "epochs are one compiled call each")):
+            if config[key]:
+                raise ValueError(f"config {key}={config[key]!r} applies to streamed datasets "
+                                 f"({', '.join(data.STREAMED_DATASETS)}) only; {dataset}'s {why}: "
+                                 f"use {key}=0")
     try:
         augment.check(config.augment)
     except ValueError as error:
@@ -135,7 +141,8 @@ def _data(config) -> DataSpec:
                     holdout=_int(config, "holdout", low=0),
                     pad_to=_int(config, "pad_to", low=0) or None,
                     limit=_int(config, "limit", low=0) or None,
-                    image_size=_int(config, "image_size", low=0), augment=config.augment,
+                    image_size=_int(config, "image_size", low=0),
+                    processes=_int(config, "data_processes", low=0), augment=config.augment,
                     batch_size=_int(config, "batch_size"),
                     eval_batch_size=_int(config, "eval_batch_size"),
                     seed=_int(config, "seed", low=0))
@@ -213,5 +220,7 @@ def resolve(config: ml_collections.ConfigDict) -> RunSpec:
                    devices=_int(config, "devices", low=0),
                    noise_pretrain_steps=_int(config, "noise_pretrain_steps", low=0),
                    metrics_batch_size=config.metrics_batch_size,
-                   log_every_steps=_int(config, "log_every_steps", low=0), sharpness=sharpness,
+                   log_every_steps=_int(config, "log_every_steps", low=0),
+                   checkpoint_every_steps=_int(config, "checkpoint_every_steps", low=0),
+                   sharpness=sharpness,
                    robustness=robustness)

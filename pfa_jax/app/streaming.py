@@ -9,10 +9,12 @@ TensorFlow.
 
 Source: ``imagenet2012`` through ``tfds.builder(...).as_data_source`` from `data_dir` or tfds's
 default (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``). It must have been prepared once as
-array_record (`HOW_TO_PREPARE`; preparing needs TensorFlow, reading needs neither). Records are read
-in the consuming thread (array_record reads the files of one batch in parallel) and decoded with
-tfds's numpy decoding (``features.deserialize_example_np``: OpenCV if installed, else PIL) and
-preprocessed in a thread pool of `workers` threads, `prefetch` batches ahead of the consumer.
+array_record (`HOW_TO_PREPARE`; preparing needs TensorFlow, reading needs neither). The input
+pipeline is a grain ``MapDataset`` over an epoch's batches: each batch's records are read, decoded
+with tfds's numpy decoding (``features.deserialize_example_np``: OpenCV if installed, else PIL),
+preprocessed and standardised by one worker: one of `workers` threads of this process, or with
+``processes=N`` one of N grain worker processes (``mp_prefetch``, for hosts where decoding in one
+Python process cannot keep up), `prefetch` batches ahead of the consumer.
 
 Splits: ``train`` for training; the official ``validation`` split (50,000 images) is the test set
 (ImageNet's test split has no labels). ``limit=n`` keeps the first ``n`` records of each split (in
@@ -34,20 +36,25 @@ resampling, which antialiases when it shrinks):
 
 Determinism: epoch ``e`` of seed ``s`` visits the training records in the order of
 ``numpy.random.default_rng([s, e, 0]).permutation`` (dropping the last partial batch) and crops and
-flips record ``i`` with ``default_rng([s, e, 1, i])``, so batches depend on ``(seed, epoch)`` only,
-not on threads or timing. Evaluation is deterministic.
+flips record ``i`` with ``default_rng([s, e, 1, i])``, so batch ``b`` of an epoch depends on
+``(seed, epoch, b)`` only, not on threads, processes or timing. Evaluation is deterministic. So the
+iterator's whole state is ``(epoch, next batch)``: ``train_batches(..., start=b)`` continues an
+epoch at batch ``b`` with the batches an uninterrupted iterator would give (what a run resumed
+mid-epoch does, ``pfa_jax.app.experiment``), for any thread, process, device or host count;
+grain's own ``get_state`` would tie a saved state to the worker count.
 
 ``image_size`` (default 224) scales both recipes, e.g. to test on small images.
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
+import functools
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
+import grain
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from pfa_jax.app import data
@@ -137,6 +144,7 @@ class StreamedDataset:
     num_test: int
     image_size: int = IMAGE_SIZE
     workers: int = 8
+    processes: int = 0
     prefetch: int = 2
     num_classes: int = NUM_CLASSES
     mean: tuple[float, ...] = MEAN
@@ -146,22 +154,20 @@ class StreamedDataset:
     def image_shape(self) -> tuple[int, int, int]:
         return (self.image_size, self.image_size, 3)
 
-    def train_batches(self, batch_size: int, seed: int, epoch: int, rows: slice = slice(None)
-                      ) -> Iterator[dict]:
+    def train_batches(self, batch_size: int, seed: int, epoch: int, rows: slice = slice(None),
+                      start: int = 0) -> grain.DatasetIterator:
         """Epoch ``epoch``'s shuffled, augmented training batches ``{'image', 'label'}`` (the last
-        partial batch is dropped); ``rows``: only these rows of each batch (one process's part of
-        a global batch: it reads and decodes only those records)."""
+        partial batch is dropped) from batch ``start`` on (a run resumed mid-epoch); ``rows``:
+        only these rows of each batch (one process's part of a global batch: it reads and decodes
+        only those records)."""
         steps = self.num_train // batch_size
         order = _seed(seed, epoch, 0).permutation(self.num_train)[:steps * batch_size]
-
-        def prepare(image, index):
-            return train_crop(_seed(seed, epoch, 1, index), image, self.image_size)
-
-        plan = order.reshape(steps, batch_size)[:, rows]
+        plan = order.reshape(steps, batch_size)[start:, rows]
+        prepare = functools.partial(_train_prepare, seed, epoch, self.image_size)
         return self._stream(self.train_source, plan, prepare, False)
 
     def eval_batches(self, batch_size: int, split: str = "test", count: int | None = None,
-                     rows: slice = slice(None)) -> Iterator[dict]:
+                     rows: slice = slice(None)) -> grain.DatasetIterator:
         """The first ``count`` (default all) examples of ``split`` (``'test'``: the validation split,
         or ``'train'``) in stored order, centre-cropped, as batches ``{'image', 'label', 'mask'}``
         of ``batch_size`` (the last one zero-padded, its padding masked out); ``rows``: only
@@ -172,7 +178,7 @@ class StreamedDataset:
                         else (self.train_source, self.num_train))
         indices = np.arange(size if count is None else min(count, size))
         plan = [indices[i:i + batch_size][rows] for i in range(0, len(indices), batch_size)]
-        return self._stream(source, plan, lambda image, _: eval_crop(image, self.image_size), True,
+        return self._stream(source, plan, functools.partial(_eval_prepare, self.image_size), True,
                             len(range(batch_size)[rows]))
 
     def arrays(self, split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -193,61 +199,75 @@ class StreamedDataset:
                             *self.arrays("test", test_count), self.num_classes, self.mean, self.std)
 
     def _stream(self, source, plan, prepare: Callable, masked: bool, batch_size: int | None = None
-                ) -> Iterator[dict]:
-        """One batch per index array of ``plan``: records read here, decoded and preprocessed
-        (``prepare(uint8 image, record index)``) in the pool, ``prefetch`` batches ahead."""
-        mean, std = np.asarray(self.mean), np.asarray(self.std)
+                ) -> grain.DatasetIterator:
+        """A grain iterator with one batch per index array of ``plan``: each batch read, decoded
+        and preprocessed (``prepare(uint8 image, record index)``) by one of ``workers`` threads
+        in each of ``processes`` worker processes (0: this process), ``prefetch`` batches ahead."""
+        batches = grain.MapDataset.range(len(plan)).map(
+            functools.partial(_read_batch, self, source, plan, prepare, masked, batch_size))
+        threads = self.workers if not self.processes else 1
+        stream = batches.to_iter_dataset(grain.ReadOptions(
+            num_threads=threads, prefetch_buffer_size=max(threads, self.prefetch)))
+        if self.processes:
+            _absl_flags_parsed()
+            stream = stream.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self.processes, per_worker_buffer_size=max(1, self.prefetch)))
+        return iter(stream)
 
-        def fill(images, labels, slot, record, index):
-            example = self.features.deserialize_example_np(record)
-            image, label = example["image"], int(example["label"])
-            if image.ndim != 3 or image.shape[-1] != 3:
-                raise ValueError(f"{self.name} record {index}: image of shape {image.shape}, "
-                                 "expected (H, W, 3)")
-            if not 0 <= label < self.num_classes:
-                raise ValueError(f"{self.name} record {index}: label {label} outside "
-                                 f"[0, {self.num_classes})")
-            images[slot] = data._normalise(prepare(image, index)[None], mean, std, None)[0]
-            labels[slot] = label
 
-        def submit(pool, indices):
-            size = batch_size or len(indices)
-            images = (np.zeros if masked else np.empty)((size,) + self.image_shape, np.float32)
-            labels = np.zeros(size, np.int32)
-            records = source.__getitems__([int(i) for i in indices])
-            futures = [pool.submit(fill, images, labels, slot, record, int(index))
-                       for slot, (record, index) in enumerate(zip(records, indices))]
-            batch = {"image": images, "label": labels}
-            if masked:
-                batch["mask"] = (np.arange(size) < len(indices)).astype(np.float32)
-            return batch, futures
+def _train_prepare(seed: int, epoch: int, size: int, image: np.ndarray, index: int) -> np.ndarray:
+    return train_crop(_seed(seed, epoch, 1, index), image, size)
 
-        def finish(batch, futures):
-            for future in futures:
-                future.result()  # raises a worker's error here
-            return batch
 
-        pool = concurrent.futures.ThreadPoolExecutor(self.workers, "pfa_jax-decode")
-        try:
-            pending = collections.deque()
-            for indices in plan:
-                pending.append(submit(pool, indices))
-                if len(pending) > self.prefetch:
-                    yield finish(*pending.popleft())
-            while pending:
-                yield finish(*pending.popleft())
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+def _eval_prepare(size: int, image: np.ndarray, index: int) -> np.ndarray:
+    del index
+    return eval_crop(image, size)
+
+
+def _read_batch(dataset: StreamedDataset, source, plan, prepare: Callable, masked: bool,
+                batch_size: int | None, number: int) -> dict:
+    """Batch ``number`` of ``plan``: its records read, decoded, checked, preprocessed and
+    standardised (``{'image', 'label'}``, with ``'mask'`` and zero padding to ``batch_size`` when
+    ``masked``)."""
+    indices = plan[number]
+    size = batch_size or len(indices)
+    images = np.zeros((size,) + dataset.image_shape, np.float32)
+    labels = np.zeros(size, np.int32)
+    mean, std = np.asarray(dataset.mean), np.asarray(dataset.std)
+    records = source.__getitems__([int(i) for i in indices])
+    for slot, (record, index) in enumerate(zip(records, indices)):
+        example = dataset.features.deserialize_example_np(record)
+        image, label = example["image"], int(example["label"])
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"{dataset.name} record {index}: image of shape {image.shape}, "
+                             "expected (H, W, 3)")
+        if not 0 <= label < dataset.num_classes:
+            raise ValueError(f"{dataset.name} record {index}: label {label} outside "
+                             f"[0, {dataset.num_classes})")
+        images[slot] = data._normalise(prepare(image, int(index))[None], mean, std, None)[0]
+        labels[slot] = label
+    batch = {"image": images, "label": labels}
+    if masked:
+        batch["mask"] = (np.arange(size) < len(indices)).astype(np.float32)
+    return batch
+
+
+def _absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags (their defaults, unless a program parsed
+    them); a program that does not use absl has not parsed them, so they are marked parsed."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def load(name: str, *, data_dir: str | None = None, holdout: int = 0, pad_to: int | None = None,
          limit: int | None = None, image_size: int = IMAGE_SIZE, workers: int | None = None,
-         prefetch: int = 2) -> StreamedDataset:
+         processes: int = 0, prefetch: int = 2) -> StreamedDataset:
     """Opens dataset ``name`` (one of `DATASETS`) for streaming; see the module docstring.
 
-    ``workers``: decoding threads (None or 0: ``min(32, os.cpu_count())``); ``prefetch``: batches
-    prepared ahead of the one being consumed. Raises ``FileNotFoundError`` saying how to prepare the
-    data if it is not there.
+    ``processes``: grain worker processes preparing batches (0: this process, in ``workers``
+    threads, None or 0: ``min(32, os.cpu_count())``); ``prefetch``: batches prepared ahead of
+    the one being consumed. Raises ``FileNotFoundError`` saying how to prepare the data if it is
+    not there.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown streamed dataset {name!r}; valid: {', '.join(DATASETS)}")
@@ -260,13 +280,13 @@ def load(name: str, *, data_dir: str | None = None, holdout: int = 0, pad_to: in
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of examples, got {limit!r}")
     for key, value, low in (("image_size", image_size, 1), ("workers", workers or 1, 1),
-                            ("prefetch", prefetch, 0)):
+                            ("processes", processes, 0), ("prefetch", prefetch, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{key}={value!r} must be an int >= {low}")
     features, train, test = _sources(name, data_dir)
     return StreamedDataset(name, features, train, test, min(len(train), limit or len(train)),
                            min(len(test), limit or len(test)), image_size,
-                           workers or min(32, os.cpu_count() or 1), prefetch)
+                           workers or min(32, os.cpu_count() or 1), processes, prefetch)
 
 
 def _sources(name: str, data_dir: str | None):
