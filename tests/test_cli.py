@@ -34,7 +34,8 @@ def test_train_writes_a_run_directory(fashion_dir, tmp_path, capsys):
     assert set(records[-1]["alignment"]) == {"hidden_0", "output"}
     assert 0.0 <= records[-1]["test_accuracy"] <= 1.0
     config = json.loads((out / "config.json").read_text())
-    assert config["rule"] == {"name": "pfa", "options": {"expansion": 2}, "layers": {}}
+    # config.json records what was stored: PFA under SGD in the "F" form (rules.product_feedback)
+    assert config["rule"] == {"name": "pfa", "options": {"expansion": 2, "form": "F"}, "layers": {}}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 * (256 // 32)
 
@@ -172,7 +173,10 @@ def test_a_run_directory_written_before_the_config_sections_resumes_exactly(tmp_
                      "--set", f"data_dir={fashion}"]) == 0
     assert json.loads(written)["rule"] == "pfa"  # the flat layout of that time
     migrated = json.loads((old / "config.json").read_text())
-    assert migrated["rule"] == {"name": "pfa", "options": {"expansion": 2}, "layers": {}}
+    # Written before PFA's storage forms: it keeps the "R" form its checkpoint holds. The new run
+    # below stores "F" (SGD): the two forms give the same metrics.
+    assert migrated["rule"] == {"name": "pfa", "options": {"expansion": 2, "form": "R"},
+                                "layers": {}}
     assert cli.main(["train", "--rule", "pfa", "--epochs", "2", "--batch-size", "32", "--quiet",
                      "--out", str(tmp_path / "new"), "--set", f"data_dir={fashion}",
                      "--set", "model_options={'widths': (8,)}", "--set", "rule.options.expansion=2",

@@ -186,14 +186,19 @@ def _closing_metrics(state, dataset: data.Dataset, spec: RunSpec, key,
 
 
 def load_config(out: str | epath.Path) -> ml_collections.ConfigDict:
-    """The resolved config of an existing run directory (errors name the file)."""
+    """The resolved config of an existing run directory (errors name the file). A PFA run written
+    before PFA had storage forms (no ``rule.options.form``) gets ``form='R'``, the arrays its
+    checkpoints hold."""
     path = epath.Path(out) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {out} is not a run directory to resume")
     try:
-        return config_lib.from_json(path.read_text())
+        config = config_lib.from_json(path.read_text())
     except (ValueError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: {error}") from None
+    if config.rule.name in ("pfa", "pfa_o") and "form" not in config.rule.options:
+        config.rule.options.form = "R"
+    return config
 
 
 def _metrics_lines(path: epath.Path, epochs: int, crcs: np.ndarray | None) -> list[str]:

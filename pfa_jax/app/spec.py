@@ -12,6 +12,7 @@ per epoch.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any
@@ -24,6 +25,7 @@ from pfa_jax import nn as pnn
 from pfa_jax.app import config as config_lib
 from pfa_jax.app import data, streaming
 from pfa_jax.optim import OptimizerConfig
+from pfa_jax.rules.product_feedback import PFA
 
 __all__ = ["DataSpec", "num_classes", "resolve", "Robustness", "RunSpec", "Sharpness"]
 
@@ -203,19 +205,49 @@ def _measurements(config) -> tuple[Sharpness | None, Robustness]:
     return sharpness, robustness
 
 
+def _stored_forms(rule, optimizer: OptimizerConfig, config):
+    """PFA's storage form (``pfa_jax.rules.product_feedback``) for this optimizer: ``"auto"``
+    becomes ``"F"`` where it is equivalent to ``"R"`` (``density = 1`` and an SGD-family optimizer
+    stepping the feedback), else ``"R"``; an explicit ``"F"`` with another optimizer is refused.
+    The default rule's resolved form is written into ``config.rule.options.form``."""
+    name = (optimizer.feedback or optimizer).name
+    linear = name == "sgd"
+
+    def stored(one):
+        if not isinstance(one, PFA):
+            return one
+        if one.form == "F" and not linear:
+            raise ValueError(f"config rule.options.form='F' needs an optimizer linear in the "
+                             f"gradient for the feedback (sgd); optimizer {name!r} is not, so "
+                             "the forms would differ: use form='R' or 'auto'")
+        if one.form == "auto":
+            one = dataclasses.replace(one, form="F" if linear and one.density == 1 else "R")
+        return one
+
+    resolved = ({k: stored(v) for k, v in rule.items()} if isinstance(rule, dict)
+                else stored(rule))
+    default = resolved[pnn.DEFAULT] if isinstance(resolved, dict) else resolved
+    if isinstance(default, PFA):
+        config.rule.options.form = default.form
+    return resolved
+
+
 def resolve(config: ml_collections.ConfigDict) -> RunSpec:
-    """``config`` validated and resolved (module docstring)."""
+    """``config`` validated and resolved (module docstring); ``spec.config`` is a copy of
+    ``config`` with PFA's resolved storage form set (``rule.options.form``)."""
+    config = copy.deepcopy(config)
     _choice(config, "model", models.names())
     epochs = _int(config, "epochs")
     data_spec = _data(config)
-    rule = _rule(config)
+    optimizer = _optimizer(config, epochs)
+    rule = _stored_forms(_rule(config), optimizer, config)
     try:
         model = models.get(config.model, rule=rule, num_classes=num_classes(data_spec.dataset),
                            **config.model_options.to_dict())
     except ValueError as error:
         raise ValueError(f"config: {error}") from None
     sharpness, robustness = _measurements(config)
-    return RunSpec(config=config, rule=rule, model=model, optimizer=_optimizer(config, epochs),
+    return RunSpec(config=config, rule=rule, model=model, optimizer=optimizer,
                    data=data_spec, epochs=epochs, seed=data_spec.seed,
                    devices=_int(config, "devices", low=0),
                    noise_pretrain_steps=_int(config, "noise_pretrain_steps", low=0),

@@ -29,6 +29,27 @@ groups, "mid" costs ``P mid (out + 2 G k)`` multiply-adds and "product" ``2 k ou
 ``route="auto"`` (default) picks the cheaper at trace time from the static shapes; the forward pass
 never touches ``R``. With feature groups the mid population is kept per group (``G * mid`` channels),
 which is what ``F = R Bp^T`` means for a grouped conv.
+
+Storage forms (``form``). With ``F = R Bp^T`` and the fixed ``C = Bp Bp^T`` (``out x out``), PFA's
+signals give ``dR Bp^T = x^T (g Bp) Bp^T = dK C``. An optimizer that is linear in (gradient,
+parameter) - SGD, momentum, Nesterov, coupled weight decay, any learning-rate and weight-decay
+schedule - commutes with right-multiplication by ``Bp^T``, so under it ``F`` evolves on its own:
+
+    u_F = dK C + wd F,   m_F <- mu m_F + u_F,   F <- F - lr m_F,   F_0 = R_0 Bp^T, m_F,0 = 0
+
+(``m_F = m_R Bp^T`` at every step). So PFA is Kolen-Pollack whose feedback update is ``dK C``
+instead of ``dK``, and ``pfa_o`` (``C = I``) is Kolen-Pollack started from ``B_0 = R_0 Bp^T``.
+
+* ``form="R"`` stores ``Bp`` (fixed) and ``R`` (plastic), the authors' form; it is needed for sparse
+  ``R`` (``density < 1``: the mask lives on ``R``) and for optimizers that are not linear (Adam,
+  AdamW, clipping by a norm that includes the feedback), under which the two forms differ.
+* ``form="F"`` stores ``F`` (plastic) and ``C`` (fixed), drawn from the same ``R_0`` and ``Bp`` as
+  the ``"R"`` form; ``dx = g F^T`` (backprop's cost) and ``dF = dK C``, computed as ``dK C``
+  (``k out^2`` multiply-adds) or, for ungrouped layers where it is cheaper, ``x^T (g C)``
+  (``P out (out + k)``); nothing scales with ``r``.
+* ``form="auto"`` (default) is ``"R"`` here, where the optimizer is unknown;
+  ``pfa_jax.app.spec.resolve`` turns it into ``"F"`` exactly where the two are equivalent
+  (``density = 1`` and an SGD-family optimizer for the feedback) and ``"R"`` otherwise.
 """
 from __future__ import annotations
 
@@ -44,9 +65,11 @@ from jax import lax
 from pfa_jax.rules import ops
 from pfa_jax.rules.base import Rule, check_density
 
-__all__ = ["choose_route", "PFA", "pfa_linear", "PFAOrthogonal", "route_costs", "ROUTES"]
+__all__ = ["choose_route", "FORMS", "PFA", "pfa_linear", "pfa_product_linear", "PFAOrthogonal",
+           "route_costs", "ROUTES"]
 
 ROUTES = ("auto", "mid", "product")
+FORMS = ("auto", "R", "F")
 
 
 def route_costs(g_shape, kernel_shape, mid: int, groups: int) -> dict[str, int]:
@@ -103,14 +126,39 @@ def _pfa_bwd(op, route, residuals, g):
 pfa_linear.defvjp(_pfa_fwd, _pfa_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def pfa_product_linear(op, x, kernel, c, f):
+    """``op(x, kernel)`` with PFA's backward in the ``"F"`` form: ``dx = g F^T``, ``dF = dK C``."""
+    return op(x, kernel)
+
+
+def _pfa_product_fwd(op, x, kernel, c, f):
+    return op(x, kernel), (x, kernel, c, f)
+
+
+def _pfa_product_bwd(op, residuals, g):
+    x, kernel, c, f = residuals
+    dkernel = ops.kernel_grad(op, x, kernel, g)
+    out = kernel.shape[-1]
+    positions, k = math.prod(g.shape) // out, ops.window_size(kernel.shape)
+    if op.groups == 1 and positions * out * (out + k) < k * out * out:
+        df = ops.kernel_grad(op, x, kernel, g @ c)  # x^T (g C)
+    else:
+        df = jnp.einsum("...io,op->...ip", dkernel, c)  # dK C
+    return ops.input_grad(op, x, f, g), dkernel, jnp.zeros_like(c), df
+
+
+pfa_product_linear.defvjp(_pfa_product_fwd, _pfa_product_bwd)
+
+
 @dataclasses.dataclass(frozen=True)
 class PFA(Rule):
     name = "pfa"
-    plastic = ("R",)
 
     expansion: float = 10
     density: float = 1.0
     route: str = "auto"
+    form: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()
@@ -120,6 +168,21 @@ class PFA(Rule):
         check_density(self.name, self.density)
         if self.route not in ROUTES:
             raise ValueError(f"{self.name}: route={self.route!r} is unknown; valid: {ROUTES}")
+        if self.form not in FORMS:
+            raise ValueError(f"{self.name}: form={self.form!r} is unknown; valid: {FORMS}")
+        if self.form == "F" and self.density < 1.0:
+            raise ValueError(f"{self.name}: form='F' with density={self.density!r}: F = R Bp^T "
+                             "cannot keep R's sparsity mask, so the forms differ; use form='R' "
+                             "(or 'auto')")
+
+    @property
+    def stored(self) -> str:
+        """The form whose arrays the feedback holds: ``"F"``, or ``"R"`` (also for ``"auto"``)."""
+        return "F" if self.form == "F" else "R"
+
+    @property
+    def plastic(self) -> tuple[str, ...]:
+        return (self.stored,)
 
     def mid(self, out: int) -> int:
         return max(1, round(self.expansion * out))
@@ -135,6 +198,9 @@ class PFA(Rule):
         k_bp, k_r, k_mask_bp, k_mask_r = jax.random.split(key, 4)
         feedback = {"Bp": self.draw_bp(k_bp, out, kernel.dtype),
                     "R": self.kernel_init()(k_r, kernel.shape[:-1] + (mid,), kernel.dtype)}
+        if self.stored == "F":  # the same draws, stored as F = R Bp^T and C = Bp Bp^T
+            bp = feedback["Bp"]
+            return {"C": bp @ bp.T, "F": jnp.einsum("...im,om->...io", feedback["R"], bp)}
         if self.density < 1.0:
             feedback["Bp"] *= jax.random.bernoulli(k_mask_bp, self.density, feedback["Bp"].shape)
             feedback["R_mask"] = jax.random.bernoulli(
@@ -149,9 +215,14 @@ class PFA(Rule):
         return lax.stop_gradient(feedback["Bp"]), r
 
     def apply(self, op, x, kernel, feedback, key):
+        if self.stored == "F":
+            return pfa_product_linear(op, x, kernel, lax.stop_gradient(feedback["C"]),
+                                      feedback["F"])
         return pfa_linear(op, self.route, x, kernel, *self._fixed_and_plastic(feedback))
 
     def effective_feedback(self, kernel, feedback):
+        if self.stored == "F":
+            return feedback["F"]
         bp, r = self._fixed_and_plastic(feedback)
         return jnp.einsum("...im,om->...io", r, bp)
 

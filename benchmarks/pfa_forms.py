@@ -1,0 +1,100 @@
+"""PFA's cost in its two storage forms (``pfa_jax.rules.product_feedback``): ``"R"`` (the authors'
+``R: (in, r out)``) and ``"F"`` (``F = R Bp^T`` and ``C = Bp Bp^T``: Kolen-Pollack's cost plus
+``dF = dK C``), against backprop.
+
+* step time: median wall time of one jitted ``pfa_jax.train.train_step`` (random data, SGD
+  momentum 0.9, wd 1e-4; the variants of a point interleaved, ``common.interleaved_ms``) on ffn2
+  (784-512-512-10) at batch 64 and 512 for r in 1, 2, 5, 10, 20, 50, and on ResNet-20 at batch 128
+  (r = 10, the paper's);
+* memory: on ResNet-20 batch 128, the compiled step's memory analysis (``memory.analysis``:
+  argument + output - alias + temp), bp, pfa "R" and pfa "F".
+
+Targets (issue: PFA at Kolen-Pollack's cost): "F" at most 1.5 x bp in time at every ffn2 point, at
+most 1.05 x in time and 1.03 x in memory on ResNet-20. Prints JSON (also to ``--json PATH``), then
+markdown tables. The default run takes about 15 minutes on 2 CPU cores (the "R" form at r = 50 is
+the slow part).
+
+    .venv/bin/python benchmarks/pfa_forms.py [--repeats 10] [--quick] [--json PATH]
+
+``--quick``: ffn2 batch 64, r in 1 and 10, no ResNet-20, 2 rounds.
+"""
+from __future__ import annotations
+
+import pfa_jax as pj
+from common import (IMAGE_SHAPES, interleaved_ms, machine, markdown_table, parser, random_batch,
+                    report, step_variant, train_state)
+from memory import analysis
+
+RATIOS = (1, 2, 5, 10, 20, 50)
+TARGETS = {"ffn2 time": 1.5, "resnet20 time": 1.05, "resnet20 memory": 1.03}
+
+
+def rules_at(ratio) -> dict:
+    return {"bp": "bp", "R": pj.rules.get("pfa", expansion=ratio, form="R"),
+            "F": pj.rules.get("pfa", expansion=ratio, form="F")}
+
+
+def times(model_name: str, batch_size: int, ratio, repeats: int) -> dict:
+    batch = random_batch((batch_size,) + IMAGE_SHAPES[model_name])
+    variants = {label: step_variant(model_name, rule, batch)
+                for label, rule in rules_at(ratio).items()}
+    measured = interleaved_ms(variants, repeats)
+    base = measured["bp"]["median_ms"]
+    return {label: {**t, "ratio_to_bp": round(t["median_ms"] / base, 4)}
+            for label, t in measured.items()}
+
+
+def memory(batch_size: int) -> dict:
+    batch = random_batch((batch_size,) + IMAGE_SHAPES["resnet20"])
+    totals = {}
+    for label, rule in rules_at(10).items():
+        fields = analysis(train_state("resnet20", rule, batch), batch, donate=True)
+        totals[label] = None if fields is None else fields["total_bytes"]
+    if totals["bp"] is None:
+        return {"available": False}
+    return {"available": True, **{label: {"total_bytes": total,
+                                          "ratio_to_bp": round(total / totals["bp"], 4)}
+                                  for label, total in totals.items()}}
+
+
+def verdict(ratio: float, target: float) -> str:
+    return "pass" if ratio <= target else "FAIL"
+
+
+def main(argv=None) -> None:
+    p = parser(__doc__, repeats=10)
+    args = p.parse_args(argv)
+    info = machine()
+    repeats = 2 if args.quick else args.repeats
+    points = [("ffn2", b, r) for b in ((64,) if args.quick else (64, 512))
+              for r in ((1, 10) if args.quick else RATIOS)]
+    if not args.quick:
+        points.append(("resnet20", 128, 10))
+    results = {f"{m} batch {b} r={r}": {"model": m, "batch": b, "r": r,
+                                        "rules": times(m, b, r, repeats)} for m, b, r in points}
+    for point in results.values():
+        target = TARGETS[f"{point['model']} time"]
+        point["F_verdict"] = verdict(point["rules"]["F"]["ratio_to_bp"], target)
+    out = {"benchmark": "pfa_forms", "machine": info,
+           "config": {"repeats": repeats, "quick": args.quick, "targets": TARGETS},
+           "results": {"time": results}}
+    rows = [[label, v["rules"]["bp"]["median_ms"], v["rules"]["R"]["median_ms"],
+             v["rules"]["F"]["median_ms"], v["rules"]["R"]["ratio_to_bp"],
+             v["rules"]["F"]["ratio_to_bp"], v["F_verdict"]] for label, v in results.items()]
+    tables = {"train-step time, pfa forms": markdown_table(
+        ["point", "bp ms", "R ms", "F ms", "R / bp", "F / bp", "F verdict"], rows)}
+    if not args.quick:
+        mem = memory(128)
+        if mem["available"]:
+            mem["F_verdict"] = verdict(mem["F"]["ratio_to_bp"], TARGETS["resnet20 memory"])
+        out["results"]["memory"] = mem
+        if mem["available"]:
+            tables["resnet20 batch 128, donated step memory (MiB)"] = markdown_table(
+                ["rule", "total", "ratio to bp"],
+                [[label, mem[label]["total_bytes"] / 2 ** 20, mem[label]["ratio_to_bp"]]
+                 for label in ("bp", "R", "F")])
+    report(out, tables, args.json)
+
+
+if __name__ == "__main__":
+    main()
