@@ -54,10 +54,11 @@ _RANGES = {
 Schedule = Callable[[Any], Any]
 
 
-def multistep(values, milestones, steps_per_epoch: int) -> Schedule:
-    """``step -> values[i]`` where ``i`` counts the milestones (epochs) already reached."""
+def multistep(values, milestones, steps_per_epoch: int, dtype=jnp.float32) -> Schedule:
+    """``step -> values[i]`` (of ``dtype``) where ``i`` counts the milestones (epochs) already
+    reached."""
     boundaries = jnp.asarray(milestones, jnp.int32) * steps_per_epoch
-    values = jnp.asarray(values, jnp.float32)
+    values = jnp.asarray(values, dtype)
     return lambda step: values[jnp.searchsorted(boundaries, step, side="right")]
 
 
@@ -138,16 +139,19 @@ class OptimizerConfig:
             raise ValueError(f"optimizer.{key}={value!r} must be finite and non-negative")
         return values
 
-    def schedules(self) -> tuple[Schedule, Schedule]:
-        """(learning-rate schedule, weight-decay schedule), functions of the step."""
+    def schedules(self, dtype=jnp.float32) -> tuple[Schedule, Schedule]:
+        """(learning-rate schedule, weight-decay schedule), functions of the step with values of
+        ``dtype`` (the parameters'; ``create_train_state`` passes it)."""
         return (multistep(self.segment_values("learning_rate", "lr_milestones"), self.lr_milestones,
-                          self.steps_per_epoch),
+                          self.steps_per_epoch, dtype),
                 multistep(self.segment_values("weight_decay", "wd_milestones"), self.wd_milestones,
-                          self.steps_per_epoch))
+                          self.steps_per_epoch, dtype))
 
-    def transformation(self) -> optax.GradientTransformation:
+    def transformation(self, dtype=jnp.float32) -> optax.GradientTransformation:
         """The optax transformation, with ``learning_rate`` and ``weight_decay`` injected
-        (``optax.inject_hyperparams``) from their schedules."""
+        (``optax.inject_hyperparams``) from their schedules (values of ``dtype``: that of the
+        parameters it steps, so float64 parameters get float64 rates and float32 ones are never
+        promoted)."""
         def make(learning_rate, weight_decay):
             decay = optax.add_decayed_weights(weight_decay)
             if self.name == "sgd":
@@ -158,11 +162,11 @@ class OptimizerConfig:
                 body = [optax.scale_by_adam(self.b1, self.b2, self.eps), decay]
             return optax.chain(*body, optax.scale_by_learning_rate(learning_rate))
 
-        lr, wd = self.schedules()
+        lr, wd = self.schedules(dtype)
         return optax.inject_hyperparams(make)(learning_rate=lr, weight_decay=wd)
 
 
-def build(optimizer=None, feedback=None, **overrides
+def build(optimizer=None, feedback=None, dtype=jnp.float32, **overrides
           ) -> tuple[optax.GradientTransformation, optax.GradientTransformation | None]:
     """``(tx, feedback_tx)`` from what ``create_train_state`` is given.
 
@@ -170,6 +174,7 @@ def build(optimizer=None, feedback=None, **overrides
     mapping or ``ConfigDict`` (``OptimizerConfig.create(optimizer, **overrides)``; its ``feedback``
     overrides, if any, become ``feedback_tx``), or ``None`` (the default ``OptimizerConfig``).
     ``feedback``: a separate transformation for plastic feedback (``None``: ``tx`` steps it too).
+    ``dtype``: of the schedules' values (the parameters' dtype).
     """
     if isinstance(optimizer, optax.GradientTransformation):
         if overrides:
@@ -179,8 +184,8 @@ def build(optimizer=None, feedback=None, **overrides
     config = OptimizerConfig.create(optimizer, **overrides)
     if feedback is None and config.feedback is not None:
         feedback = dataclasses.replace(config.feedback,
-                                       steps_per_epoch=config.steps_per_epoch).transformation()
-    return config.transformation(), feedback
+                                       steps_per_epoch=config.steps_per_epoch).transformation(dtype)
+    return config.transformation(dtype), feedback
 
 
 def hyperparameters(opt_state) -> dict:

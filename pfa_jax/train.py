@@ -139,7 +139,6 @@ def create_train_state(key: jax.Array, model: nn.Module, sample_batch, tx=None, 
     besides ``feedback`` (e.g. ``('dropout',)``); ``None`` finds them by tracing the model.
     Weight-mirror layers then take their mirroring phase.
     """
-    tx, feedback_tx = build(tx, feedback_tx)
     images = jnp.asarray(sample_batch["image"] if isinstance(sample_batch, dict) else sample_batch)
     if images.ndim < 2:
         raise ValueError(f"create_train_state: the sample of shape {images.shape} has no batch "
@@ -149,6 +148,8 @@ def create_train_state(key: jax.Array, model: nn.Module, sample_batch, tx=None, 
     variables = jax.jit(functools.partial(model.init, train=False))(rngs, images)
     params = variables["params"]
     pnn.check_rule_map(getattr(model, "rule", None), params)
+    floats = [p.dtype for p in jax.tree.leaves(params) if jnp.issubdtype(p.dtype, jnp.floating)]
+    tx, feedback_tx = build(tx, feedback_tx, jnp.result_type(*floats) if floats else jnp.float32)
     batch_stats = variables.get("batch_stats", {})
     carried = {"params": params, "feedback": variables.get("feedback", {}),
                "batch_stats": batch_stats}

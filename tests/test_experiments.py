@@ -47,6 +47,13 @@ def test_paper_settings():
     assert fig4["dfa"].optimizer.learning_rate == 0.001 and fig4["bp"].optimizer.learning_rate == 0.1
     assert (fig4["bp"].holdout, fig4["bp"].augment, fig4["bp"].epochs) == (5000, "crop_flip", 250)
     assert fig4["pfa"].optimizer.weight_decay == (0.005, 1e-4)
+    # DFA as the authors' code: the class error through each conv's own stride (rules.direct_feedback)
+    assert fig4["dfa"].rule.options.grid == "output" and spec.resolve(fig4["dfa"]).rule.grid == "output"
+    resnet20 = {r.labels["rule"]: runner.run_config("resnet20_fashion_mnist", r)
+                for r in configs.load("resnet20_fashion_mnist").runs()}
+    assert "grid" not in resnet20["dfa"].rule.options  # the default 'input', as its run was trained
+    # PFA under the papers' SGD stores F (identical training, KP's cost)
+    assert spec.resolve(fig4["pfa"]).rule.form == "F"
     sparse = configs.load("sparse_fashion_mnist").runs()
     assert {(r.labels["rule"], r.labels["density"]) for r in sparse} == {
         (rule, d) for rule in ("fa", "dfa", "usf", "pfa") for d in (1, .5, .3, .17, .1, .05)}

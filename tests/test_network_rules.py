@@ -65,9 +65,10 @@ class TwoConvNet(nn.Module):
             x.reshape(x.shape[0], -1)))
 
 
-def test_dfa_conv_updates_match_a_reference():
+@pytest.mark.parametrize("grid", ["input", "output"])
+def test_dfa_conv_updates_match_a_reference(grid):
     images, labels = batch((6, 6, 2))
-    model = TwoConvNet(pj.rules.get("dfa", classes=CLASSES))
+    model = TwoConvNet(pj.rules.get("dfa", classes=CLASSES, grid=grid))
     variables = model.init({"params": jax.random.key(1)}, images)
     grads = rule_grads(model, variables, images, labels)
 
@@ -79,9 +80,14 @@ def test_dfa_conv_updates_match_a_reference():
     flat = jax.nn.relu(a1).reshape(len(images), -1)
     e = output_error(flat @ p["output"]["kernel"] + p["output"]["bias"], labels)
     d1 = (e @ b["output"]["B"]).reshape(a1.shape) * (a1 > 0)
-    # conv_1's feedback (3, 3, classes, 4) applied to e broadcast over conv_1's 6x6 input grid
-    grid = jnp.broadcast_to(e[:, None, None, :], a0.shape[:3] + (CLASSES,))
-    d0 = conv(grid, b["conv_1"]["B"]) * (a0 > 0)
+    if grid == "input":  # conv_1's feedback (3, 3, classes, 4) on e broadcast over its 6x6 input
+        spread = jnp.broadcast_to(e[:, None, None, :], a0.shape[:3] + (CLASSES,))
+        d0 = conv(spread, b["conv_1"]["B"]) * (a0 > 0)
+    else:  # e broadcast over conv_1's 3x3 output, back through the stride-2 conv with B^T
+        spread = jnp.broadcast_to(e[:, None, None, :], a1.shape[:3] + (CLASSES,))
+        transposed = jnp.transpose(b["conv_1"]["B"], (0, 1, 3, 2))  # (3, 3, 4, classes)
+        d0 = jax.vjp(lambda x: conv(x, transposed, 2), jnp.zeros(a0.shape))[1](spread)[0]
+        d0 = d0 * (a0 > 0)
     kernel_grad = lambda x, d, shape, s=1: jax.vjp(lambda k: conv(x, k, s), jnp.zeros(shape))[1](d)[0]
     np.testing.assert_allclose(grads["conv_1"]["kernel"],
                                kernel_grad(jax.nn.relu(a0), d1, p["conv_1"]["kernel"].shape, 2),
@@ -89,6 +95,37 @@ def test_dfa_conv_updates_match_a_reference():
     np.testing.assert_allclose(grads["conv_0"]["kernel"],
                                kernel_grad(images, d0, p["conv_0"]["kernel"].shape),
                                rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("strides, padding", [(1, "SAME"), (2, "SAME"), (2, "VALID"),
+                                               (1, ((1, 2), (0, 1)))])
+def test_dfa_output_grid_projection_is_the_transposed_conv(strides, padding):
+    """``grid='output'``: ``dx`` = the input gradient of ``conv(x, B^T)`` (the layer's stride and
+    padding) at ``e`` broadcast over the output grid, here by ``jax.vjp`` of a plain lax conv."""
+    rule = pj.rules.get("dfa", classes=CLASSES, grid="output")
+    x = jax.random.normal(jax.random.key(0), (2, 7, 7, 4))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 4, 5))
+    b = rule.init_feedback(jax.random.key(2), kernel)
+    (y, tap), vjp = jax.vjp(lambda x: rule.conv(x, kernel, b, strides=strides, padding=padding), x)
+    e = jax.random.normal(jax.random.key(3), tap.shape)
+    dx, = vjp((jnp.zeros_like(y), e))
+    spread = jnp.broadcast_to(e[:, None, None, :], y.shape[:3] + (CLASSES,))
+    transposed = jnp.transpose(b["B"], (0, 1, 3, 2))  # (kh, kw, in, classes)
+    plain = lambda x: lax.conv_general_dilated(x, transposed, (strides, strides), padding,
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    expected, = jax.vjp(plain, x)[1](spread)
+    np.testing.assert_allclose(dx, expected, rtol=1e-4, atol=1e-5)
+    if strides == 2:  # differs from the input-grid projection
+        other = pj.rules.get("dfa", classes=CLASSES, grid="input")
+        dx_input, = jax.vjp(lambda x: other.conv(x, kernel, b, strides=strides,
+                                                 padding=padding), x)[1]((jnp.zeros_like(y), e))
+        assert float(jnp.linalg.norm(dx_input - dx) / jnp.linalg.norm(dx)) > 0.3
+    if strides == 1 and padding == "SAME":  # agrees in distribution with the input grid: a 1x1 check
+        one = pj.rules.get("dfa", classes=CLASSES, grid="input")
+        b1 = one.init_feedback(jax.random.key(2), kernel[:1, :1])
+        outs = [jax.vjp(lambda x, r=r: r.conv(x, kernel[:1, :1], b1), x)[1]((y, e))[0]
+                for r in (rule, one)]
+        np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 
 class CountingMLP(pj.models.MLP):

@@ -79,9 +79,11 @@ def _first_epoch_wd(first: float, then: float) -> dict:
 # Per-rule exceptions of each paper setting. The PFA paper names its first-epoch weight decay for
 # "PFA / PFA-o" in Fig. 2 and for "PFA" in Figs. 4 and 5; PFA-o is the same rule with r = 1 and an
 # orthogonal Bp, whose R equally needs the large first-epoch decay to converge, so it gets it too.
+# The Fig. 4 DFA baseline projects the class error as the authors' code does (rules.direct_feedback:
+# grid='output', the transposed conv with each layer's own stride).
 RULE_SETTINGS = {
     "fig2": {"pfa": _first_epoch_wd(0.03, 9e-5), "pfa_o": _first_epoch_wd(0.03, 9e-5)},
-    "fig4": {"dfa": {"optimizer.learning_rate": 0.001},
+    "fig4": {"dfa": {"optimizer.learning_rate": 0.001, "rule.options.grid": "output"},
              "pfa": _first_epoch_wd(0.005, 1e-4), "pfa_o": _first_epoch_wd(0.005, 1e-4)},
     "fig5": {"pfa": _first_epoch_wd(5e-4, 1e-4), "pfa_o": _first_epoch_wd(5e-4, 1e-4)},
 }

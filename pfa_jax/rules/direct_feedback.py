@@ -4,8 +4,15 @@ With ``e = dL/dlogits: (n, classes)``, the error sent to the input ``x`` of ever
 the layer below, after its nonlinearity) is a fixed random projection of ``e``:
 
     dense:  dx = e B,               B: (classes, in)
-    conv:   dx = conv(e broadcast over x's spatial grid, B),  B: (kh, kw, classes, in)
-            (stride 1, SAME: no dense (classes, H*W*C) matrix)
+    conv:   B: (kh, kw, classes, in), no dense (classes, H*W*C) matrix; option ``grid``:
+      "input"  (default; BioTorch's construction): dx = conv(e broadcast over x's spatial grid, B),
+               a stride-1 SAME conv;
+      "output" (the authors' BioTorch fork, which made the PFA paper's DFA baselines): e broadcast
+               over the layer's output grid, then the transposed conv with the layer's own stride,
+               padding and dilation through B, i.e. the input gradient of conv(x, B^T) with
+               B^T: (kh, kw, in, classes) at that broadcast error.
+    At stride 1 with SAME padding the two agree, exactly for 1x1 kernels and in distribution for
+    larger ones (the spatially flipped kernel is an equally likely draw); at stride 2 they differ.
 
 Autodiff then carries ``dx`` through the layer below's nonlinearity (and BatchNorm), so a hidden
 layer's output error is ``(e B) * f'(a)``; its own update stays local, ``dK = x^T g``. The output
@@ -46,25 +53,32 @@ from jax.custom_derivatives import SymbolicZero
 from pfa_jax.rules import ops
 from pfa_jax.rules.base import Rule, SparseFeedback
 
-__all__ = ["DFA", "dfa_linear", "MissingTapError", "project_error"]
+__all__ = ["DFA", "dfa_linear", "GRIDS", "MissingTapError", "project_error"]
 
 
-def project_error(e, b, x_shape):
-    """The fixed projection of the output error ``e: (n, classes)`` onto an input of ``x_shape``."""
+GRIDS = ("input", "output")
+
+
+def project_error(e, b, x_shape, op=None, y_shape=None, grid: str = "input"):
+    """The fixed projection of the output error ``e: (n, classes)`` onto an input of ``x_shape``
+    (conv, ``grid="output"``: through the transposed ``op`` from an output of ``y_shape``)."""
     if b.ndim == 2:
         return e @ b
-    grid = jnp.broadcast_to(e[:, None, None, :], x_shape[:-1] + e.shape[-1:])
-    return ops.conv_op(2)(grid, b)
+    if grid == "output":
+        spread = jnp.broadcast_to(e[:, None, None, :], tuple(y_shape[:-1]) + e.shape[-1:])
+        return ops.input_grad(op, jnp.zeros(x_shape, e.dtype), jnp.swapaxes(b, -1, -2), spread)
+    spread = jnp.broadcast_to(e[:, None, None, :], x_shape[:-1] + e.shape[-1:])
+    return ops.conv_op(2)(spread, b)
 
 
 def _with_tap(op, x, kernel, b):
     return op(x, kernel), jnp.zeros((x.shape[0], b.shape[-2]), x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def dfa_linear(op, x, kernel, b):
-    """``(op(x, kernel), zeros(n, classes))``; backward sends ``e B`` down, ``e`` = the tap's
-    cotangent."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def dfa_linear(op, grid, x, kernel, b):
+    """``(op(x, kernel), zeros(n, classes))``; backward sends ``e B`` down (``project_error`` on
+    ``grid``), ``e`` = the tap's cotangent."""
     return _with_tap(op, x, kernel, b)
 
 
@@ -72,12 +86,12 @@ class MissingTapError(ValueError):
     """A DFA layer was differentiated without its error tap reaching the loss."""
 
 
-def _dfa_fwd(op, x, kernel, b):
+def _dfa_fwd(op, grid, x, kernel, b):
     x, kernel, b = x.value, kernel.value, b.value  # symbolic_zeros: primals come wrapped
     return _with_tap(op, x, kernel, b), (x, kernel, b)
 
 
-def _dfa_bwd(op, residuals, cotangents):
+def _dfa_bwd(op, grid, residuals, cotangents):
     x, kernel, b = residuals
     g, e = cotangents
     if isinstance(e, SymbolicZero):
@@ -88,7 +102,8 @@ def _dfa_bwd(op, residuals, cotangents):
             "pfa_jax.nn.add_taps(self, logits), as every pfa_jax.models model does")
     if isinstance(g, SymbolicZero):
         g = jnp.zeros(g.shape, g.dtype)
-    return (project_error(e, b, x.shape), ops.kernel_grad(op, x, kernel, g), jnp.zeros_like(b))
+    return (project_error(e, b, x.shape, op, g.shape, grid), ops.kernel_grad(op, x, kernel, g),
+            jnp.zeros_like(b))
 
 
 dfa_linear.defvjp(_dfa_fwd, _dfa_bwd, symbolic_zeros=True)
@@ -100,11 +115,14 @@ class DFA(SparseFeedback, Rule):
     output_error = True
 
     classes: int | None = None
+    grid: str = "input"
 
     def __post_init__(self):
         super().__post_init__()
         if self.classes is not None and (not isinstance(self.classes, int) or self.classes < 1):
             raise ValueError(f"dfa: classes={self.classes!r} must be a positive int")
+        if self.grid not in GRIDS:
+            raise ValueError(f"dfa: grid={self.grid!r} is unknown; valid: {GRIDS}")
 
     def for_classes(self, num_classes: int) -> Rule:
         if self.classes is None:
@@ -129,7 +147,7 @@ class DFA(SparseFeedback, Rule):
             raise ValueError(f"dfa does not support feature_group_count={op.groups}")
         if isinstance(op, ops.DenseOp) and x.ndim != 2:
             raise ValueError(f"dfa dense layers need inputs of shape (batch, in), got {x.shape}")
-        return dfa_linear(op, x, kernel, lax.stop_gradient(feedback["B"]))
+        return dfa_linear(op, self.grid, x, kernel, lax.stop_gradient(feedback["B"]))
 
     def effective_feedback(self, kernel, feedback):
         return None

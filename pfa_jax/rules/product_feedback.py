@@ -50,6 +50,8 @@ instead of ``dK``, and ``pfa_o`` (``C = I``) is Kolen-Pollack started from ``B_0
 * ``form="auto"`` (default) is ``"R"`` here, where the optimizer is unknown;
   ``pfa_jax.app.spec.resolve`` turns it into ``"F"`` exactly where the two are equivalent
   (``density = 1`` and an SGD-family optimizer for the feedback) and ``"R"`` otherwise.
+
+The identity and the forms' costs are in the repository's ``docs/rules.md``.
 """
 from __future__ import annotations
 
