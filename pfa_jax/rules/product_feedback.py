@@ -140,12 +140,15 @@ def _pfa_product_fwd(op, x, kernel, c, f):
 
 def _pfa_product_bwd(op, residuals, g):
     x, kernel, c, f = residuals
-    dkernel = ops.kernel_grad(op, x, kernel, g)
     out = kernel.shape[-1]
     positions, k = math.prod(g.shape) // out, ops.window_size(kernel.shape)
     if op.groups == 1 and positions * out * (out + k) < k * out * out:
-        df = ops.kernel_grad(op, x, kernel, g @ c)  # x^T (g C)
+        # [dK, dF] = x^T [g, g C], one product
+        both = ops.kernel_grad(op, x, jnp.concatenate([kernel, kernel], -1),
+                               jnp.concatenate([g, g @ c], -1))
+        dkernel, df = both[..., :out], both[..., out:]
     else:
+        dkernel = ops.kernel_grad(op, x, kernel, g)
         df = jnp.einsum("...io,op->...ip", dkernel, c)  # dK C
     return ops.input_grad(op, x, f, g), dkernel, jnp.zeros_like(c), df
 
