@@ -116,7 +116,8 @@ def table(runs: list[dict]) -> list[str]:
     extra = list(closing_columns(next(iter(grouped.values()))))
     machines = {key: ", ".join(sorted({m["summary"].get("machine", "not recorded")
                                        for m in members})) for key, members in grouped.items()}
-    several = len(set(machines.values())) > 1
+    several = len({m["summary"].get("machine", "not recorded")
+                   for members in grouped.values() for m in members}) > 1
     header = (label_keys + ["seeds", "test acc. %", f"weight angle ({legend})",
                             "update angle to BP gradient"] + extra + ["train time / run (s)"]
               + ["machine"] * several)

@@ -36,6 +36,7 @@ import multiprocessing  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 
 from etils import epath  # noqa: E402
@@ -120,6 +121,18 @@ def _record_invocation(exp_dir: epath.Path, name: str, started: float, info: dic
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
+def _follow_parent(parent: int, every: float = 1.0) -> None:
+    """In a worker: exit as soon as the invocation that started it is gone (killed, or stopped by
+    a signal that reached it alone), instead of training on unseen beside a later invocation
+    writing the same run directory. The run stops as if killed; its checkpoints are intact."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="pfa_jax-follow-parent", daemon=True).start()
+
+
 def _train_all(todo, out: epath.Path, workers: int, progress: bool):
     """Yields ``((experiment, run), summary)`` as runs finish: in this process with one worker,
     else in ``workers`` spawned processes."""
@@ -128,7 +141,9 @@ def _train_all(todo, out: epath.Path, workers: int, progress: bool):
             yield (name, run), train_one(config.to_json(), str(out / name / run.name), progress)
         return
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
+                                                initializer=_follow_parent,
+                                                initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(train_one, config.to_json(), str(out / name / run.name), False):
                    (name, run) for name, run, config in todo}
         for future in concurrent.futures.as_completed(futures):

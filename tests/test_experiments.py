@@ -4,6 +4,10 @@ import json
 import os
 import pathlib
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from test_data import make_fashion_dir
@@ -187,3 +191,28 @@ def test_old_config_keys_given_to_set_name_their_new_place():
                      ("sharpness", "sharpness.enabled"), ("pgd_steps", "robustness.pgd_steps")]:
         with pytest.raises(ValueError, match=f"config key '{old}' is now '{new}'"):
             config_lib.override(config, [f"{old}=1"])
+
+
+@pytest.mark.slow
+def test_workers_stop_when_their_invocation_is_killed(fashion_dir, tmp_path):
+    """``--workers 2``: killing the invocation (SIGKILL, which no handler sees) stops its workers
+    too, so no orphan goes on writing a run directory that a later invocation resumes."""
+    out = tmp_path / "results"
+    command = [sys.executable, "-m", "experiments.run", "soft_alignment_mlp", "--out", str(out),
+               "--quiet", "--workers", "2", "--only", "[bf]*_rho0.5-depth2*",
+               *[a for s in TINY + [f"data_dir={fashion_dir}", "epochs=400"] for a in ("--set", s)]]
+    invocation = subprocess.Popen(command, cwd=pathlib.Path(__file__).parent.parent,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    logs = [out / "soft_alignment_mlp" / run / "metrics.jsonl"
+            for run in ("fa_rho0.5-depth2-seed0", "frsf_rho0.5-depth2-seed0")]
+    deadline = time.monotonic() + 300
+    while not all(log.exists() for log in logs):
+        assert time.monotonic() < deadline and invocation.poll() is None, "no run started"
+        time.sleep(0.2)
+    invocation.send_signal(signal.SIGKILL)
+    invocation.wait()
+    time.sleep(4)  # a worker notices within a second
+    lengths = [len(log.read_text().splitlines()) for log in logs]
+    time.sleep(4)
+    assert [len(log.read_text().splitlines()) for log in logs] == lengths
+    assert all(n < 400 for n in lengths)
