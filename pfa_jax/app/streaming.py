@@ -264,9 +264,10 @@ def load(name: str, *, data_dir: str | None = None, holdout: int = 0, pad_to: in
          processes: int = 0, prefetch: int = 2) -> StreamedDataset:
     """Opens dataset ``name`` (one of `DATASETS`) for streaming; see the module docstring.
 
-    ``processes``: grain worker processes preparing batches (0: this process, in ``workers``
-    threads, None or 0: ``min(32, os.cpu_count())``); ``prefetch``: batches prepared ahead of
-    the one being consumed. Raises ``FileNotFoundError`` saying how to prepare the data if it is
+    ``processes``: grain worker processes preparing batches (0: none, the batches are prepared in
+    this process); ``workers``: the threads preparing them in this process when ``processes`` is
+    0 (None or 0: ``min(32, os.cpu_count())``); ``prefetch``: batches prepared ahead of the one
+    being consumed. Raises ``FileNotFoundError`` saying how to prepare the data if it is
     not there.
     """
     if name not in DATASETS:

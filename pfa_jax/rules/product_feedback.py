@@ -74,11 +74,15 @@ ROUTES = ("auto", "mid", "product")
 FORMS = ("auto", "R", "F")
 
 
+def _sizes(g_shape, kernel_shape) -> tuple[int, int, int]:
+    """``(P, k, out)``: output positions (batch x output pixels), inputs per output unit, units."""
+    out = kernel_shape[-1]
+    return math.prod(g_shape) // out, ops.window_size(kernel_shape), out
+
+
 def route_costs(g_shape, kernel_shape, mid: int, groups: int) -> dict[str, int]:
     """Multiply-adds of each backward association beyond the shared ``dK`` (see module docstring)."""
-    out = kernel_shape[-1]
-    positions = math.prod(g_shape) // out
-    k = ops.window_size(kernel_shape)
+    positions, k, out = _sizes(g_shape, kernel_shape)
     return {"mid": positions * mid * (out + 2 * groups * k),
             "product": 2 * k * out * mid + positions * k * out}
 
@@ -140,8 +144,7 @@ def _pfa_product_fwd(op, x, kernel, c, f):
 
 def _pfa_product_bwd(op, residuals, g):
     x, kernel, c, f = residuals
-    out = kernel.shape[-1]
-    positions, k = math.prod(g.shape) // out, ops.window_size(kernel.shape)
+    positions, k, out = _sizes(g.shape, kernel.shape)
     if op.groups == 1 and positions * out * (out + k) < k * out * out:
         # [dK, dF] = x^T [g, g C], one product
         both = ops.kernel_grad(op, x, jnp.concatenate([kernel, kernel], -1),
