@@ -34,8 +34,8 @@ def test_train_writes_a_run_directory(fashion_dir, tmp_path, capsys):
     assert set(records[-1]["alignment"]) == {"hidden_0", "output"}
     assert 0.0 <= records[-1]["test_accuracy"] <= 1.0
     config = json.loads((out / "config.json").read_text())
-    # config.json records what was stored: PFA under SGD in the "F" form (rules.product_feedback)
-    assert config["rule"] == {"name": "pfa", "options": {"expansion": 2, "form": "F"}, "layers": {}}
+    # config.json records what was stored: PFA under SGD in the "G" form (rules.product_feedback)
+    assert config["rule"] == {"name": "pfa", "options": {"expansion": 2, "form": "G"}, "layers": {}}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 * (256 // 32)
 
@@ -129,13 +129,16 @@ def _assert_close(a, b):
         assert a == pytest.approx(b, rel=1e-6, abs=1e-6)
 
 
-def test_resume_ends_with_the_metrics_of_an_uninterrupted_run(fashion_dir, tmp_path):
+def test_resume_ends_with_the_metrics_of_an_uninterrupted_run(fashion_dir, tmp_path, capsys):
     rule = ["--rule", "pfa", "--set", "rule.options.expansion=2",
             "--set", "optimizer.weight_decay=(0.01, 1e-4)", "--set", "optimizer.wd_milestones=(1,)"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert cli.main(train_args(fashion_dir, straight, *rule, "--epochs", "4")) == 0
     assert cli.main(train_args(fashion_dir, resumed, *rule)) == 0
     assert len(_records(resumed)) == 2
+    # another rule is named as such (not as an option of it: the run's config has PFA's form)
+    assert cli.main(["train", "--resume", "--out", str(resumed), "--rule", "kp", "--quiet"]) == 2
+    assert "rule.name='kp': the run in" in capsys.readouterr().err
     assert cli.main(["train", "--resume", "--out", str(resumed), "--epochs", "4", "--quiet"]) == 0
     _assert_close(_records(resumed), _records(straight))
     assert json.loads((resumed / "config.json").read_text())["epochs"] == 4

@@ -277,7 +277,8 @@ def test_a_failed_resume_or_bad_override_leaves_the_run_directory_as_it_was(fash
     assert cli.main(args(fashion_dir, out)) == 0
     before = _snapshot(out)
     for extra, message in [(["--epochs", "1"], "fewer than the 2 epochs"),
-                           (["--rule", "pfa"], "in rule.name: 'kp' -> 'pfa'"),
+                           (["--rule", "pfa"], "rule.name='pfa': the run in"),
+                           (["--model", "lenet"], "was trained with model='ffn2'"),
                            (["--set", "rule.name=nope"], "unknown"),
                            (["--set", "rule_options.rho=0.5"], "is now 'rule.options.rho'")]:
         assert cli.main(["train", "--resume", "--out", str(out), "--quiet", *extra]) == 2

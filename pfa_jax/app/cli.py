@@ -13,6 +13,7 @@ Flags set the common keys of ``pfa_jax.app.config.default_config()``; ``--set ke
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 
 from pfa_jax import models, rules
@@ -60,6 +61,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_same_run(saved, config, out) -> None:
+    """``--resume`` continues the run's own rule and model: their arrays are in its checkpoints.
+    (An unknown name is left to ``spec.resolve``, which lists the valid ones.)"""
+    for key, names in (("rule.name", rules.names()), ("model", models.names())):
+        own, given = config_lib.get(saved, key), config_lib.get(config, key)
+        if given != own and given in names:
+            raise ValueError(f"{key}={given!r}: the run in {out} was trained with {key}={own!r}, "
+                             "and --resume continues it (its checkpoints hold that one's arrays); "
+                             "another rule or model needs a new run (another --out, or "
+                             "--overwrite)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "rules":
@@ -78,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume and not args.out:
             raise ValueError("--resume needs --out, the run directory to continue")
         config = experiment.load_config(args.out) if args.resume else config_lib.default_config()
+        saved = copy.deepcopy(config)
         config_lib.override(config, flags + args.set)
+        if args.resume:
+            _check_same_run(saved, config, args.out)
         out = args.out or f"runs/{config.dataset}-{config.model}-{config.rule.name}-seed{config.seed}"
         summary = experiment.run(spec.resolve(config), out, overwrite=args.overwrite, progress=not args.quiet,
                                  resume=args.resume)

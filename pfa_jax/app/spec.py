@@ -207,8 +207,9 @@ def _measurements(config) -> tuple[Sharpness | None, Robustness]:
 
 def _stored_forms(rule, optimizer: OptimizerConfig, config):
     """PFA's storage form (``pfa_jax.rules.product_feedback``) for this optimizer: ``"auto"``
-    becomes ``"F"`` where it is equivalent to ``"R"`` (``density = 1`` and an SGD-family optimizer
-    stepping the feedback), else ``"R"``; an explicit ``"F"`` with another optimizer is refused.
+    becomes ``"G"`` (``"F"`` where ``C`` is ill-conditioned: ``pfa`` with ``expansion < 2``) where
+    it is equivalent to ``"R"`` (``density = 1`` and an SGD-family optimizer stepping the
+    feedback), else ``"R"``; an explicit ``"F"`` or ``"G"`` with another optimizer is refused.
     The default rule's resolved form is written into ``config.rule.options.form``."""
     name = (optimizer.feedback or optimizer).name
     linear = name == "sgd"
@@ -216,12 +217,13 @@ def _stored_forms(rule, optimizer: OptimizerConfig, config):
     def stored(one):
         if not isinstance(one, PFA):
             return one
-        if one.form == "F" and not linear:
-            raise ValueError(f"config rule.options.form='F' needs an optimizer linear in the "
-                             f"gradient for the feedback (sgd); optimizer {name!r} is not, so "
+        if one.form in ("F", "G") and not linear:
+            raise ValueError(f"config rule.options.form={one.form!r} needs an optimizer linear in "
+                             f"the gradient for the feedback (sgd); optimizer {name!r} is not, so "
                              "the forms would differ: use form='R' or 'auto'")
         if one.form == "auto":
-            one = dataclasses.replace(one, form="F" if linear and one.density == 1 else "R")
+            equivalent = ("G" if one.factorable else "F") if linear and one.density == 1 else "R"
+            one = dataclasses.replace(one, form=equivalent)
         return one
 
     resolved = ({k: stored(v) for k, v in rule.items()} if isinstance(rule, dict)

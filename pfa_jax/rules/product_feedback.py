@@ -24,8 +24,8 @@ Cost. The backward pass has two equal associations (equal up to float rounding):
 * ``"mid"``: ``h = g Bp`` (mid-population errors), then ``dx`` and ``dR`` through ``R`` and ``h``;
 * ``"product"``: ``F = R Bp^T`` formed once, ``dx = g F^T`` (backprop's cost), ``dR = dK Bp``.
 
-With ``P`` output positions (batch x output pixels), ``k`` inputs per output unit and ``G`` feature
-groups, "mid" costs ``P mid (out + 2 G k)`` multiply-adds and "product" ``2 k out mid + P k out``.
+With ``P`` output positions (batch x output pixels), ``k`` inputs per output unit and ``n`` feature
+groups, "mid" costs ``P mid (out + 2 n k)`` multiply-adds and "product" ``2 k out mid + P k out``.
 ``route="auto"`` (default) picks the cheaper at trace time from the static shapes; the forward pass
 never touches ``R``. With feature groups the mid population is kept per group (``G * mid`` channels),
 which is what ``F = R Bp^T`` means for a grouped conv.
@@ -39,17 +39,27 @@ schedule - commutes with right-multiplication by ``Bp^T``, so under it ``F`` evo
 
 (``m_F = m_R Bp^T`` at every step). So PFA is Kolen-Pollack whose feedback update is ``dK C``
 instead of ``dK``, and ``pfa_o`` (``C = I``) is Kolen-Pollack started from ``B_0 = R_0 Bp^T``.
+Where ``C`` is invertible the same holds one step further: ``G = F C^-1`` evolves by
+``u_G = dK + wd G`` (``u_F = u_G C``), which is exactly Kolen-Pollack's update of its feedback.
 
 * ``form="R"`` stores ``Bp`` (fixed) and ``R`` (plastic), the authors' form; it is needed for sparse
   ``R`` (``density < 1``: the mask lives on ``R``) and for optimizers that are not linear (Adam,
-  AdamW, clipping by a norm that includes the feedback), under which the two forms differ.
+  AdamW, clipping by a norm that includes the feedback), under which the forms differ.
 * ``form="F"`` stores ``F`` (plastic) and ``C`` (fixed), drawn from the same ``R_0`` and ``Bp`` as
   the ``"R"`` form; ``dx = g F^T`` (backprop's cost) and ``dF = dK C``, computed as ``dK C``
   (``k out^2`` multiply-adds) or, for ungrouped layers where it is cheaper, ``x^T (g C)``
   (``P out (out + k)``); nothing scales with ``r``.
+* ``form="G"`` stores ``G = F_0 C^-1`` (plastic) and ``C`` (fixed): ``dG = dK`` (free: backprop's
+  kernel gradient) and ``dx = g (G C)^T``, computed as ``(g C) G^T`` (``P out^2`` beyond backprop)
+  or, where cheaper or the layer has feature groups, through ``G C`` formed once (``k out^2``).
+  Rounding in ``G`` is amplified by ``C``'s condition number, about
+  ``((1 + r^-1/2) / (1 - r^-1/2))^2`` for PFA's ``Bp`` (35 at r = 2, 3.7 at r = 10, 1 for
+  ``pfa_o``) and unbounded at r = 1 (3e6 for a 512-unit layer), so ``"G"`` needs
+  ``expansion >= G_MIN_EXPANSION`` (2) or ``pfa_o``.
 * ``form="auto"`` (default) is ``"R"`` here, where the optimizer is unknown;
-  ``pfa_jax.app.spec.resolve`` turns it into ``"F"`` exactly where the two are equivalent
-  (``density = 1`` and an SGD-family optimizer for the feedback) and ``"R"`` otherwise.
+  ``pfa_jax.app.spec.resolve`` turns it into ``"G"`` (or ``"F"`` where ``C`` is ill-conditioned,
+  ``pfa`` with ``expansion < 2``) exactly where the forms are equivalent (``density = 1`` and an
+  SGD-family optimizer for the feedback) and ``"R"`` otherwise.
 
 The identity and the forms' costs are in the repository's ``docs/rules.md``.
 """
@@ -67,11 +77,12 @@ from jax import lax
 from pfa_jax.rules import ops
 from pfa_jax.rules.base import Rule, check_density
 
-__all__ = ["choose_route", "FORMS", "PFA", "pfa_linear", "pfa_product_linear", "PFAOrthogonal",
-           "route_costs", "ROUTES"]
+__all__ = ["choose_route", "FORMS", "G_MIN_EXPANSION", "PFA", "pfa_factored_linear", "pfa_linear",
+           "pfa_product_linear", "PFAOrthogonal", "route_costs", "ROUTES"]
 
 ROUTES = ("auto", "mid", "product")
-FORMS = ("auto", "R", "F")
+FORMS = ("auto", "R", "F", "G")
+G_MIN_EXPANSION = 2
 
 
 def _sizes(g_shape, kernel_shape) -> tuple[int, int, int]:
@@ -138,8 +149,8 @@ def pfa_product_linear(op, x, kernel, c, f):
     return op(x, kernel)
 
 
-def _pfa_product_fwd(op, x, kernel, c, f):
-    return op(x, kernel), (x, kernel, c, f)
+def _pfa_stored_fwd(op, x, kernel, c, plastic):
+    return op(x, kernel), (x, kernel, c, plastic)
 
 
 def _pfa_product_bwd(op, residuals, g):
@@ -156,7 +167,27 @@ def _pfa_product_bwd(op, residuals, g):
     return ops.input_grad(op, x, f, g), dkernel, jnp.zeros_like(c), df
 
 
-pfa_product_linear.defvjp(_pfa_product_fwd, _pfa_product_bwd)
+pfa_product_linear.defvjp(_pfa_stored_fwd, _pfa_product_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def pfa_factored_linear(op, x, kernel, c, factor):
+    """``op(x, kernel)`` with PFA's backward in the ``"G"`` form: ``dx = g (G C)^T``, ``dG = dK``."""
+    return op(x, kernel)
+
+
+def _pfa_factored_bwd(op, residuals, g):
+    x, kernel, c, factor = residuals
+    positions, k, _ = _sizes(g.shape, kernel.shape)
+    if op.groups == 1 and positions < k:
+        dx = ops.input_grad(op, x, factor, g @ c)  # (g C) G^T
+    else:
+        dx = ops.input_grad(op, x, jnp.einsum("...io,op->...ip", factor, c), g)  # g (G C)^T
+    dkernel = ops.kernel_grad(op, x, kernel, g)
+    return dx, dkernel, jnp.zeros_like(c), dkernel
+
+
+pfa_factored_linear.defvjp(_pfa_stored_fwd, _pfa_factored_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,15 +209,25 @@ class PFA(Rule):
             raise ValueError(f"{self.name}: route={self.route!r} is unknown; valid: {ROUTES}")
         if self.form not in FORMS:
             raise ValueError(f"{self.name}: form={self.form!r} is unknown; valid: {FORMS}")
-        if self.form == "F" and self.density < 1.0:
-            raise ValueError(f"{self.name}: form='F' with density={self.density!r}: F = R Bp^T "
-                             "cannot keep R's sparsity mask, so the forms differ; use form='R' "
-                             "(or 'auto')")
+        if self.form in ("F", "G") and self.density < 1.0:
+            raise ValueError(f"{self.name}: form={self.form!r} with density={self.density!r}: "
+                             "F = R Bp^T cannot keep R's sparsity mask, so the forms differ; use "
+                             "form='R' (or 'auto')")
+        if self.form == "G" and not self.factorable:
+            raise ValueError(f"{self.name}: form='G' with expansion={self.expansion!r}: C = Bp Bp^T "
+                             f"is ill-conditioned below expansion {G_MIN_EXPANSION}, and G = F C^-1 "
+                             "would amplify rounding; use form='F' (or 'auto')")
 
     @property
     def stored(self) -> str:
-        """The form whose arrays the feedback holds: ``"F"``, or ``"R"`` (also for ``"auto"``)."""
-        return "F" if self.form == "F" else "R"
+        """The form whose arrays the feedback holds: ``"F"``, ``"G"``, or ``"R"`` (also for
+        ``"auto"``)."""
+        return "R" if self.form == "auto" else self.form
+
+    @property
+    def factorable(self) -> bool:
+        """Whether ``C = Bp Bp^T`` is well enough conditioned for the ``"G"`` form."""
+        return self.expansion >= G_MIN_EXPANSION
 
     @property
     def plastic(self) -> tuple[str, ...]:
@@ -206,9 +247,12 @@ class PFA(Rule):
         k_bp, k_r, k_mask_bp, k_mask_r = jax.random.split(key, 4)
         feedback = {"Bp": self.draw_bp(k_bp, out, kernel.dtype),
                     "R": self.kernel_init()(k_r, kernel.shape[:-1] + (mid,), kernel.dtype)}
-        if self.stored == "F":  # the same draws, stored as F = R Bp^T and C = Bp Bp^T
+        if self.stored != "R":  # the same draws, stored as C = Bp Bp^T and F = R Bp^T or F C^-1
             bp = feedback["Bp"]
-            return {"C": bp @ bp.T, "F": jnp.einsum("...im,om->...io", feedback["R"], bp)}
+            c, f = bp @ bp.T, jnp.einsum("...im,om->...io", feedback["R"], bp)
+            if self.stored == "F":
+                return {"C": c, "F": f}
+            return {"C": c, "G": jnp.linalg.solve(c, f.reshape(-1, out).T).T.reshape(f.shape)}
         if self.density < 1.0:
             feedback["Bp"] *= jax.random.bernoulli(k_mask_bp, self.density, feedback["Bp"].shape)
             feedback["R_mask"] = jax.random.bernoulli(
@@ -223,14 +267,16 @@ class PFA(Rule):
         return lax.stop_gradient(feedback["Bp"]), r
 
     def apply(self, op, x, kernel, feedback, key):
-        if self.stored == "F":
-            return pfa_product_linear(op, x, kernel, lax.stop_gradient(feedback["C"]),
-                                      feedback["F"])
+        if self.stored != "R":
+            linear = pfa_product_linear if self.stored == "F" else pfa_factored_linear
+            return linear(op, x, kernel, lax.stop_gradient(feedback["C"]), feedback[self.stored])
         return pfa_linear(op, self.route, x, kernel, *self._fixed_and_plastic(feedback))
 
     def effective_feedback(self, kernel, feedback):
         if self.stored == "F":
             return feedback["F"]
+        if self.stored == "G":
+            return jnp.einsum("...io,op->...ip", feedback["G"], lax.stop_gradient(feedback["C"]))
         bp, r = self._fixed_and_plastic(feedback)
         return jnp.einsum("...im,om->...io", r, bp)
 
@@ -248,6 +294,10 @@ class PFAOrthogonal(PFA):
         if self.expansion != 1 or self.density != 1.0:
             raise ValueError(f"pfa_o: expansion={self.expansion!r} and density={self.density!r} are "
                              "fixed at 1; use rule 'pfa' for other values")
+
+    @property
+    def factorable(self) -> bool:
+        return True  # C = I
 
     def draw_bp(self, key, out, dtype):
         return jax.nn.initializers.orthogonal()(key, (out, out), dtype)
