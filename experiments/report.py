@@ -22,12 +22,9 @@ import pathlib
 import statistics
 import sys
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from experiments import configs  # noqa: E402
+from experiments import configs
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -156,8 +153,10 @@ def series_and_rows(runs: list[dict], axis: str | None) -> tuple[str, list[str]]
     return series, rows
 
 
-def curves_figure(runs: list[dict], axis: str | None, path: pathlib.Path) -> None:
-    """Test accuracy, mean hidden-layer feedback angle and update angle against the epoch."""
+def curves_figure(runs: list[dict], axis: str | None) -> Figure:
+    """Test accuracy, mean hidden-layer feedback angle and update angle against the epoch
+    (matplotlib's object-oriented ``Figure``: a notebook shows it, the global backend is left
+    alone)."""
     series, rows = series_and_rows(runs, axis)
     row_values = sorted({tuple(r["labels"][k] for k in rows) for r in runs}, key=str) or [()]
     panels = [("test accuracy (%)", lambda r: 100 * r["test_accuracy"]),
@@ -165,8 +164,8 @@ def curves_figure(runs: list[dict], axis: str | None, path: pathlib.Path) -> Non
                lambda r: _mean_angle(r, "alignment", "weight_angle")),
               ("update angle to BP (deg), hidden mean",
                lambda r: _mean_angle(r, "gradient_alignment", "grad_angle"))]
-    figure, axes = plt.subplots(len(row_values), 3, figsize=(15, 3.6 * len(row_values)),
-                                squeeze=False)
+    figure = Figure(figsize=(15, 3.6 * len(row_values)))
+    axes = figure.subplots(len(row_values), 3, squeeze=False)
     for row, values in zip(axes, row_values):
         members_of = {}
         for run in runs:
@@ -183,11 +182,10 @@ def curves_figure(runs: list[dict], axis: str | None, path: pathlib.Path) -> Non
         if members_of:
             row[0].legend(fontsize=7, ncol=2)
     figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    return figure
 
 
-def axis_figure(runs: list[dict], axis: str, path: pathlib.Path) -> None:
+def axis_figure(runs: list[dict], axis: str) -> Figure:
     """Final test accuracy (mean and sd over seeds) against ``axis``, a line per other label set."""
     lines: dict[tuple, dict] = {}
     for key, members in groups(runs).items():
@@ -195,7 +193,8 @@ def axis_figure(runs: list[dict], axis: str, path: pathlib.Path) -> None:
             rest = tuple((k, v) for k, v in key if k != axis)
             lines.setdefault(rest, {})[dict(key)[axis]] = [
                 100 * m["summary"]["test_accuracy"] for m in members]
-    figure, plot = plt.subplots(figsize=(5.5, 3.8))
+    figure = Figure(figsize=(5.5, 3.8))
+    plot = figure.subplots()
     for rest, points in lines.items():
         xs = sorted(points)
         plot.errorbar(xs, [statistics.fmean(points[x]) for x in xs],
@@ -207,8 +206,7 @@ def axis_figure(runs: list[dict], axis: str, path: pathlib.Path) -> None:
     plot.grid(alpha=0.3)
     plot.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    return figure
 
 
 def hardware_line(record: dict) -> str:
@@ -240,11 +238,11 @@ def section(name: str, exp_dir: pathlib.Path, figures: pathlib.Path, page: pathl
     if counts["done"]:
         figures.mkdir(parents=True, exist_ok=True)
         curves = figures / f"{name}_curves.png"
-        curves_figure(runs, getattr(module, "PLOT_AXIS", None), curves)
+        curves_figure(runs, getattr(module, "PLOT_AXIS", None)).savefig(curves, dpi=90)
         lines += ["", f"![{name}: curves]({curves.relative_to(page.parent)})"]
         if hasattr(module, "PLOT_AXIS"):
             axis = figures / f"{name}_{module.PLOT_AXIS}.png"
-            axis_figure(runs, module.PLOT_AXIS, axis)
+            axis_figure(runs, module.PLOT_AXIS).savefig(axis, dpi=90)
             lines += ["", f"![{name}: final accuracy against {module.PLOT_AXIS}]"
                       f"({axis.relative_to(page.parent)})"]
     return lines + [""]

@@ -150,28 +150,11 @@ def test_report_without_results_names_the_fix(tmp_path, capsys):
     assert "python -m experiments.run NAME" in capsys.readouterr().err
 
 
-def test_colab_notebook_runs(fashion_dir, tmp_path, monkeypatch):
-    notebook = json.loads(open(os.path.join(os.path.dirname(__file__), "..", "experiments",
-                                            "colab.ipynb")).read())
-    code = "\n".join(line for cell in notebook["cells"] if cell["cell_type"] == "code"
-                     for line in "".join(cell["source"]).splitlines()
-                     if not line.lstrip().startswith(("%", "!")))
-    monkeypatch.setenv("PFA_JAX_NOTEBOOK_SMOKE", "1")
-    monkeypatch.setenv("PFA_JAX_FASHION_MNIST_DIR", str(fashion_dir))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.chdir(tmp_path)
-    namespace = {}
-    exec(compile(code, "colab.ipynb", "exec"), namespace)
-    assert set(namespace["summaries"]) == {"bp", "pfa"}
-    assert [r["epoch"] for r in namespace["records"]["pfa"]] == [1, 2]
-    assert (tmp_path / "runs" / "colab-pfa" / "curves.png").exists()
-
-
 def test_every_committed_run_config_migrates_to_its_experiment_config():
     """config.json files (most written before the config had sections) migrate to exactly the
     config the experiment resolves to today. A PFA run written before the storage forms has no
-    ``rule.options.form``: it stored R, which trains as the F that SGD resolves to (the identity
-    of rules.product_feedback), so the form is not compared there."""
+    ``rule.options.form``: it stored R, which trains as the G (or F) that SGD resolves to (the
+    identity of rules.product_feedback), so the form is not compared there."""
     results = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "results"
     paths = sorted(results.glob("*/*/config.json"))
     assert len(paths) > 100

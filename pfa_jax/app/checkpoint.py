@@ -25,7 +25,6 @@ optimizer state took its present layout (one ``optax.multi_transform`` over ``{'
 are migrated on restore (``migrate_opt_state``): the same transformation's state, moved into
 today's ``{'params': ..., 'feedback': ...}`` layout, so a run directory of that time resumes exactly.
 """
-from __future__ import annotations
 
 import logging
 import zlib

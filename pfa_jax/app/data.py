@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Dataset", "DATASETS", "DEFAULT_FASHION_MNIST_DIR", "load", "load_idx_dir", "NUM_CLASSES",
-           "read_idx", "STREAMED_DATASETS"]
+__all__ = ["Dataset", "DATASETS", "DEFAULT_FASHION_MNIST_DIR", "fashion_mnist_dir", "load",
+           "load_idx_dir", "NUM_CLASSES", "read_idx", "STREAMED_DATASETS"]
 
 STREAMED_DATASETS = ("imagenet2012",)  # read by pfa_jax.app.streaming, not by `load`
 DATASETS = ("fashion_mnist", "mnist", "cifar10") + STREAMED_DATASETS
@@ -152,7 +152,7 @@ def load(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of examples, got {limit!r}")
 
-    idx_dir = _fashion_mnist_dir(data_dir) if name == "fashion_mnist" else None
+    idx_dir = fashion_mnist_dir(data_dir) if name == "fashion_mnist" else None
     if idx_dir is not None:
         arrays = load_idx_dir(idx_dir)
         train = (arrays["train_images"][..., None], arrays["train_labels"])
@@ -191,8 +191,9 @@ def load(
     )
 
 
-def _fashion_mnist_dir(data_dir):
-    """The local IDX directory for Fashion-MNIST, or None to fall back to tensorflow-datasets."""
+def fashion_mnist_dir(data_dir: str | None = None) -> str | None:
+    """The local IDX directory Fashion-MNIST is read from, or None: it comes through
+    tensorflow-datasets."""
     if data_dir is not None:
         return data_dir
     if os.environ.get(_FASHION_MNIST_DIR_ENV):

@@ -93,5 +93,6 @@ def _entry(name: str):
     return _REGISTRY[name]
 
 
-__all__ = ["BasicBlock", "CifarResNet", "ImageNetResNet", "LeNet", "MLP", "Model", "get", "names",
-           "options"]
+# The classes stay importable from here (``pfa_jax.models.MLP``); the API reference documents them
+# in their own modules, where their annotations resolve.
+__all__ = ["get", "names", "options"]

@@ -11,7 +11,6 @@ BatchNorm included, with the parameters, feedback and BatchNorm statistics kept 
 ``dtype`` / ``param_dtype``); ``dtype=jnp.bfloat16`` is mixed-precision training. The logits are
 returned in float32, so the loss is computed in float32.
 """
-from __future__ import annotations
 
 from typing import Any, ClassVar, Sequence
 
