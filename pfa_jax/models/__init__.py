@@ -33,7 +33,7 @@ from pfa_jax import nn as pnn
 from pfa_jax.models.base import Model
 from pfa_jax.models.lenet import LeNet
 from pfa_jax.models.mlp import MLP
-from pfa_jax.models.resnet import BasicBlock, CifarResNet, ImageNetResNet
+from pfa_jax.models.resnet import CifarResNet, ImageNetResNet
 
 # name -> (class, fields fixed by the name)
 _REGISTRY: dict[str, tuple[type[Model], dict]] = {
