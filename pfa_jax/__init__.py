@@ -5,6 +5,10 @@
     model = pj.models.get("ffn2", rule=rule)
     state = pj.train.create_train_state(key, model, sample_batch, {"learning_rate": 0.01})
     state, metrics = pj.train.train_step(state, batch)
+
+The repository's ``docs/index.md`` lists the documentation: ``docs/own_code.md`` (using it from
+your own code), ``docs/rules.md`` (the math of every rule and metric), ``docs/nnx.md``,
+``docs/scale.md`` (several devices and hosts).
 """
 from pfa_jax import augment, fields, layers, metrics, models, nn, nnx, optim, rules, train
 

@@ -25,6 +25,7 @@ the same variables, for any linen model. Rule layers come from the state's layer
 (``pfa_jax.layers``); a layer lifted by ``nn.scan`` / ``nn.vmap`` is reported once per slice,
 ``path[i]``. Training-mode passes draw every RNG stream (dropout included) from the keys of the
 state's next train step (``pfa_jax.train.step_rngs``), the rule's pass and the true one alike.
+The metrics' definitions are in the repository's ``docs/rules.md`` (Metrics).
 """
 from __future__ import annotations
 

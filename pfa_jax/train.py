@@ -32,6 +32,7 @@ Data parallel, two ways, same numbers as one device:
   ``NamedSharding`` over axis ``"batch"``) and the state replicated: XLA partitions the same program.
   ``train_epoch`` and ``evaluate`` take that ``NamedSharding`` as ``sharding=`` and split every
   batch of an in-memory epoch the same way (``pfa_jax.app.placement`` does this for the command).
+  The repository's ``docs/scale.md`` shows both.
 """
 from __future__ import annotations
 

@@ -9,6 +9,8 @@
     pfa-jax rules | models
 
 Flags set the common keys of ``pfa_jax.app.config.default_config()``; ``--set key=value`` sets any key.
+The repository's ``docs/command.md`` describes the command and its run directories,
+``docs/scale.md`` several devices and hosts.
 """
 from __future__ import annotations
 

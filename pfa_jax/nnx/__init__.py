@@ -8,7 +8,7 @@
     metrics = nnx.jit(pj.nnx.train_step)(model, optimizer, batch)
 
 See ``pfa_jax.nnx.layers`` (layers and feedback variable types), ``pfa_jax.nnx.models`` and
-``pfa_jax.nnx.train`` (train step, linen conversion).
+``pfa_jax.nnx.train`` (train step, linen conversion), and the repository's ``docs/nnx.md``.
 """
 from pfa_jax.nnx import models
 from pfa_jax.nnx.layers import (Conv, Feedback, FixedFeedback, Linear, MirroredFeedback,

@@ -3,7 +3,8 @@
     rule = pfa_jax.rules.get("pfa", expansion=10, density=1.0)
     pfa_jax.rules.names()
 
-A new rule is one new module and one line in ``_REGISTRY``.
+A new rule is one new module and one line in ``_REGISTRY``. The math of every rule and its
+options are in the repository's ``docs/rules.md``.
 """
 from __future__ import annotations
 
