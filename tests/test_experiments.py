@@ -56,8 +56,15 @@ def test_paper_settings():
     resnet20 = {r.labels["rule"]: runner.run_config("resnet20_fashion_mnist", r)
                 for r in configs.load("resnet20_fashion_mnist").runs()}
     assert "grid" not in resnet20["dfa"].rule.options  # the default 'input', as its run was trained
-    # PFA under the papers' SGD stores F (identical training, KP's cost)
-    assert spec.resolve(fig4["pfa"]).rule.form == "F"
+    # PFA under the papers' SGD stores G (identical training, KP's cost); F at r = 1
+    assert spec.resolve(fig4["pfa"]).rule.form == "G"
+    assert spec.resolve(fig4["pfa_o"]).rule.form == "G"
+    fig5 = {r.labels["rule"]: r for r in configs.load("fig5_imagenet").runs()}
+    assert spec.resolve(runner.run_config("fig5_imagenet", fig5["pfa"])).rule.form == "G"
+    expansion = {r.labels["r"]: r for r in configs.load("expansion_fashion_mnist").runs()}
+    forms = {r: spec.resolve(runner.run_config("expansion_fashion_mnist", run)).rule.form
+             for r, run in expansion.items()}
+    assert forms == {1: "F", 2: "G", 5: "G", 10: "G", 20: "G", 50: "G"}
     sparse = configs.load("sparse_fashion_mnist").runs()
     assert {(r.labels["rule"], r.labels["density"]) for r in sparse} == {
         (rule, d) for rule in ("fa", "dfa", "usf", "pfa") for d in (1, .5, .3, .17, .1, .05)}
