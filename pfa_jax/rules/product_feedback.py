@@ -53,7 +53,7 @@ Where ``C`` is invertible the same holds one step further: ``G = F C^-1`` evolve
   kernel gradient) and ``dx = g (G C)^T``, computed as ``(g C) G^T`` (``P out^2`` beyond backprop)
   or, where cheaper or the layer has feature groups, through ``G C`` formed once (``k out^2``).
   Rounding in ``G`` is amplified by ``C``'s condition number, about
-  ``((1 + r^-1/2) / (1 - r^-1/2))^2`` for PFA's ``Bp`` (35 at r = 2, 3.7 at r = 10, 1 for
+  ``((1 + r^-1/2) / (1 - r^-1/2))^2`` for PFA's ``Bp`` (34 at r = 2, 3.7 at r = 10, 1 for
   ``pfa_o``) and unbounded at r = 1 (3e6 for a 512-unit layer), so ``"G"`` needs
   ``expansion >= G_MIN_EXPANSION`` (2) or ``pfa_o``.
 * ``form="auto"`` (default) is ``"R"`` here, where the optimizer is unknown;
