@@ -14,12 +14,12 @@ r = 1, where ``C`` is ill-conditioned), against backprop.
 Targets (issue: PFA at Kolen-Pollack's cost), for the form a run spec stores under SGD ("G", or "F"
 at r = 1): at most 1.5 x bp in time at every ffn2 point, at most 1.05 x in time and 1.03 x in
 memory on ResNet-20. Prints JSON (also to ``--json PATH``), then
-markdown tables. The default run takes about 15 minutes on 2 CPU cores (the "R" form at r = 50 is
+markdown tables. The default run takes about 17 minutes on 2 CPU cores (the "R" form at r = 50 is
 the slow part).
 
     .venv/bin/python benchmarks/pfa_forms.py [--repeats 10] [--quick] [--json PATH]
 
-``--quick``: ffn2 batch 64, r in 1 and 10, no ResNet-20, 2 rounds.
+``--quick``: ffn2 batch 64, r in 1 and 10 and pfa_o, no ResNet-20, 2 rounds.
 """
 from __future__ import annotations
 
