@@ -18,6 +18,9 @@ def execute(name: str, cwd: pathlib.Path, source: str | None = None):
     install cell's ``SOURCE`` is set to); raises ``CellExecutionError`` at the first failing cell,
     leaving the later cells unexecuted in the returned notebook."""
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    for cell in notebook.cells:  # the committed outputs go: only this run's count
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
     if source is not None:
         install = notebook.cells[1]
         assert 'SOURCE = ""' in install.source
