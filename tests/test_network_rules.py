@@ -33,9 +33,16 @@ def output_error(logits, labels):
     return (jax.nn.softmax(logits) - jax.nn.one_hot(labels, CLASSES)) / logits.shape[0]
 
 
-def test_dfa_mlp_updates_match_a_reference():
+def projected(e, signal):
+    """What DFA sends down instead of ``e``: ``e``, or sDFA's ``sign(e)`` over the batch rows."""
+    return e if signal == "error" else np.sign(e) / len(e)
+
+
+@pytest.mark.parametrize("signal", ["error", "sign"])
+def test_dfa_mlp_updates_match_a_reference(signal):
     images, labels = batch((2, 2, 1))
-    model = pj.models.get("ffn2", rule="dfa", num_classes=CLASSES, widths=(6, 5))
+    model = pj.models.get("ffn2", rule=pj.rules.get("dfa", signal=signal), num_classes=CLASSES,
+                          widths=(6, 5))
     variables = model.init({"params": jax.random.key(0)}, images)
     grads = rule_grads(model, variables, images, labels)
 
@@ -45,8 +52,9 @@ def test_dfa_mlp_updates_match_a_reference():
     a2 = jax.nn.relu(a1) @ p["hidden_1"]["kernel"] + p["hidden_1"]["bias"]
     logits = jax.nn.relu(a2) @ p["output"]["kernel"] + p["output"]["bias"]
     e = output_error(logits, labels)
-    d2 = (e @ b["output"]["B"]) * (a2 > 0)       # output layer's B: (classes, 5)
-    d1 = (e @ b["hidden_1"]["B"]) * (a1 > 0)     # hidden_1's B: (classes, 6)
+    s = projected(e, signal)
+    d2 = (s @ b["output"]["B"]) * (a2 > 0)       # output layer's B: (classes, 5)
+    d1 = (s @ b["hidden_1"]["B"]) * (a1 > 0)     # hidden_1's B: (classes, 6)
     expected = {"output": jax.nn.relu(a2).T @ e, "hidden_1": jax.nn.relu(a1).T @ d2,
                 "hidden_0": x.T @ d1}
     for layer, kernel_grad in expected.items():
@@ -65,10 +73,11 @@ class TwoConvNet(nn.Module):
             x.reshape(x.shape[0], -1)))
 
 
-@pytest.mark.parametrize("grid", ["input", "output"])
-def test_dfa_conv_updates_match_a_reference(grid):
+@pytest.mark.parametrize("grid, signal", [("input", "error"), ("output", "error"),
+                                          ("output", "sign")])
+def test_dfa_conv_updates_match_a_reference(grid, signal):
     images, labels = batch((6, 6, 2))
-    model = TwoConvNet(pj.rules.get("dfa", classes=CLASSES, grid=grid))
+    model = TwoConvNet(pj.rules.get("dfa", classes=CLASSES, grid=grid, signal=signal))
     variables = model.init({"params": jax.random.key(1)}, images)
     grads = rule_grads(model, variables, images, labels)
 
@@ -78,7 +87,7 @@ def test_dfa_conv_updates_match_a_reference(grid):
     a0 = conv(images, p["conv_0"]["kernel"]) + p["conv_0"]["bias"]
     a1 = conv(jax.nn.relu(a0), p["conv_1"]["kernel"], 2) + p["conv_1"]["bias"]
     flat = jax.nn.relu(a1).reshape(len(images), -1)
-    e = output_error(flat @ p["output"]["kernel"] + p["output"]["bias"], labels)
+    e = projected(output_error(flat @ p["output"]["kernel"] + p["output"]["bias"], labels), signal)
     d1 = (e @ b["output"]["B"]).reshape(a1.shape) * (a1 > 0)
     if grid == "input":  # conv_1's feedback (3, 3, classes, 4) on e broadcast over its 6x6 input
         spread = jnp.broadcast_to(e[:, None, None, :], a0.shape[:3] + (CLASSES,))

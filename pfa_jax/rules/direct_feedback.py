@@ -53,10 +53,16 @@ from jax.custom_derivatives import SymbolicZero
 from pfa_jax.rules import ops
 from pfa_jax.rules.base import Rule, SparseFeedback
 
-__all__ = ["DFA", "dfa_linear", "GRIDS", "MissingTapError", "project_error"]
+__all__ = ["DFA", "dfa_linear", "GRIDS", "MissingTapError", "project_error", "SIGNALS"]
 
 
 GRIDS = ("input", "output")
+SIGNALS = ("error", "sign")
+
+
+def _projected(e, signal: str):
+    """What DFA projects of the output error ``e: (n, classes)`` (module docstring)."""
+    return e if signal == "error" else jnp.sign(e) / e.shape[0]
 
 
 def project_error(e, b, x_shape, op=None, y_shape=None, grid: str = "input"):
@@ -75,10 +81,11 @@ def _with_tap(op, x, kernel, b):
     return op(x, kernel), jnp.zeros((x.shape[0], b.shape[-2]), x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def dfa_linear(op, grid, x, kernel, b):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def dfa_linear(op, grid, signal, x, kernel, b):
     """``(op(x, kernel), zeros(n, classes))``; backward sends ``e B`` down (``project_error`` on
-    ``grid``), ``e`` = the tap's cotangent."""
+    ``grid``; ``signal="sign"``: ``sign(e) / n`` in place of ``e``), ``e`` = the tap's
+    cotangent."""
     return _with_tap(op, x, kernel, b)
 
 
@@ -86,12 +93,12 @@ class MissingTapError(ValueError):
     """A DFA layer was differentiated without its error tap reaching the loss."""
 
 
-def _dfa_fwd(op, grid, x, kernel, b):
+def _dfa_fwd(op, grid, signal, x, kernel, b):
     x, kernel, b = x.value, kernel.value, b.value  # symbolic_zeros: primals come wrapped
     return _with_tap(op, x, kernel, b), (x, kernel, b)
 
 
-def _dfa_bwd(op, grid, residuals, cotangents):
+def _dfa_bwd(op, grid, signal, residuals, cotangents):
     x, kernel, b = residuals
     g, e = cotangents
     if isinstance(e, SymbolicZero):
@@ -102,8 +109,8 @@ def _dfa_bwd(op, grid, residuals, cotangents):
             "pfa_jax.nn.add_taps(self, logits), as every pfa_jax.models model does")
     if isinstance(g, SymbolicZero):
         g = jnp.zeros(g.shape, g.dtype)
-    return (project_error(e, b, x.shape, op, g.shape, grid), ops.kernel_grad(op, x, kernel, g),
-            jnp.zeros_like(b))
+    return (project_error(_projected(e, signal), b, x.shape, op, g.shape, grid),
+            ops.kernel_grad(op, x, kernel, g), jnp.zeros_like(b))
 
 
 dfa_linear.defvjp(_dfa_fwd, _dfa_bwd, symbolic_zeros=True)
@@ -116,6 +123,7 @@ class DFA(SparseFeedback, Rule):
 
     classes: int | None = None
     grid: str = "input"
+    signal: str = "error"
 
     def __post_init__(self):
         super().__post_init__()
@@ -123,6 +131,8 @@ class DFA(SparseFeedback, Rule):
             raise ValueError(f"dfa: classes={self.classes!r} must be a positive int")
         if self.grid not in GRIDS:
             raise ValueError(f"dfa: grid={self.grid!r} is unknown; valid: {GRIDS}")
+        if self.signal not in SIGNALS:
+            raise ValueError(f"dfa: signal={self.signal!r} is unknown; valid: {SIGNALS}")
 
     def for_classes(self, num_classes: int) -> Rule:
         if self.classes is None:
@@ -147,7 +157,7 @@ class DFA(SparseFeedback, Rule):
             raise ValueError(f"dfa does not support feature_group_count={op.groups}")
         if isinstance(op, ops.DenseOp) and x.ndim != 2:
             raise ValueError(f"dfa dense layers need inputs of shape (batch, in), got {x.shape}")
-        return dfa_linear(op, self.grid, x, kernel, lax.stop_gradient(feedback["B"]))
+        return dfa_linear(op, self.grid, self.signal, x, kernel, lax.stop_gradient(feedback["B"]))
 
     def effective_feedback(self, kernel, feedback):
         return None
