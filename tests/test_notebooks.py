@@ -13,24 +13,25 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "experiments"
 
 
-def execute(name: str, cwd: pathlib.Path, source: str | None = None):
-    """The notebook ``name`` executed in a fresh kernel started in ``cwd`` (``source``: what its
-    install cell's ``SOURCE`` is set to); raises ``CellExecutionError`` at the first failing cell,
-    leaving the later cells unexecuted in the returned notebook."""
+def load(name: str, source: str | None = None):
+    """The committed notebook ``name`` without its outputs (``source``: what its install cell's
+    ``SOURCE`` is set to)."""
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
-    for cell in notebook.cells:  # the committed outputs go: only this run's count
+    for cell in notebook.cells:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
     if source is not None:
         install = notebook.cells[1]
         assert 'SOURCE = ""' in install.source
         install.source = install.source.replace('SOURCE = ""', f"SOURCE = {source!r}")
-    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(cwd)}})
-    try:
-        client.execute()
-    finally:
-        execute.last = notebook
+    return notebook
+
+
+def execute(notebook, cwd: pathlib.Path):
+    """Executes ``notebook`` in place in a fresh kernel started in ``cwd``; raises
+    ``CellExecutionError`` at the first failing cell, leaving the later ones unexecuted."""
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(cwd)}}).execute()
     return notebook
 
 
@@ -56,7 +57,7 @@ def test_colab_notebook_installs_from_the_checkout_trains_and_plots(fashion_dir,
     monkeypatch.setenv("PFA_JAX_NOTEBOOK_SMOKE", "1")  # 512 images, 32-unit layers, 2 epochs
     monkeypatch.setenv("PFA_JAX_NOTEBOOK_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("PFA_JAX_FASHION_MNIST_DIR", str(fashion_dir))
-    notebook = execute("colab.ipynb", NOTEBOOKS)
+    notebook = execute(load("colab.ipynb"), NOTEBOOKS)
     assert f"pfa_jax from the checkout {ROOT}" in text(notebook.cells[1])
     assert "runtime: CPU" in text(notebook.cells[2])
     assert f"Fashion-MNIST from the IDX files in {fashion_dir}" in text(notebook.cells[2])
@@ -69,15 +70,16 @@ def test_colab_notebook_installs_from_the_checkout_trains_and_plots(fashion_dir,
 def test_colab_notebook_stops_when_the_install_fails(tmp_path):
     """Outside a checkout, a SOURCE that pip cannot install stops the notebook at the install
     cell, saying what to set."""
+    notebook = load("colab.ipynb", source=str(tmp_path / "no-such-checkout"))
     with pytest.raises(nbclient.exceptions.CellExecutionError,
                        match="Set SOURCE at the top of this cell"):
-        execute("colab.ipynb", tmp_path, source=str(tmp_path / "no-such-checkout"))
-    later = [c for c in execute.last.cells[2:] if c.cell_type == "code"]
+        execute(notebook, tmp_path)
+    later = [c for c in notebook.cells[2:] if c.cell_type == "code"]
     assert all(c.execution_count is None for c in later)
 
 
 def test_expansion_figure_notebook_draws_from_the_committed_runs():
-    notebook = execute("expansion_figure.ipynb", NOTEBOOKS)
+    notebook = execute(load("expansion_figure.ipynb"), NOTEBOOKS)
     table = text(notebook.cells[2])
     assert table.startswith("|") and "| 50 |" in table.replace("| r=50 |", "| 50 |")
     assert_plots_drawn(notebook)

@@ -217,7 +217,7 @@ def _stored_forms(rule, optimizer: OptimizerConfig, config):
     def stored(one):
         if not isinstance(one, PFA):
             return one
-        if one.form in ("F", "G") and not linear:
+        if one.stored != "R" and not linear:
             raise ValueError(f"config rule.options.form={one.form!r} needs an optimizer linear in "
                              f"the gradient for the feedback (sgd); optimizer {name!r} is not, so "
                              "the forms would differ: use form='R' or 'auto'")

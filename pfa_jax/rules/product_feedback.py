@@ -27,7 +27,7 @@ Cost. The backward pass has two equal associations (equal up to float rounding):
 With ``P`` output positions (batch x output pixels), ``k`` inputs per output unit and ``n`` feature
 groups, "mid" costs ``P mid (out + 2 n k)`` multiply-adds and "product" ``2 k out mid + P k out``.
 ``route="auto"`` (default) picks the cheaper at trace time from the static shapes; the forward pass
-never touches ``R``. With feature groups the mid population is kept per group (``G * mid`` channels),
+never touches ``R``. With feature groups the mid population is kept per group (``n * mid`` channels),
 which is what ``F = R Bp^T`` means for a grouped conv.
 
 Storage forms (``form``). With ``F = R Bp^T`` and the fixed ``C = Bp Bp^T`` (``out x out``), PFA's
@@ -89,6 +89,11 @@ def _sizes(g_shape, kernel_shape) -> tuple[int, int, int]:
     """``(P, k, out)``: output positions (batch x output pixels), inputs per output unit, units."""
     out = kernel_shape[-1]
     return math.prod(g_shape) // out, ops.window_size(kernel_shape), out
+
+
+def _times_c(a, c):
+    """``a C``: ``C: (out, out)`` applied to the output axis of a kernel-layout ``a``."""
+    return jnp.einsum("...io,op->...ip", a, c)
 
 
 def route_costs(g_shape, kernel_shape, mid: int, groups: int) -> dict[str, int]:
@@ -163,7 +168,7 @@ def _pfa_product_bwd(op, residuals, g):
         dkernel, df = both[..., :out], both[..., out:]
     else:
         dkernel = ops.kernel_grad(op, x, kernel, g)
-        df = jnp.einsum("...io,op->...ip", dkernel, c)  # dK C
+        df = _times_c(dkernel, c)  # dK C
     return ops.input_grad(op, x, f, g), dkernel, jnp.zeros_like(c), df
 
 
@@ -182,7 +187,7 @@ def _pfa_factored_bwd(op, residuals, g):
     if op.groups == 1 and positions < k:
         dx = ops.input_grad(op, x, factor, g @ c)  # (g C) G^T
     else:
-        dx = ops.input_grad(op, x, jnp.einsum("...io,op->...ip", factor, c), g)  # g (G C)^T
+        dx = ops.input_grad(op, x, _times_c(factor, c), g)  # g (G C)^T
     dkernel = ops.kernel_grad(op, x, kernel, g)
     return dx, dkernel, jnp.zeros_like(c), dkernel
 
@@ -209,7 +214,7 @@ class PFA(Rule):
             raise ValueError(f"{self.name}: route={self.route!r} is unknown; valid: {ROUTES}")
         if self.form not in FORMS:
             raise ValueError(f"{self.name}: form={self.form!r} is unknown; valid: {FORMS}")
-        if self.form in ("F", "G") and self.density < 1.0:
+        if self.stored != "R" and self.density < 1.0:
             raise ValueError(f"{self.name}: form={self.form!r} with density={self.density!r}: "
                              "F = R Bp^T cannot keep R's sparsity mask, so the forms differ; use "
                              "form='R' (or 'auto')")
@@ -276,7 +281,7 @@ class PFA(Rule):
         if self.stored == "F":
             return feedback["F"]
         if self.stored == "G":
-            return jnp.einsum("...io,op->...ip", feedback["G"], lax.stop_gradient(feedback["C"]))
+            return _times_c(feedback["G"], lax.stop_gradient(feedback["C"]))
         bp, r = self._fixed_and_plastic(feedback)
         return jnp.einsum("...im,om->...io", r, bp)
 
