@@ -33,12 +33,15 @@ def output_error(logits, labels):
     return (jax.nn.softmax(logits) - jax.nn.one_hot(labels, CLASSES)) / logits.shape[0]
 
 
-def projected(e, signal):
-    """What DFA sends down instead of ``e``: ``e``, or sDFA's ``sign(e)`` over the batch rows."""
-    return e if signal == "error" else np.sign(e) / len(e)
+def projected(e, labels, signal):
+    """What DFA sends down instead of ``e``: ``e``, sDFA's ``sign(e)`` or DRTP's negated one-hot
+    target, over the batch rows."""
+    if signal == "error":
+        return e
+    return (np.sign(e) if signal == "sign" else -np.eye(CLASSES)[labels]) / len(e)
 
 
-@pytest.mark.parametrize("signal", ["error", "sign"])
+@pytest.mark.parametrize("signal", ["error", "sign", "target"])
 def test_dfa_mlp_updates_match_a_reference(signal):
     images, labels = batch((2, 2, 1))
     model = pj.models.get("ffn2", rule=pj.rules.get("dfa", signal=signal), num_classes=CLASSES,
@@ -52,7 +55,7 @@ def test_dfa_mlp_updates_match_a_reference(signal):
     a2 = jax.nn.relu(a1) @ p["hidden_1"]["kernel"] + p["hidden_1"]["bias"]
     logits = jax.nn.relu(a2) @ p["output"]["kernel"] + p["output"]["bias"]
     e = output_error(logits, labels)
-    s = projected(e, signal)
+    s = projected(e, labels, signal)
     d2 = (s @ b["output"]["B"]) * (a2 > 0)       # output layer's B: (classes, 5)
     d1 = (s @ b["hidden_1"]["B"]) * (a1 > 0)     # hidden_1's B: (classes, 6)
     expected = {"output": jax.nn.relu(a2).T @ e, "hidden_1": jax.nn.relu(a1).T @ d2,
@@ -74,7 +77,7 @@ class TwoConvNet(nn.Module):
 
 
 @pytest.mark.parametrize("grid, signal", [("input", "error"), ("output", "error"),
-                                          ("output", "sign")])
+                                          ("output", "sign"), ("input", "target")])
 def test_dfa_conv_updates_match_a_reference(grid, signal):
     images, labels = batch((6, 6, 2))
     model = TwoConvNet(pj.rules.get("dfa", classes=CLASSES, grid=grid, signal=signal))
@@ -87,7 +90,8 @@ def test_dfa_conv_updates_match_a_reference(grid, signal):
     a0 = conv(images, p["conv_0"]["kernel"]) + p["conv_0"]["bias"]
     a1 = conv(jax.nn.relu(a0), p["conv_1"]["kernel"], 2) + p["conv_1"]["bias"]
     flat = jax.nn.relu(a1).reshape(len(images), -1)
-    e = projected(output_error(flat @ p["output"]["kernel"] + p["output"]["bias"], labels), signal)
+    e = projected(output_error(flat @ p["output"]["kernel"] + p["output"]["bias"], labels), labels,
+                  signal)
     d1 = (e @ b["output"]["B"]).reshape(a1.shape) * (a1 > 0)
     if grid == "input":  # conv_1's feedback (3, 3, classes, 4) on e broadcast over its 6x6 input
         spread = jnp.broadcast_to(e[:, None, None, :], a0.shape[:3] + (CLASSES,))

@@ -25,6 +25,21 @@ Option ``density = p`` (sparse feedback; base.py): ``B`` (dense or conv layout) 
 
 stored as ``B`` (fixed; no mask is stored). ``density = 1`` (default) is the dense rule.
 
+Option ``signal``, what is projected in place of ``e`` (``n`` the batch rows; the ``1 / n`` keeps the
+batch-mean loss's scale, so a learning rate means the same under all three):
+
+* ``"error"`` (default): ``e`` itself;
+* ``"sign"`` (sDFA): ``sign(e) / n``;
+* ``"target"`` (DRTP, Frenkel, Lefebvre & Bol 2021): ``-t / n`` with ``t`` the one-hot target, so
+  no error reaches the hidden layers. ``t`` is read off the output error: under softmax
+  cross-entropy with integer labels (``pfa_jax.train``'s loss), ``e = (softmax(z) - t) / n`` has
+  exactly one negative entry per row, at the label, so ``t = onehot(argmin_j e_j)`` (no change to
+  the model or the train step; a row whose float softmax has saturated to ``t`` itself, logit gaps
+  above about 100, has no negative entry and reads its first zero). The sign is ``e``'s own target part; DRTP's papers write ``+t`` with
+  a feedback matrix of the opposite sign, which ``B``'s symmetric distribution makes the same rule.
+  Other losses (soft or smoothed labels) do not determine ``t`` this way: their argmin is then
+  only the class the error pushes up most.
+
 One forward and one backward pass. Each DFA op returns ``(y, tap)`` with ``tap = zeros(n, classes)``;
 ``pfa_jax.nn`` layers sow the taps and the model adds them to its logits (``pfa_jax.nn.add_taps``), so
 the cotangent every tap receives in the backward pass is exactly ``e``. A DFA op differentiated while
@@ -57,12 +72,17 @@ __all__ = ["DFA", "dfa_linear", "GRIDS", "MissingTapError", "project_error", "SI
 
 
 GRIDS = ("input", "output")
-SIGNALS = ("error", "sign")
+SIGNALS = ("error", "sign", "target")
 
 
 def _projected(e, signal: str):
     """What DFA projects of the output error ``e: (n, classes)`` (module docstring)."""
-    return e if signal == "error" else jnp.sign(e) / e.shape[0]
+    if signal == "error":
+        return e
+    if signal == "sign":
+        return jnp.sign(e) / e.shape[0]
+    target = jax.nn.one_hot(jnp.argmin(e, axis=-1), e.shape[-1], dtype=e.dtype)
+    return -target / e.shape[0]
 
 
 def project_error(e, b, x_shape, op=None, y_shape=None, grid: str = "input"):
@@ -84,8 +104,8 @@ def _with_tap(op, x, kernel, b):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def dfa_linear(op, grid, signal, x, kernel, b):
     """``(op(x, kernel), zeros(n, classes))``; backward sends ``e B`` down (``project_error`` on
-    ``grid``; ``signal="sign"``: ``sign(e) / n`` in place of ``e``), ``e`` = the tap's
-    cotangent."""
+    ``grid``; in place of ``e``, ``signal="sign"``: ``sign(e) / n``, ``signal="target"``:
+    ``-t / n``), ``e`` = the tap's cotangent."""
     return _with_tap(op, x, kernel, b)
 
 
