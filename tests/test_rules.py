@@ -62,7 +62,14 @@ RULE_CASES = {
     "pfa-sparse-mid": ("pfa", {"expansion": 2, "density": 0.5, "route": "mid"}),
     "pfa-sparse-product": ("pfa", {"expansion": 2, "density": 0.5, "route": "product"}),
     "pfa_o": ("pfa_o", {}),
+    "sa": ("sa", {}),
+    "aa": ("aa", {"scale": 0.3}),
+    "ia": ("ia", {"gamma": 0.2}),
+    "ia-reversed": ("ia", {"reversed": True}),
+    "alignment-tie": ("alignment", {"decay": 0.1, "self": 0.2, "amp": 0.3, "sparse": 0.4,
+                                    "null": 0.5, "null_reversed": 0.6, "tie": True}),
 }
+ALIGNMENT_NAMES = ("sa", "aa", "ia", "alignment")
 
 # id -> (x shape, kernel shape)
 DENSE_CASES = {
@@ -134,7 +141,7 @@ def reference_feedback(rule, kernel, fb, key):
     """The papers' effective feedback ``F`` (kernel layout), computed by hand."""
     if rule.name == "bp":
         return kernel
-    if rule.name in ("fa", "kp"):
+    if rule.name in ("fa", "kp") + ALIGNMENT_NAMES:
         return fb["B"]
     if rule.name == "usf":  # sparse: F = s sign(K) m / sqrt(p)
         mask = fb["mask"] / math.sqrt(rule.density) if "mask" in fb else 1.0
@@ -149,13 +156,49 @@ def reference_feedback(rule, kernel, fb, key):
     return jnp.einsum("...im,om->...io", masked_r(fb), fb["Bp"])
 
 
-def reference_feedback_cotangent(rule, fb, dkernel, pfa_dr):
-    """Zeros for fixed arrays; ``dK`` for KP's ``B``; ``pfa_dr(Bp)`` (masked) for PFA's ``R``."""
+def alignment_coefficients(rule):
+    """Two Routes' rules as weights of the primitives: SA = a decay + b self, AA = a sparse + b amp,
+    IA = a amp + b null (or null reversed) + c decay; ``alignment`` names each weight."""
+    if rule.name == "alignment":
+        return {p: getattr(rule, p) for p in ("decay", "self", "amp", "sparse", "null",
+                                               "null_reversed")}
+    weights = {"sa": {"decay": rule.alpha, "self": getattr(rule, "beta", 0)},
+               "aa": {"sparse": rule.alpha, "amp": getattr(rule, "beta", 0)},
+               "ia": {"amp": rule.alpha,
+                      "null_reversed" if getattr(rule, "reversed", 0) else "null": rule.beta,
+                      "decay": getattr(rule, "gamma", 0)}}[rule.name]
+    return {p: rule.scale * c for p, c in weights.items()}
+
+
+def alignment_loss(rule, u, kernel, f, forward):
+    """The rule's alignment loss from the primitives' formulas, with ``y = forward(u, K)``,
+    ``z = forward(u, F)`` and reconstructions ``v W^T`` = the input cotangent of ``forward(., W)``;
+    with ``normalize``, each sample of ``u`` centred and of unit norm first."""
+    n = u.shape[0]
+    if rule.normalize:
+        flat = u.reshape(n, -1) - u.reshape(n, -1).mean(1, keepdims=True)
+        u = (flat / jnp.linalg.norm(flat, axis=1, keepdims=True)).reshape(u.shape)
+    y, z = forward(u, kernel), forward(u, f)
+    back = lambda w, v: jax.vjp(lambda u_: forward(u_, w), u)[1](v)[0]  # noqa: E731
+    primitive = {"decay": lambda: jnp.sum(kernel ** 2) + jnp.sum(f ** 2),
+                 "self": lambda: -jnp.sum(kernel * f),
+                 "amp": lambda: -jnp.sum(y * z) / n,
+                 "sparse": lambda: (jnp.sum(y ** 2) + jnp.sum(z ** 2)) / n,
+                 "null": lambda: jnp.sum(back(f, y) ** 2) / n,
+                 "null_reversed": lambda: jnp.sum(back(kernel, z) ** 2) / n}
+    return sum(c * primitive[p]() for p, c in alignment_coefficients(rule).items())
+
+
+def reference_feedback_cotangent(rule, fb, dkernel, pfa_dr, alignment_grad):
+    """Zeros for fixed arrays; ``dK`` for KP's ``B``; ``pfa_dr(Bp)`` (masked) for PFA's ``R``; the
+    alignment loss's gradient ``alignment_grad(B)`` (plus ``dK`` if tied) for Two Routes' ``B``."""
     expected = {k: jnp.zeros_like(v) for k, v in fb.items()}
     if rule.name == "kp":
         expected["B"] = dkernel
     if rule.name in PFA_NAMES:
         expected["R"] = pfa_dr(fb["Bp"]) * fb.get("R_mask", 1.0)
+    if rule.name in ALIGNMENT_NAMES:
+        expected["B"] = alignment_grad(fb["B"]) + (dkernel if getattr(rule, "tie", False) else 0)
     return expected
 
 
@@ -164,7 +207,9 @@ def dense_reference(rule, x, kernel, fb, key, g):
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
     f = reference_feedback(rule, kernel, fb, key)
     dkernel = x2.T @ g2
-    dfb = reference_feedback_cotangent(rule, fb, dkernel, lambda bp: x2.T @ (g2 @ bp))
+    dfb = reference_feedback_cotangent(
+        rule, fb, dkernel, lambda bp: x2.T @ (g2 @ bp),
+        jax.grad(lambda b: alignment_loss(rule, x, kernel, b, jnp.matmul)))
     return x @ kernel, ((g2 @ f.T).reshape(x.shape), dkernel, dfb)
 
 
@@ -195,7 +240,8 @@ def conv_reference(conv_kwargs):
         y, pullback = jax.vjp(lambda k_: conv(x, k_), kernel)
         dkernel = pullback(g)[0]
         dfb = reference_feedback_cotangent(
-            rule, fb, dkernel, lambda bp: jnp.einsum("...io,om->...im", dkernel, bp))
+            rule, fb, dkernel, lambda bp: jnp.einsum("...io,om->...im", dkernel, bp),
+            jax.grad(lambda b: alignment_loss(rule, x, kernel, b, conv)))
         return y, (dx, dkernel, dfb)
 
     return reference
@@ -274,7 +320,7 @@ def vjp_jaxpr_shapes(route, x_shape, kernel_shape, conv):
 # Every layer case for BP, the kernel-feedback custom VJP (fa; kp with its plastic B) and both PFA routes;
 # a subset of layer cases (dense, leading dims, strided explicit padding, grouped) for the other variants,
 # which differ from those only in F or in Bp (the full cross product is slow to compile on CPU).
-FULL_RULES = ("bp", "fa", "kp", "pfa-mid", "pfa-product", "pfa-sparse-mid")
+FULL_RULES = ("bp", "fa", "kp", "pfa-mid", "pfa-product", "pfa-sparse-mid", "alignment-tie")
 SUBSET_LAYERS = ("dense-batch7", "dense-leading-dims", "conv-explicit-stride21", "conv-groups3-stride2-valid")
 BACKWARD_CASES = [pytest.param(case, *layer.values, id=f"{layer.id}-{case}")
                   for layer in LAYER_CASES for case in RULE_CASES

@@ -13,6 +13,7 @@ import dataclasses
 from pfa_jax import fields
 from pfa_jax.rules import ops
 from pfa_jax.rules.base import INITS, Rule, soft_align
+from pfa_jax.rules.alignment import AA, IA, SA, Alignment
 from pfa_jax.rules.bp import BP
 from pfa_jax.rules.direct_feedback import DFA
 from pfa_jax.rules.feedback_alignment import FA, KP
@@ -22,7 +23,8 @@ from pfa_jax.rules.weight_mirror import WM
 
 _REGISTRY: dict[str, type[Rule]] = {
     "bp": BP, "fa": FA, "usf": USF, "brsf": BRSF, "frsf": FRSF, "kp": KP, "wm": WM,
-    "pfa": PFA, "pfa_o": PFAOrthogonal, "dfa": DFA,
+    "pfa": PFA, "pfa_o": PFAOrthogonal, "dfa": DFA, "sa": SA, "aa": AA, "ia": IA,
+    "alignment": Alignment,
 }
 
 

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from pfa_jax.rules import ops
 
 __all__ = ["check_density", "DrawnFeedbackRule", "fans", "Feedback", "feedback_linear", "INITS",
-           "KernelFeedbackRule", "Rule", "soft_align", "SparseFeedback"]
+           "KernelFeedbackRule", "keyless", "Rule", "soft_align", "SparseFeedback"]
 
 # name -> (scale, fan mode, distribution) of jax.nn.initializers.variance_scaling; std = sqrt(scale/fan).
 INITS = {
@@ -119,6 +119,26 @@ def _feedback_linear_bwd(op, residuals, g):
 
 
 feedback_linear.defvjp(_feedback_linear_fwd, _feedback_linear_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def keyless(rule_name: str, y):
+    """``y``, for a rule that draws random numbers every step but was given no key: the forward pass
+    works, differentiating it raises ``ValueError`` (instead of silently reusing one draw)."""
+    return y
+
+
+def _keyless_fwd(rule_name, y):
+    return y, None
+
+
+def _keyless_bwd(rule_name, residuals, g):
+    raise ValueError(f"{rule_name} draws random numbers every step and needs a key to "
+                     "differentiate: call rule.dense/conv with key=..., or "
+                     "model.apply(..., rngs={'feedback': key})")
+
+
+keyless.defvjp(_keyless_fwd, _keyless_bwd)
 
 
 @dataclasses.dataclass(frozen=True)

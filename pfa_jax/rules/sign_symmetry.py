@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pfa_jax.rules.base import DrawnFeedbackRule, KernelFeedbackRule, SparseFeedback
+from pfa_jax.rules.base import DrawnFeedbackRule, KernelFeedbackRule, SparseFeedback, keyless
 
 __all__ = ["BRSF", "FRSF", "USF"]
 
@@ -51,23 +50,6 @@ class USF(SparseFeedback, KernelFeedbackRule):
         return lax.stop_gradient(f)
 
 
-@jax.custom_vjp
-def _undifferentiable(y):
-    return y
-
-
-def _undifferentiable_fwd(y):
-    return y, None
-
-
-def _undifferentiable_bwd(residuals, g):
-    raise ValueError("brsf redraws its feedback every step and needs a key to differentiate: call "
-                     "rule.dense/conv with key=..., or model.apply(..., rngs={'feedback': key})")
-
-
-_undifferentiable.defvjp(_undifferentiable_fwd, _undifferentiable_bwd)
-
-
 @dataclasses.dataclass(frozen=True)
 class BRSF(KernelFeedbackRule):
     name = "brsf"
@@ -75,7 +57,7 @@ class BRSF(KernelFeedbackRule):
 
     def apply(self, op, x, kernel, feedback, key):
         if key is None:
-            return _undifferentiable(op(x, kernel))
+            return keyless(self.name, op(x, kernel))
         return super().apply(op, x, kernel, feedback, key)
 
     def feedback_kernel(self, kernel, feedback, key):

@@ -1,0 +1,137 @@
+"""Two Routes' alignment family: each primitive's gradient against ``jax.grad`` of its formula, noise
+probes, and Kolen-Pollack and weight mirrors expressed in the family. The rules' full backward
+(``dx``, ``dK``, ``dF``) against the formulas on every layer layout is in test_rules.py."""
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from test_rules import alignment_loss, plain_conv
+
+import pfa_jax as pj
+from pfa_jax.rules import alignment, ops
+
+LAYERS = [pytest.param((6, 5), (5, 4), None, id="dense"),
+          pytest.param((3, 7, 7, 3), (3, 3, 3, 4), {"strides": 2, "padding": "SAME"}, id="conv-s2")]
+
+
+def normal(seed, shape, dtype=jnp.float64):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def layer(conv_kwargs):
+    """(the pfa_jax op, the plain forward map) of a layer case."""
+    if conv_kwargs is None:
+        return ops.DenseOp(), jnp.matmul
+    return (ops.conv_op(2, conv_kwargs["strides"], conv_kwargs["padding"]),
+            functools.partial(plain_conv, **conv_kwargs))
+
+
+@pytest.mark.parametrize("primitive", list(alignment.GRADIENTS))
+@pytest.mark.parametrize("x_shape, kernel_shape, conv_kwargs", LAYERS)
+def test_primitive_gradient_matches_its_formula(primitive, x_shape, kernel_shape, conv_kwargs):
+    with jax.enable_x64(True):
+        u, kernel, f = normal(0, x_shape), normal(1, kernel_shape), normal(2, kernel_shape)
+        op, forward = layer(conv_kwargs)
+        only = pj.rules.get("alignment", **{primitive: 1.0})
+        want = jax.grad(lambda b: alignment_loss(only, u, kernel, b, forward))(f)
+        got = alignment.GRADIENTS[primitive](alignment.Probe(op, u, kernel, f))
+        assert float(jnp.linalg.norm(want)) > 0
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name, options", [("aa", {}), ("ia", {"normalize": False, "gamma": 0.1})])
+def test_noise_probe(name, options):
+    """With ``inputs='noise'`` the alignment loss is taken on ``sigma N(0, 1)`` drawn from
+    ``fold_in(key, 0)``, whatever the data; the error sent down is still ``g F^T``."""
+    rule = pj.rules.get(name, inputs="noise", sigma=0.5, **options)
+    assert rule.needs_key
+    x, kernel, key = normal(0, (6, 5), jnp.float32), normal(1, (5, 4), jnp.float32), jax.random.key(3)
+    f = rule.init_feedback(jax.random.key(4), kernel)["B"]
+    g = normal(5, (6, 4), jnp.float32)
+
+    def cotangents(x):
+        return jax.vjp(lambda x_, k_, b_: rule.dense(x_, k_, {"B": b_}, key), x, kernel, f)[1](g)
+
+    dx, dkernel, df = cotangents(x)
+    noise = 0.5 * jax.random.normal(jax.random.fold_in(key, 0), x.shape)
+    want = jax.grad(lambda b: alignment_loss(rule, noise, kernel, b, jnp.matmul))(f)
+    np.testing.assert_allclose(df, want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(dx, g @ f.T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dkernel, x.T @ g, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cotangents(2 * x + 1)[2], df, rtol=1e-6)  # the data plays no part
+    with pytest.raises(ValueError, match="needs a key"):
+        jax.grad(lambda k_: jnp.sum(rule.dense(x, k_, {"B": f})))(kernel)
+
+
+def small_state(rule, tx, feedback_tx):
+    model = pj.models.get("ffn2", rule=rule, num_classes=3, widths=(8,))
+    images = normal(0, (4, 3, 3, 1), jnp.float32)
+    return pj.train.create_train_state(jax.random.key(0), model, images, tx,
+                                       feedback_tx=feedback_tx), images
+
+
+def test_kolen_pollack_is_the_tied_rule_with_decay():
+    """``alignment(tie=True, decay=wd / 2)`` stepped by plain SGD equals ``kp`` whose feedback has
+    weight decay ``wd``: both give ``B`` the update ``dK + wd B``."""
+    wd, sgd = 0.1, optax.sgd(0.2, momentum=0.9)
+    kp, images = small_state(pj.rules.get("kp"), sgd, optax.chain(optax.add_decayed_weights(wd), sgd))
+    tied, _ = small_state(pj.rules.get("alignment", tie=True, decay=wd / 2), sgd, sgd)
+    chex_close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+    jax.tree.map(chex_close, kp.feedback, tied.feedback)
+    labels = jnp.arange(4) % 3
+    step = jax.jit(pj.train.train_step)
+    for i in range(6):
+        batch = {"image": images + 0.1 * i, "label": labels}
+        (kp, _), (tied, _) = step(kp, batch), step(tied, batch)
+    jax.tree.map(chex_close, (kp.params, kp.feedback), (tied.params, tied.feedback))
+    assert not np.allclose(kp.feedback["hidden_0"]["B"], small_state(
+        pj.rules.get("kp"), sgd, sgd)[0].feedback["hidden_0"]["B"])  # B did move
+
+
+def test_weight_mirror_is_decay_plus_amp_on_noise():
+    """One SGD step (learning rate ``lr``) of ``alignment(decay=a, amp=b, inputs='noise')`` on a dense
+    layer is ``wm``'s mirror step with ``decay = 2 lr a`` and ``rate = lr b`` on the same noise."""
+    lr, decay, rate, sigma = 0.5, 0.05, 0.08, 0.7
+    x, kernel = normal(0, (16, 5), jnp.float32), normal(1, (5, 4), jnp.float32)
+    f, key = normal(2, (5, 4), jnp.float32), jax.random.key(7)
+    wm = pj.rules.get("wm", sigma=sigma, rate=rate, decay=decay, noise_batch=16, steps=1)
+    mirrored = wm.mirror(key, kernel, {"B": f}, warmup=False)["B"]
+    rule = pj.rules.get("alignment", decay=decay / (2 * lr), amp=rate / lr, inputs="noise",
+                        sigma=sigma)
+    df = jax.grad(lambda b: jnp.sum(rule.dense(x, kernel, {"B": b}, key)))(f)
+    np.testing.assert_allclose(f - lr * df, mirrored, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(mirrored, f)
+
+
+def test_symmetric_alignment_aligns_the_feedback():
+    """SA's default loss has the fixed point ``B = K``: training brings each layer's feedback within
+    10 degrees of its kernel (it chases a moving K), from the 90 degrees of an independent draw."""
+    state, _ = small_state(pj.rules.get("sa"), optax.sgd(0.1, momentum=0.9), None)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(64, 3, 3, 1)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 3, 64), jnp.int32)
+    angles = lambda s: pj.metrics.alignment(s)  # noqa: E731
+    before = angles(state)
+    for epoch in range(12):
+        state, _ = pj.train.train_epoch(state, images, labels, jax.random.key(epoch), batch_size=8)
+    after = angles(state)
+    for name in ("hidden_0", "output"):
+        assert before[name]["weight_angle"] > 60 and after[name]["weight_angle"] < 10, (before, after)
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("sa", {"inputs": "images"}, "sa: inputs='images' is unknown; valid: ('data', 'noise')"),
+    ("aa", {"sigma": 0.0}, "aa: sigma=0.0 must be a positive number"),
+    ("ia", {"beta": -1.0}, "ia: beta=-1.0 must be a finite number >= 0"),
+    ("sa", {"scale": float("inf")}, "sa: scale=inf must be a finite number >= 0"),
+    ("alignment", {"null": "big"}, "alignment: null='big' must be a number"),
+    ("alignment", {"tie": 1.0}, "alignment: tie=1.0 must be True or False"),
+    ("aa", {"gamma": 1.0}, "rule 'aa' has no option(s) ['gamma']"),
+])
+def test_bad_options(name, options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        pj.rules.get(name, **options)
