@@ -6,7 +6,10 @@ wd 1e-4, random N(0, 1) images and random labels, the same state every call) for
 after compiling and one warm-up), and each rule's ratio to ``bp``:
 
 * ``resnet20``, batch 128, 32x32x3, with targets: ``pfa`` (expansion 10) and ``pfa_o`` <= 1.10;
-  ``fa``, ``usf``, ``frsf``, ``brsf``, ``kp`` <= 1.05; ``dfa`` <= 1.0; ``wm`` has no target.
+  ``fa``, ``usf``, ``frsf``, ``brsf``, ``kp`` <= 1.05; ``dfa`` <= 1.0; ``wm`` has no target; Two
+  Routes' ``sa``, ``aa``, ``ia``, ``alignment`` (its default: no term, plastic ``B``) and DFA's
+  variants ``sdfa`` (``signal='sign'``) and ``drtp`` (``signal='target'``), measured with ``dfa``,
+  <= 1.10.
 * ``ffn2``, batches 64 and 512, 28x28x1, no targets; ``pfa`` is also measured with each backward
   association forced (``route='mid'`` / ``'product'``) next to ``'auto'`` (the default, ``pfa`` in
   the table), with the route ``auto`` chose for each layer and whether it was the faster one.
@@ -31,7 +34,9 @@ QUICK_BATCHES = {"resnet20": (8,), "ffn2": (16,)}
 QUICK_RESNET_RULES = ("bp", "fa", "pfa", "dfa")  # --quick: fewer ResNet compiles (slow on GPUs)
 TARGETS = {"resnet20": {"bp": 1.0, "pfa": 1.10, "pfa_o": 1.10, "fa": 1.05, "usf": 1.05,
                         "frsf": 1.05, "brsf": 1.05, "kp": 1.05, "dfa": 1.0, "wm": None}}
+TARGETS["resnet20"].update(dict.fromkeys(("sa", "aa", "ia", "alignment", "sdfa", "drtp"), 1.10))
 ROUTES = ("mid", "product")
+DFA_VARIANTS = {"sdfa": "sign", "drtp": "target"}  # label -> dfa's option signal
 
 
 def dense_routes(widths, batch: int, rule) -> dict[str, str]:
@@ -45,6 +50,9 @@ def dense_routes(widths, batch: int, rule) -> dict[str, str]:
 def measure(model_name: str, batch_size: int, rules, repeats: int, warmup: int) -> dict:
     batch = random_batch((batch_size,) + IMAGE_SHAPES[model_name])
     variants = {rule: step_variant(model_name, rule, batch) for rule in rules}
+    if "dfa" in rules:
+        for label, signal in DFA_VARIANTS.items():
+            variants[label] = step_variant(model_name, pj.rules.get("dfa", signal=signal), batch)
     with_routes = model_name == "ffn2" and "pfa" in rules
     if with_routes:
         for route in ROUTES:

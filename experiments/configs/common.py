@@ -12,10 +12,11 @@ import re
 
 import ml_collections
 
-from pfa_jax import rules
 from pfa_jax.app.config import default_config, set_value
 
-ALL_RULES = rules.names()
+# The rules of the PFA paper's comparisons and of BioTorch, which the Fig. 2 analogues sweep (Two
+# Routes' family and DFA's variants are compared in rules_zoo_fashion_mnist).
+PAPER_RULES = ("bp", "fa", "usf", "brsf", "frsf", "kp", "wm", "pfa", "pfa_o", "dfa")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,18 @@ def resnet18_paper(dataset: str = "imagenet2012") -> ml_collections.ConfigDict:
     config.optimizer.update({"learning_rate": 0.1, "lr_milestones": (20, 40, 60),
                              "lr_decay": 0.1, "weight_decay": 1e-4, "momentum": 0.9})
     return config
+
+
+def differences(base: ml_collections.ConfigDict, other: ml_collections.ConfigDict) -> dict:
+    """The dotted keys (and ``other``'s values) where ``other`` differs from ``base``."""
+    def flat(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+    base_values = dict(flat(base.to_dict()))
+    return {key: value for key, value in flat(other.to_dict()) if base_values.get(key) != value}
 
 
 def set_values(config: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:

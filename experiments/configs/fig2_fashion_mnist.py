@@ -9,4 +9,4 @@ def get_config():
 
 
 def runs():
-    return common.sweep("fig2", seeds=(0, 1, 2), rules=common.ALL_RULES)
+    return common.sweep("fig2", seeds=(0, 1, 2), rules=common.PAPER_RULES)

@@ -8,4 +8,4 @@ def get_config():
 
 
 def runs():
-    return common.sweep("fig2", seeds=range(5), rules=common.ALL_RULES)
+    return common.sweep("fig2", seeds=range(5), rules=common.PAPER_RULES)
