@@ -31,7 +31,8 @@ The rules are weighted sums of them; ``F``'s signal is the weighted sum of the g
   for white inputs (``S = I``) and an orthogonal ``K`` the fixed point is ``F = K``.
 * ``alignment``: every primitive's coefficient an option (``decay``, ``self``, ``amp``,
   ``sparse``, ``null``, ``null_reversed``, default 0) and ``tie``: ``F``'s signal also receives
-  ``dK`` (Kolen-Pollack's tied gradient). So ``kp`` is ``alignment(tie=True)``, its feedback weight
+  ``dK`` (Kolen-Pollack's tied gradient); with every coefficient 0 and no tie, ``B`` feels only
+  the optimizer's weight decay (which every rule's plastic feedback shares). So ``kp`` is ``alignment(tie=True)``, its feedback weight
   decay ``wd`` being ``decay = wd / 2``; weight mirrors are ``alignment(decay=a, amp=b,
   inputs='noise')``: one plain SGD step at learning rate ``lr`` gives
   ``F <- (1 - 2 lr a) F + lr b xi^T (xi K) / n``, the mirror step with ``decay = 2 lr a``,
