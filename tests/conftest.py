@@ -1,8 +1,13 @@
 """Four host CPU devices for the data-parallel tests; for the default tier (``-m "not slow"``) XLA's
 CPU backend at optimisation level 0 as well, so that the tests' many small programs compile about
 a third faster (every test compares numbers with tolerances, or within one setting). The slow
-experiment runs (``-m slow``) and the benchmarks run at XLA's default level. Set before JAX
-initialises."""
+experiment runs (``-m slow``) and the benchmarks run at XLA's default level.
+
+Compiled programs that took at least half a second to compile are kept in JAX's persistent
+compilation cache under ``.pytest_cache/jax`` (unless ``JAX_COMPILATION_CACHE_DIR`` is set), which
+the pytest workers and the commands the tests start share: the many tests that train the same small
+models then compile each program once. The cache is keyed by the program, the XLA flags and the
+JAX version, so it changes no result. Set before JAX initialises."""
 import os
 
 
@@ -12,3 +17,5 @@ def pytest_configure(config):
     if "slow" not in marks or "not slow" in marks:
         flags.append("--xla_backend_optimization_level=0")
     os.environ["XLA_FLAGS"] = " ".join(flags).strip()
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(config.rootpath / ".pytest_cache" / "jax"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
