@@ -32,9 +32,9 @@ The rules are weighted sums of them; ``F``'s signal is the weighted sum of the g
 * ``alignment``: every primitive's coefficient an option (``decay``, ``self``, ``amp``,
   ``sparse``, ``null``, ``null_reversed``, default 0) and ``tie``: ``F``'s signal also receives
   ``dK`` (Kolen-Pollack's tied gradient); with every coefficient 0 and no tie, ``B`` feels only
-  the optimizer's weight decay (which every rule's plastic feedback shares). So ``kp`` is ``alignment(tie=True)``, its feedback weight
-  decay ``wd`` being ``decay = wd / 2``; weight mirrors are ``alignment(decay=a, amp=b,
-  inputs='noise')``: one plain SGD step at learning rate ``lr`` gives
+  the optimizer's weight decay (which every rule's plastic feedback shares). So ``kp`` is
+  ``alignment(tie=True)``, its feedback weight decay ``wd`` being ``decay = wd / 2``; weight mirrors
+  are ``alignment(decay=a, amp=b, inputs='noise')``: one plain SGD step at learning rate ``lr`` gives
   ``F <- (1 - 2 lr a) F + lr b xi^T (xi K) / n``, the mirror step with ``decay = 2 lr a``,
   ``rate = lr b`` (for dense layers; ``wm``'s conv noise is one patch per sample instead of a noise
   image).
@@ -42,7 +42,8 @@ The rules are weighted sums of them; ``F``'s signal is the weighted sum of the g
 The gradients of ``amp``, ``sparse`` and ``null`` carry the probe's covariance ``S = A_u^T A_u / n``, so
 the step that keeps ``aa`` and ``ia`` stable depends on the inputs' scale: SGD with momentum ``mu``
 on ``aa`` is stable only while ``lr 2 alpha lambda_max(S) < 2 (1 + mu)``, and ``lambda_max(S)`` of raw
-activations runs into the hundreds. So ``aa`` and ``ia`` default to ``normalize=True``: every probe
+inputs is large (unnormalised, ``aa`` on ffn2 at lr 0.01, momentum 0.9, diverged in its fourth epoch
+on the data of tests/test_model_training.py, which takes ``lambda_max(S) > 380``). So ``aa`` and ``ia`` default to ``normalize=True``: every probe
 sample has unit norm, ``trace(S) = 1`` for dense layers and ``lambda_max(S) <= kh kw`` for convs,
 stable at every learning rate of the papers' range, and slow (F moves at about ``lr lambda(S)`` per
 direction). Their coefficients are placed by the fixed points, not tuned (the authors tuned theirs

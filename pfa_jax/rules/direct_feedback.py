@@ -35,8 +35,9 @@ batch-mean loss's scale, so a learning rate means the same under all three):
   cross-entropy with integer labels (``pfa_jax.train``'s loss), ``e = (softmax(z) - t) / n`` has
   exactly one negative entry per row, at the label, so ``t = onehot(argmin_j e_j)`` (no change to
   the model or the train step; a row whose float softmax has saturated to ``t`` itself, logit gaps
-  above about 100, has no negative entry and reads its first zero). The sign is ``e``'s own target part; DRTP's papers write ``+t`` with
-  a feedback matrix of the opposite sign, which ``B``'s symmetric distribution makes the same rule.
+  above about 100, has no negative entry and reads its first zero). The sign is ``e``'s own
+  target part; DRTP's papers write ``+t`` with a feedback matrix of the opposite sign, which
+  ``B``'s symmetric distribution makes the same rule.
   Other losses (soft or smoothed labels) do not determine ``t`` this way: their argmin is then
   only the class the error pushes up most.
 
