@@ -162,11 +162,10 @@ def alignment_coefficients(rule):
     if rule.name == "alignment":
         return {p: getattr(rule, p) for p in ("decay", "self", "amp", "sparse", "null",
                                                "null_reversed")}
-    weights = {"sa": {"decay": rule.alpha, "self": getattr(rule, "beta", 0)},
-               "aa": {"sparse": rule.alpha, "amp": getattr(rule, "beta", 0)},
-               "ia": {"amp": rule.alpha,
-                      "null_reversed" if getattr(rule, "reversed", 0) else "null": rule.beta,
-                      "decay": getattr(rule, "gamma", 0)}}[rule.name]
+    weights = {"sa": lambda r: {"decay": r.alpha, "self": r.beta},
+               "aa": lambda r: {"sparse": r.alpha, "amp": r.beta},
+               "ia": lambda r: {"amp": r.alpha, "null_reversed" if r.reversed else "null": r.beta,
+                                "decay": r.gamma}}[rule.name](rule)
     return {p: rule.scale * c for p, c in weights.items()}
 
 
