@@ -123,6 +123,23 @@ def test_symmetric_alignment_aligns_the_feedback():
         assert before[name]["weight_angle"] > 60 and after[name]["weight_angle"] < 15, (before, after)
 
 
+def test_symmetric_alignment_relaxes_at_lr_times_scale():
+    """Stepped by plain SGD (no momentum), SA moves ``B`` by ``lr scale (K - B)``
+    (docs/rules.md): at ``lr scale = 1`` one step sets every layer's feedback to the kernel it
+    saw, at ``lr scale = 0.3`` 30 % of the way."""
+    lr, labels = 0.05, jnp.arange(4) % 3
+    for rate in (1.0, 0.3):
+        state, images = small_state(pj.rules.get("sa", scale=rate / lr),
+                                    optax.sgd(lr, momentum=0.9), optax.sgd(lr))
+        for i in range(3):
+            before = state
+            state, _ = pj.train.train_step(state, {"image": images + 0.1 * i, "label": labels})
+            for name, fb in state.feedback.items():
+                kernel, old = before.params[name]["kernel"], before.feedback[name]["B"]
+                np.testing.assert_allclose(fb["B"], old + rate * (kernel - old), rtol=1e-5, atol=1e-6)
+                assert not np.allclose(state.params[name]["kernel"], kernel)  # K moved on
+
+
 @pytest.mark.parametrize("name, options, message", [
     ("sa", {"inputs": "images"}, "sa: inputs='images' is unknown; valid: ('data', 'noise')"),
     ("aa", {"sigma": 0.0}, "aa: sigma=0.0 must be a positive number"),

@@ -48,6 +48,10 @@ sample has unit norm, ``trace(S) = 1`` for dense layers and ``lambda_max(S) <= k
 stable at every learning rate of the papers' range, and slow (F moves at about ``lr lambda(S)`` per
 direction). Their coefficients are placed by the fixed points, not tuned (the authors tuned theirs
 per architecture); ``scale`` (default 1) multiplies every coefficient of ``sa``, ``aa`` and ``ia``.
+Under plain SGD, ``sa`` moves ``F`` by ``lr scale (K - F)`` per step; with momentum ``F`` oscillates
+about the moving ``K``, and in the Fig. 2 setting (momentum 0.9) the family diverged at every
+``scale`` tried but one. Stepping the feedback without momentum (``feedback_tx``,
+``optimizer.feedback``) at ``lr scale`` 0.3 (``sa``) or 1 (``aa``) trained (docs/rules.md).
 
 Options shared by the family: ``inputs`` (``'data'``: the layer's own input batch, no second pass
 through the network; ``'noise'``: ``u = sigma N(0, 1)`` of ``x``'s shape, drawn each step from the
@@ -61,7 +65,8 @@ pass kept (``x``, and ``y`` itself with ``inputs='data'`` and ``normalize=False`
 layer, in products of the layer's size: ``amp`` one kernel gradient; ``sparse`` a forward product
 and a kernel gradient; ``null`` a transposed product and a kernel gradient; ``null_reversed`` a
 forward product, a transposed product, another forward product and a kernel gradient; ``decay``
-and ``self`` none. Noise inputs add a forward product for ``y``.
+and ``self`` none; ``sparse`` with ``amp`` (``aa``) a forward product and a kernel gradient in all.
+Noise inputs add a forward product for ``y``.
 """
 from __future__ import annotations
 
@@ -148,11 +153,17 @@ GRADIENTS = {"decay": decay, "self": self_, "amp": amp, "sparse": sparse, "null"
 
 
 def alignment_signal(probe: Probe, terms) -> jax.Array:
-    """``sum_p c_p dF_p`` over ``terms = ((primitive, c_p), ...)`` (zero coefficients skipped)."""
+    """``sum_p c_p dF_p`` over ``terms = ((primitive, c_p), ...)`` (zero coefficients skipped).
+
+    ``sparse`` and ``amp`` together take one product of each kind instead of two kernel gradients:
+    ``c_s (2/n) A_u^T z - c_a (1/n) A_u^T y = (1/n) A_u^T op(u, 2 c_s F - c_a K)``."""
+    weights = {name: c for name, c in terms if c}
     signal = jnp.zeros_like(probe.feedback)
-    for name, coefficient in terms:
-        if coefficient:
-            signal = signal + coefficient * GRADIENTS[name](probe)
+    if "sparse" in weights and "amp" in weights:
+        mixed = 2 * weights.pop("sparse") * probe.feedback - weights.pop("amp") * probe.kernel
+        signal = probe.kernel_grad(probe.u, probe.op(probe.u, mixed)) / probe.n
+    for name, coefficient in weights.items():
+        signal = signal + coefficient * GRADIENTS[name](probe)
     return signal
 
 
