@@ -55,7 +55,17 @@ def test_paper_settings():
     assert fig4["dfa"].rule.options.grid == "output" and spec.resolve(fig4["dfa"]).rule.grid == "output"
     resnet20 = {r.labels["rule"]: runner.run_config("resnet20_fashion_mnist", r)
                 for r in configs.load("resnet20_fashion_mnist").runs()}
-    assert "grid" not in resnet20["dfa"].rule.options  # the default 'input', as its run was trained
+    assert resnet20["dfa"].rule.options.grid == "output"
+    # the Two Routes rules: feedback without momentum, lr * scale held fixed across the networks
+    zoo = {(r.labels["model"], r.labels["method"]): runner.run_config("rules_zoo_fashion_mnist", r)
+           for r in configs.load("rules_zoo_fashion_mnist").runs()}
+    for model, lr in (("ffn2", 0.01), ("resnet20", 0.1)):
+        sa, aa = zoo[model, "sa"], zoo[model, "aa"]
+        assert sa.optimizer.learning_rate == aa.optimizer.learning_rate == lr
+        assert (sa.rule.options.scale * lr, aa.rule.options.scale * lr) == pytest.approx((0.3, 1.0))
+        assert sa.optimizer.feedback.momentum == 0.0 and sa.optimizer.momentum == 0.9
+    for rule in ("bp", "fa", "kp", "dfa"):  # the same runs: the zoo's copies of resnet20_fashion_mnist's
+        assert zoo["resnet20", rule].to_dict() == resnet20[rule].to_dict()
     # PFA under the papers' SGD stores G (identical training, KP's cost); F at r = 1
     assert spec.resolve(fig4["pfa"]).rule.form == "G"
     assert spec.resolve(fig4["pfa_o"]).rule.form == "G"

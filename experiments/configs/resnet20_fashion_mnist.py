@@ -16,8 +16,6 @@ def get_config():
 
 
 def runs():
-    """The Fig. 4 sweep, except that DFA keeps the default input-grid projection with which its
-    committed run was trained, until that run is repeated with the authors' grid."""
-    return [common.Run(r.name, r.labels, {k: v for k, v in r.overrides.items()
-                                          if k != "rule.options.grid"})
-            for r in common.sweep("fig4", seeds=(0,), rules=RULES)]
+    """The Fig. 4 sweep: every rule with its Fig. 4 exceptions (DFA's lr and its error projected
+    over each conv layer's output grid, ``grid='output'``)."""
+    return common.sweep("fig4", seeds=(0,), rules=RULES)

@@ -5,7 +5,10 @@ Fig. 2 schedule (40 epochs, ``fig2_fashion_mnist``) and ResNet-20 with the short
 schedule of ``resnet20_fashion_mnist`` (15 epochs; DFA and its variants at lr 0.001 with the
 authors' output-grid projection). One seed each. The Two Routes rules learn their feedback by SGD
 without momentum, ``F`` relaxing by ``lr * scale`` per step (0.3 for sa and ia, 1 for aa; their
-defaults, stepped with the momentum of 0.9, diverged on ffn2: docs/rules.md)."""
+defaults, stepped with the momentum of 0.9, diverged on ffn2: docs/rules.md). The ResNet-20 runs
+of bp, fa, kp and dfa are those of ``resnet20_fashion_mnist``, whose run configs are the same
+(tests/test_experiments.py checks it), copied rather than trained again: their machine and train
+time are theirs, and the sweep's wall time counts only the runs trained here."""
 from experiments.configs import common, resnet20_fashion_mnist
 
 METHODS = (
