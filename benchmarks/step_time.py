@@ -9,7 +9,8 @@ after compiling and one warm-up), and each rule's ratio to ``bp``:
   ``fa``, ``usf``, ``frsf``, ``brsf``, ``kp`` <= 1.05; ``dfa`` <= 1.0; ``wm`` has no target; Two
   Routes' ``sa``, ``aa``, ``ia``, ``alignment`` (its default: no term, plastic ``B``) and DFA's
   variants ``sdfa`` (``signal='sign'``) and ``drtp`` (``signal='target'``), measured with ``dfa``,
-  <= 1.10.
+  <= 1.10; ``aa`` and ``ia`` are also measured with ``probe_batch`` 16 and 8 (their alignment loss
+  on that many rows of the batch), with the same target.
 * ``ffn2``, batches 64 and 512, 28x28x1, no targets; ``pfa`` is also measured with each backward
   association forced (``route='mid'`` / ``'product'``) next to ``'auto'`` (the default, ``pfa`` in
   the table), with the route ``auto`` chose for each layer and whether it was the faster one.
@@ -37,6 +38,9 @@ TARGETS = {"resnet20": {"bp": 1.0, "pfa": 1.10, "pfa_o": 1.10, "fa": 1.05, "usf"
 TARGETS["resnet20"].update(dict.fromkeys(("sa", "aa", "ia", "alignment", "sdfa", "drtp"), 1.10))
 ROUTES = ("mid", "product")
 DFA_VARIANTS = {"sdfa": "sign", "drtp": "target"}  # label -> dfa's option signal
+PROBED, PROBE_BATCHES = ("aa", "ia"), (16, 8)  # also with their loss on 16 / 8 rows (probe_batch)
+TARGETS["resnet20"].update({f"{name}(probe_batch={m})": 1.10
+                            for name in PROBED for m in PROBE_BATCHES})
 
 
 def dense_routes(widths, batch: int, rule) -> dict[str, str]:
@@ -53,6 +57,11 @@ def measure(model_name: str, batch_size: int, rules, repeats: int, warmup: int) 
     if "dfa" in rules:
         for label, signal in DFA_VARIANTS.items():
             variants[label] = step_variant(model_name, pj.rules.get("dfa", signal=signal), batch)
+    for name in PROBED:
+        if name in rules:
+            for m in PROBE_BATCHES:
+                variants[f"{name}(probe_batch={m})"] = step_variant(
+                    model_name, pj.rules.get(name, probe_batch=m), batch)
     with_routes = model_name == "ffn2" and "pfa" in rules
     if with_routes:
         for route in ROUTES:

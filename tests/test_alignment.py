@@ -67,6 +67,37 @@ def test_noise_probe(name, options):
         jax.grad(lambda k_: jnp.sum(rule.dense(x, k_, {"B": f})))(kernel)
 
 
+@pytest.mark.parametrize("x_shape, kernel_shape, conv_kwargs", LAYERS)
+@pytest.mark.parametrize("name, options", [("aa", {}), ("ia", {"normalize": False, "gamma": 0.1})])
+def test_probe_batch_takes_the_first_rows(name, options, x_shape, kernel_shape, conv_kwargs):
+    """``probe_batch=m`` takes the alignment loss on the first ``m`` rows of the layer's input
+    (means over those ``m``), or on ``m`` noise samples; ``dx`` and ``dK`` still use the whole
+    batch. More rows than the batch has means all of them."""
+    op, forward = layer(conv_kwargs)
+    x, kernel, f = (normal(i, shape, jnp.float32) for i, shape in
+                    enumerate((x_shape, kernel_shape, kernel_shape)))
+    g, key = normal(5, forward(x, kernel).shape, jnp.float32), jax.random.key(3)
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5)
+
+    def cotangents(rule):
+        return jax.vjp(lambda x_, k_, b_: rule.apply(op, x_, k_, {"B": b_}, key), x, kernel, f)[1](g)
+
+    def loss_grad(rule, u):
+        return jax.grad(lambda b: alignment_loss(rule, u, kernel, b, forward))(f)
+
+    noise = jax.random.normal(jax.random.fold_in(key, 0), (2, *x.shape[1:]))
+    for inputs, probe in (("data", x[:2]), ("noise", noise)):
+        rule = pj.rules.get(name, probe_batch=2, inputs=inputs, **options)
+        dx, dkernel, df = cotangents(rule)
+        close(dx, jax.vjp(lambda u: forward(u, f), x)[1](g)[0])
+        close(dkernel, jax.vjp(lambda k: forward(x, k), kernel)[1](g)[0])
+        close(df, loss_grad(rule, probe))
+        if inputs == "data":
+            assert not np.allclose(df, loss_grad(rule, x), atol=1e-3)  # not the whole batch's
+    close(cotangents(pj.rules.get(name, probe_batch=100, **options))[2],
+          cotangents(pj.rules.get(name, **options))[2])
+
+
 def small_state(rule, tx, feedback_tx):
     model = pj.models.get("ffn2", rule=rule, num_classes=3, widths=(8,))
     images = normal(0, (4, 3, 3, 1), jnp.float32)
@@ -148,6 +179,8 @@ def test_symmetric_alignment_relaxes_at_lr_times_scale():
     ("alignment", {"null": "big"}, "alignment: null='big' must be a number"),
     ("alignment", {"tie": 1.0}, "alignment: tie=1.0 must be True or False"),
     ("aa", {"gamma": 1.0}, "rule 'aa' has no option(s) ['gamma']"),
+    ("ia", {"probe_batch": -1}, "ia: probe_batch=-1 must be >= 0 (0: the whole batch)"),
+    ("aa", {"probe_batch": 2.5}, "aa: probe_batch=2.5 must be an int"),
 ])
 def test_bad_options(name, options, message):
     with pytest.raises(ValueError, match=re.escape(message)):

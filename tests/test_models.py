@@ -210,6 +210,19 @@ def test_ffn2_widths():
         "hidden_0": (784, 32), "hidden_1": (32, 16), "hidden_2": (16, 8), "output": (8, 10)}
 
 
+def test_ffn2_tanh_activation():
+    x = images(MNIST)
+    model = models.get("ffn2", widths=(8, 4), activation="tanh")
+    params = init(model, x)["params"]
+    h = x.reshape(BATCH, -1)
+    for name in ("hidden_0", "hidden_1"):
+        h = np.tanh(h @ params[name]["kernel"] + params[name]["bias"])
+    expected = h @ params["output"]["kernel"] + params["output"]["bias"]
+    np.testing.assert_allclose(model.apply({"params": params}, x), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"'gelu'.*relu, tanh"):
+        models.get("ffn2", activation="gelu")
+
+
 def test_resnet20_option_a_shortcuts_have_no_params():
     params = initialised("resnet20")["params"]
     blocks = {f"stage{s}_block{b}" for s in (1, 2, 3) for b in range(3)}

@@ -8,7 +8,7 @@
 =========  ===================================================================  ==============
 name       architecture                                                         params (10 cl.)
 =========  ===================================================================  ==============
-ffn2       MLP 784-512-512-10, ReLU, bias (option ``widths``)                   669,706
+ffn2       MLP 784-512-512-10, ReLU, bias (options ``widths``, ``activation``)  669,706
 lenet      LeNet-5: conv 6@5x5, pool, conv 16@5x5, pool, 120, 84, output        61,706 (28x28x1)
 resnet8    CIFAR ResNet, 3 stages x 1 BasicBlock, option-A shortcuts, BN        75,290
 resnet20   CIFAR ResNet, 3 stages x 3 BasicBlocks, option-A shortcuts, BN       269,722

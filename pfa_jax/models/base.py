@@ -19,7 +19,18 @@ import jax.numpy as jnp
 
 from pfa_jax import nn as pnn
 
-__all__ = ["Layers", "Model"]
+__all__ = ["ACTIVATIONS", "activation", "Layers", "Model"]
+
+# the hidden layers' nonlinearities a model may take (``ffn2``'s option ``activation``)
+ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh}
+
+
+def activation(name: str):
+    """The function ``ACTIVATIONS[name]``; an unknown name raises ``ValueError`` naming the valid
+    ones."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; valid activations: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
 
 
 class Layers(nn.Module):
@@ -54,8 +65,10 @@ class Model(Layers):
                              f"{tuple(x.shape)}; a single image needs a batch axis: x[None]")
         return x
 
-    def classifier(self, x, widths: Sequence[int] = (), prefix: str = "dense"):
-        """Flattens ``x``, applies ReLU ``Dense`` layers ``{prefix}_{i}`` and the ``output`` layer,
+    def classifier(self, x, widths: Sequence[int] = (), prefix: str = "dense",
+                   nonlinearity=nn.relu):
+        """Flattens ``x``, applies ``Dense`` layers ``{prefix}_{i}`` each followed by
+        ``nonlinearity`` (ReLU), then the ``output`` layer,
         and adds the DFA error taps of the whole model to the logits (``pfa_jax.nn.add_taps``).
 
         Every model ends here, so at init this also checks that a rule mapping names only layers the
@@ -63,7 +76,8 @@ class Model(Layers):
         """
         x = x.reshape(x.shape[0], -1)
         for i, width in enumerate(widths):
-            x = nn.relu(pnn.Dense(width, rule=self.rule, dtype=self.dtype, name=f"{prefix}_{i}")(x))
+            x = nonlinearity(pnn.Dense(width, rule=self.rule, dtype=self.dtype,
+                                       name=f"{prefix}_{i}")(x))
         logits = pnn.Dense(self.num_classes, rule=self.rule, dtype=self.dtype, name="output")(x)
         if self.is_initializing() and not self.scope.path:
             pnn.check_rule_map(self.rule, self.variables["params"])

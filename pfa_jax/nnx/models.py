@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pfa_jax import models as linen_models
+from pfa_jax.models import base as linen_base
 from pfa_jax import nn as pnn
 from pfa_jax.nnx.layers import Conv, Linear, add_taps
 
@@ -49,14 +50,17 @@ class Model(nnx.Module):
                            dtype=self.dtype, rngs=rngs)
         return conv, bn
 
-    def head(self, in_features: int, widths: Sequence[int], prefix: str, rngs: nnx.Rngs):
-        """ReLU ``Linear`` layers ``{prefix}_{i}`` and the ``output`` layer."""
+    def head(self, in_features: int, widths: Sequence[int], prefix: str, rngs: nnx.Rngs,
+             activation: str = "relu"):
+        """``Linear`` layers ``{prefix}_{i}``, each followed by ``activation`` (a name of
+        ``pfa_jax.models.base.ACTIVATIONS``), and the ``output`` layer."""
         for i, width in enumerate(widths):
             name = f"{prefix}_{i}"
             setattr(self, name, Linear(in_features, width, rule=self.rule_for(name),
                                        dtype=self.dtype, rngs=rngs))
             in_features = width
         self.head_names = tuple(f"{prefix}_{i}" for i in range(len(widths)))
+        self.head_activation = activation
         self.output = Linear(in_features, self.linen.num_classes, rule=self.rule_for("output"),
                              dtype=self.dtype, rngs=rngs)
 
@@ -64,16 +68,17 @@ class Model(nnx.Module):
         """Flatten, the head, the DFA taps added, float32 logits."""
         x = x.reshape(x.shape[0], -1)
         for name in self.head_names:
-            x = nnx.relu(getattr(self, name)(x))
+            x = linen_base.activation(self.head_activation)(getattr(self, name)(x))
         return jnp.asarray(add_taps(self, self.output(x)), jnp.float32)
 
 
 class MLP(Model):
     def __init__(self, *, rule="bp", num_classes=10, input_shape=(28, 28, 1),
-                 widths=(512, 512), dtype=None, axis_name=None, rngs: nnx.Rngs):
+                 widths=(512, 512), activation="relu", dtype=None, axis_name=None,
+                 rngs: nnx.Rngs):
         super().__init__("ffn2", rule, num_classes, input_shape, dtype, axis_name,
-                         widths=tuple(widths))
-        self.head(math.prod(input_shape), widths, "hidden", rngs)
+                         widths=tuple(widths), activation=activation)
+        self.head(math.prod(input_shape), widths, "hidden", rngs, activation)
 
     def __call__(self, x, train: bool = False):
         return self.classify(x)

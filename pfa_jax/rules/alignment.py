@@ -56,8 +56,12 @@ about the moving ``K``, and in the Fig. 2 setting (momentum 0.9) the family dive
 Options shared by the family: ``inputs`` (``'data'``: the layer's own input batch, no second pass
 through the network; ``'noise'``: ``u = sigma N(0, 1)`` of ``x``'s shape, drawn each step from the
 ``feedback`` RNG stream, from ``fold_in(key, 0)`` as a weight mirror's first step draws), ``sigma``,
-and ``normalize`` (each probe sample centred and scaled to unit norm over its non-batch axes, the
-authors' ``normalize_input``). Not provided: the authors' options of activations on the
+``normalize`` (each probe sample centred and scaled to unit norm over its non-batch axes, the
+authors' ``normalize_input``) and ``probe_batch`` (default 0: the whole batch; ``m > 0``: the first
+``m`` rows of the layer's input, or ``m`` noise samples, so ``n = m``: the batch-mean losses
+estimated on a subsample, and the probe's products cost ``m / N`` of the full batch's, plus a
+forward product for ``y`` on the ``m`` rows; under a sharded batch the first rows sit on the first
+devices). Not provided: the authors' options of activations on the
 projections, biases in the projections, and centring or normalising the projections.
 
 One backward pass: the probe quantities are computed in the layer's custom VJP from what the forward
@@ -212,6 +216,7 @@ class _AlignmentRule(DrawnFeedbackRule):
     inputs: str = "data"
     sigma: float = 1.0
     normalize: bool = False
+    probe_batch: int = 0
 
     def __post_init__(self):
         super().__post_init__()
@@ -219,6 +224,9 @@ class _AlignmentRule(DrawnFeedbackRule):
             raise ValueError(f"{self.name}: inputs={self.inputs!r} is unknown; valid: {INPUTS}")
         if not self.sigma > 0 or not math.isfinite(self.sigma):
             raise ValueError(f"{self.name}: sigma={self.sigma!r} must be a positive number")
+        if self.probe_batch < 0:
+            raise ValueError(f"{self.name}: probe_batch={self.probe_batch!r} must be >= 0 (0: the "
+                             "whole batch)")
         for name, value in self.coefficients():
             if not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
                 raise ValueError(f"{self.name}: {name}={value!r} must be a finite number >= 0")
@@ -243,12 +251,14 @@ class _AlignmentRule(DrawnFeedbackRule):
         return feedback["B"]
 
     def apply(self, op, x, kernel, feedback, key):
+        rows = min(self.probe_batch or x.shape[0], x.shape[0])
         if self.inputs == "noise":
             if key is None:
                 return keyless(self.name, op(x, kernel))
-            probe = self.sigma * jax.random.normal(jax.random.fold_in(key, 0), x.shape, x.dtype)
+            probe = self.sigma * jax.random.normal(jax.random.fold_in(key, 0),
+                                                   (rows, *x.shape[1:]), x.dtype)
         else:
-            probe = x
+            probe = x if rows == x.shape[0] else x[:rows]
         if self.normalize:
             probe = _normalized(probe)
         probe = None if probe is x else lax.stop_gradient(probe)
