@@ -11,7 +11,7 @@ layers, else the mean and the range over layers; the closing measurements where 
 the training wall time, and the machine of each row when the runs ran on more than one), the
 hardware and the wall times of the invocations recorded, and figures: test accuracy and mean
 alignment against the epoch for each group, and final accuracy against the experiment's
-``PLOT_AXIS``. Runs that diverged are counted and named; unfinished runs are listed as missing.
+``PLOT_AXIS``. Runs that diverged are counted and named with their diagnosis; unfinished runs are listed as missing.
 Nothing is typed by hand.
 """
 from __future__ import annotations
@@ -42,8 +42,8 @@ def load_runs(exp_dir: pathlib.Path) -> tuple[dict, list[dict]]:
         if (run_dir / "summary.json").exists():
             entry.update(state="done", summary=json.loads((run_dir / "summary.json").read_text()))
         elif (run_dir / "diverged.json").exists():
-            entry.update(state="diverged",
-                         error=json.loads((run_dir / "diverged.json").read_text())["error"])
+            diverged = json.loads((run_dir / "diverged.json").read_text())
+            entry.update(state="diverged", error=diverged.get("diagnosis", diverged["error"]))
         runs.append(entry)
     return record, runs
 

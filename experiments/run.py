@@ -10,7 +10,8 @@ Each run of experiment ``E`` writes ``OUT/E/RUN/`` (``pfa_jax.app.experiment``: 
 ``metrics.jsonl``, ``checkpoints/``, ``curves.png``, ``summary.json``). Running again is safe and
 picks up where it stopped: finished runs (with ``summary.json``) are skipped, interrupted ones resume
 from their newest checkpoint and end with the same metrics as an uninterrupted run. A run whose
-training diverges gets ``diverged.json`` (the error) and the sweep goes on. ``OUT/E/experiment.json``
+training diverges gets ``diverged.json`` (the error, and its ``diagnosis``: the epoch and step,
+without the machine's paths) and the sweep goes on. ``OUT/E/experiment.json``
 records the runs, their labels, the hardware and each invocation's wall time.
 
 Every run's config is validated before the first one starts. ``--workers N`` runs N runs at once in
@@ -92,8 +93,8 @@ def train_one(config_json: str, run_dir: str, progress: bool) -> dict:
                               resume=resume)
     except experiment.DivergenceError as error:
         if placement.writer():
-            (run_dir / "diverged.json").write_text(json.dumps({"error": str(error)}, indent=2)
-                                                   + "\n")
+            (run_dir / "diverged.json").write_text(json.dumps(
+                {"error": str(error), "diagnosis": error.diagnosis}, indent=2) + "\n")
         return {"diverged": str(error)}
 
 

@@ -158,8 +158,12 @@ def test_diverging_run_is_recorded_and_the_sweep_goes_on(fashion_dir, tmp_path, 
     assert _run(out, fashion_dir, "--only", "bp-depth2*", "--set", "optimizer.learning_rate=1e9",
                 "--set", "robustness.adversarial_epsilons=()", "--set", "sharpness.enabled=False") == 0
     assert "bp-depth2-seed0: diverged: training diverged in epoch 1" in capsys.readouterr().out
+    recorded = json.loads((out / "soft_alignment_mlp" / "bp-depth2-seed0" / "diverged.json").read_text())
+    assert recorded["error"].startswith(recorded["diagnosis"] + ". ")
+    assert "start again" in recorded["error"] and "start again" not in recorded["diagnosis"]
     text = report.render(out, tmp_path / "RESULTS.md")
-    assert "1 diverged" in text and "`bp-depth2-seed0` diverged: training diverged" in text
+    # the report shows the diagnosis alone: no advice, no path of the machine the run ran on
+    assert "1 diverged" in text and f"- `bp-depth2-seed0` diverged: {recorded['diagnosis']}\n" in text
 
 
 def test_report_without_results_names_the_fix(tmp_path, capsys):

@@ -93,7 +93,13 @@ MIDWAY = "step-checkpoints"  # the mid-epoch checkpoints of a run directory, key
 
 
 class DivergenceError(RuntimeError):
-    """The training loss or the parameters became non-finite."""
+    """The training loss or the parameters became non-finite. ``diagnosis``: what diverged and
+    where (epoch, step), without the machine's paths; the message adds the checkpoint kept and
+    what to do."""
+
+    def __init__(self, diagnosis: str, advice: str):
+        super().__init__(f"{diagnosis}. {advice}")
+        self.diagnosis = diagnosis
 
 
 def _check_finite(state, losses, epoch: int, start: _Start) -> None:
@@ -111,8 +117,8 @@ def _check_finite(state, losses, epoch: int, start: _Start) -> None:
             f"{found[0][1].directory}; lower the learning rate and start again, or --resume with "
             "a changed config") if found else ("No epoch completed, so no checkpoint was written; "
                                                "lower the learning rate and start again (--overwrite)")
-    raise DivergenceError(f"training diverged in epoch {epoch + 1} at {where}: non-finite values. "
-                          f"{kept}")
+    raise DivergenceError(f"training diverged in epoch {epoch + 1} at {where}: non-finite values",
+                          kept)
 
 
 def _prepare_run_dir(out: str | epath.Path, overwrite: bool) -> epath.Path:
