@@ -34,7 +34,7 @@ def load_runs(exp_dir: pathlib.Path) -> tuple[dict, list[dict]]:
     record = json.loads((exp_dir / "experiment.json").read_text())
     runs = []
     for run in record["runs"]:
-        run_dir = exp_dir / run["name"]
+        run_dir = exp_dir.parent / run["source"] if run.get("source") else exp_dir / run["name"]
         entry = {**run, "state": "missing", "summary": None, "records": []}
         if (run_dir / "metrics.jsonl").exists():
             entry["records"] = [json.loads(line) for line in

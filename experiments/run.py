@@ -12,7 +12,9 @@ picks up where it stopped: finished runs (with ``summary.json``) are skipped, in
 from their newest checkpoint and end with the same metrics as an uninterrupted run. A run whose
 training diverges gets ``diverged.json`` (the error, and its ``diagnosis``: the epoch and step,
 without the machine's paths) and the sweep goes on. ``OUT/E/experiment.json``
-records the runs, their labels, the hardware and each invocation's wall time.
+records the runs, their labels, the hardware and each invocation's wall time. A run that another
+experiment shares (``common.Run.source``: the same config, checked before anything trains) lives in
+that experiment's directory: listed, trained if missing, and reported from there.
 
 Every run's config is validated before the first one starts. ``--workers N`` runs N runs at once in
 separate processes (useful on a GPU, which small models leave mostly idle); GPU memory is then
@@ -45,18 +47,40 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
 from experiments import configs  # noqa: E402
+from experiments.configs import common  # noqa: E402
 from pfa_jax.app import config as config_lib  # noqa: E402
 from pfa_jax.app import experiment, placement, spec  # noqa: E402
 
 DEFAULT_OUT = epath.Path(__file__).parent / "results"
 
 
-def run_config(name: str, run: "configs.common.Run", assignments=()) -> ml_collections.ConfigDict:
+def run_config(name: str, run: common.Run, assignments=()) -> ml_collections.ConfigDict:
     """The resolved config of one run: the experiment's base, the run's values, then overrides."""
     config = configs.load(name).get_config()
     for key, value in run.overrides.items():
         config_lib.set_value(config, key, value)
     return config_lib.override(config, assignments)
+
+
+def run_dir(out: epath.Path, name: str, run: common.Run) -> epath.Path:
+    """Where ``run`` of experiment ``name`` is stored under the results directory ``out``: its
+    own directory, or its source's (``Run.source``)."""
+    return out / (run.source or f"{name}/{run.name}")
+
+
+def check_source(name: str, run: common.Run, config: ml_collections.ConfigDict,
+                 assignments=()) -> None:
+    """Raises ``ValueError`` unless ``run.source`` names a run of another experiment whose config
+    (with the same ``assignments``) is ``config``."""
+    experiment_name, _, source_name = run.source.partition("/")
+    source = next((r for r in configs.load(experiment_name).runs() if r.name == source_name), None)
+    if source is None or source.source:
+        raise ValueError(f"{name}/{run.name}: source {run.source!r} is not a run of its own of "
+                         f"experiment {experiment_name!r}")
+    differ = common.differences(config, run_config(experiment_name, source, assignments))
+    if differ:
+        raise ValueError(f"{name}/{run.name}: its config differs from its source "
+                         f"{run.source}'s at {sorted(differ)}")
 
 
 def state(run_dir: epath.Path) -> str:
@@ -111,7 +135,8 @@ def _record_invocation(exp_dir: epath.Path, name: str, started: float, info: dic
     path = exp_dir / "experiment.json"
     record = json.loads(path.read_text()) if path.exists() else {"invocations": []}
     record.update({"name": name, "description": configs.load(name).__doc__.strip(),
-                   "runs": [{"name": r.name, "labels": r.labels}
+                   "runs": [{"name": r.name, "labels": r.labels,
+                             **({"source": r.source} if r.source else {})}
                             for r in configs.load(name).runs()]})
     invocation = {**info, "updated": datetime.datetime.now().isoformat(timespec="seconds"),
                   "wall_time": time.time() - started}
@@ -139,13 +164,13 @@ def _train_all(todo, out: epath.Path, workers: int, progress: bool):
     else in ``workers`` spawned processes."""
     if workers == 1:
         for name, run, config in todo:
-            yield (name, run), train_one(config.to_json(), str(out / name / run.name), progress)
+            yield (name, run), train_one(config.to_json(), str(run_dir(out, name, run)), progress)
         return
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
                                                 initializer=_follow_parent,
                                                 initargs=(os.getpid(),)) as pool:
-        futures = {pool.submit(train_one, config.to_json(), str(out / name / run.name), False):
+        futures = {pool.submit(train_one, config.to_json(), str(run_dir(out, name, run)), False):
                    (name, run) for name, run, config in todo}
         for future in concurrent.futures.as_completed(futures):
             yield futures[future], future.result()
@@ -195,22 +220,26 @@ def main(argv=None) -> int:
             for run in runs:
                 config = run_config(name, run, args.set)
                 spec.resolve(config)
+                if run.source:
+                    check_source(name, run, config, args.set)
                 jobs.append((name, run, config))
     except ValueError as error:
         print(f"experiments.run: error: {error}", file=sys.stderr)
         return 2
     for name, run, _ in jobs:
         if args.list:
-            print(f"{name}/{run.name}: {state(args.out / name / run.name)}")
+            print(f"{name}/{run.name}: {state(run_dir(args.out, name, run))}"
+                  + (f" (stored as {run.source})" if run.source else ""))
     if args.list:
         return 0
     info = {"started": datetime.datetime.now().isoformat(timespec="seconds"), **hardware(),
             "workers": args.workers, "overrides": args.set}
     started = time.time()
-    todo = sorted([job for job in jobs
-                   if state(args.out / job[0] / job[1].name) in ("new", "partial")],
-                  key=lambda job: -_cost(job[2]))
-    print(f"{len(todo)} of {len(jobs)} runs to train ({len(jobs) - len(todo)} finished before)")
+    todo = {run_dir(args.out, name, run): (name, run, config) for name, run, config in jobs
+            if state(run_dir(args.out, name, run)) in ("new", "partial")}  # a shared run once
+    todo = sorted(todo.values(), key=lambda job: -_cost(job[2]))
+    stored = len({run_dir(args.out, name, run) for name, run, _ in jobs})
+    print(f"{len(todo)} of {stored} runs to train ({stored - len(todo)} finished before)")
     placement.barrier("experiments.run: runs listed")  # before process 0 writes into any of them
     for name in sweeps:
         _record_invocation(args.out / name, name, started, info, new=True)

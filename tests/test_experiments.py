@@ -1,5 +1,6 @@
 """The experiment harness: every config validates, the sweep runner trains, skips, resumes and
 records divergence, the report renders from run directories alone, and the Colab notebook runs."""
+import dataclasses
 import json
 import os
 import pathlib
@@ -64,7 +65,10 @@ def test_paper_settings():
         assert sa.optimizer.learning_rate == aa.optimizer.learning_rate == lr
         assert (sa.rule.options.scale * lr, aa.rule.options.scale * lr) == pytest.approx((0.3, 1.0))
         assert sa.optimizer.feedback.momentum == 0.0 and sa.optimizer.momentum == 0.9
-    for rule in ("bp", "fa", "kp", "dfa"):  # the same runs: the zoo's copies of resnet20_fashion_mnist's
+    shared = {r.labels["method"]: r.source for r in configs.load("rules_zoo_fashion_mnist").runs()
+              if r.labels["model"] == "resnet20" and r.source}
+    assert shared == {rule: f"resnet20_fashion_mnist/{rule}-seed0" for rule in ("bp", "fa", "kp", "dfa")}
+    for rule in shared:  # the same runs, stored in resnet20_fashion_mnist
         assert zoo["resnet20", rule].to_dict() == resnet20[rule].to_dict()
     # PFA under the papers' SGD stores G (identical training, KP's cost); F at r = 1
     assert spec.resolve(fig4["pfa"]).rule.form == "G"
@@ -151,6 +155,51 @@ def test_report_names_the_machine_of_each_row_only_when_runs_ran_on_several():
     assert mixed[0].endswith("| train time / run (s) | machine |")
     assert mixed[2].endswith("| 10 | NVIDIA H100 80GB HBM3 |")
     assert mixed[3].endswith("| 10 | not recorded |")
+
+
+def test_a_shared_run_is_trained_listed_and_reported_where_its_source_lives(
+        fashion_dir, tmp_path, monkeypatch, capsys):
+    """A sweep entry with ``source`` names another experiment's run of the same config: the
+    runner trains it into the source's directory (once), lists its state from there, and the
+    report reads it from there; a config that differs from the source's, or an absent source, is
+    refused before anything trains."""
+    source_name = "soft_alignment_mlp/bp-depth2-seed0"
+    source = next(r for r in configs.load("soft_alignment_mlp").runs() if r.name == "bp-depth2-seed0")
+    fig2 = configs.load("fig2_fashion_mnist")
+    same = configs.common.differences(fig2.get_config(),
+                                      runner.run_config("soft_alignment_mlp", source))
+    sweep = [configs.common.Run("shared-bp-depth2-seed0", {"rule": "bp", "seed": 0}, same, source_name)]
+    monkeypatch.setattr(fig2, "runs", lambda: sweep)
+    out = tmp_path / "results"
+    tiny = [a for s in TINY + [f"data_dir={fashion_dir}", "noise_pretrain_steps=5"]
+            for a in ("--set", s)]
+    assert runner.main(["fig2_fashion_mnist", "soft_alignment_mlp", "--only", "*bp-depth2-seed0",
+                        "--list", "--out", str(out), *tiny]) == 0
+    assert "fig2_fashion_mnist/shared-bp-depth2-seed0: new (stored as " + source_name in capsys.readouterr().out
+    # both experiments list the run: it trains once, in the source's directory
+    assert runner.main(["fig2_fashion_mnist", "soft_alignment_mlp", "--only", "*bp-depth2-seed0",
+                        "--out", str(out), "--quiet", *tiny]) == 0
+    assert "1 of 1 runs to train (0 finished before)" in capsys.readouterr().out
+    summary = json.loads((out / source_name / "summary.json").read_text())
+    assert not (out / "fig2_fashion_mnist" / "shared-bp-depth2-seed0").exists()
+    record = json.loads((out / "fig2_fashion_mnist" / "experiment.json").read_text())
+    assert record["runs"] == [{"name": "shared-bp-depth2-seed0", "labels": {"rule": "bp", "seed": 0},
+                               "source": source_name}]
+    assert runner.main(["fig2_fashion_mnist", "--out", str(out), *tiny]) == 0
+    assert "0 of 1 runs to train (1 finished before)" in capsys.readouterr().out
+    text = report.render(out, tmp_path / "RESULTS.md")
+    section = text[text.index("## fig2_fashion_mnist"):]
+    assert "(1 finished, 0 diverged, 0 missing)" in section
+    assert f"| {100 * summary['test_accuracy']:.2f} |" in section
+
+    sweep[0] = dataclasses.replace(sweep[0], overrides={**same, "optimizer.learning_rate": 0.5})
+    assert runner.main(["fig2_fashion_mnist", "--out", str(out), *tiny]) == 2
+    assert (f"fig2_fashion_mnist/shared-bp-depth2-seed0: its config differs from its source "
+            f"{source_name}'s at ['optimizer.learning_rate']") in capsys.readouterr().err
+    sweep[0] = dataclasses.replace(sweep[0], overrides=same, source="soft_alignment_mlp/bp-seed9")
+    assert runner.main(["fig2_fashion_mnist", "--out", str(out), *tiny]) == 2
+    assert ("source 'soft_alignment_mlp/bp-seed9' is not a run of its own of experiment "
+            "'soft_alignment_mlp'") in capsys.readouterr().err
 
 
 def test_diverging_run_is_recorded_and_the_sweep_goes_on(fashion_dir, tmp_path, capsys):

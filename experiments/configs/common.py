@@ -22,11 +22,15 @@ PAPER_RULES = ("bp", "fa", "usf", "brsf", "frsf", "kp", "wm", "pfa", "pfa_o", "d
 @dataclasses.dataclass(frozen=True)
 class Run:
     """One run of a sweep: its directory ``name``, the ``labels`` the report groups by (``seed`` is
-    averaged over), and the config values (dotted keys) that differ from the experiment's base."""
+    averaged over), and the config values (dotted keys) that differ from the experiment's base.
+    ``source`` (``'EXPERIMENT/RUN'``): the run is that run of another experiment, whose config
+    it must equal (``experiments.run`` checks it); it is trained and stored there, and this sweep
+    lists it and reports it from there instead of holding a copy."""
 
     name: str
     labels: dict
     overrides: dict
+    source: str = ""
 
 
 def ffn2_paper(dataset: str) -> ml_collections.ConfigDict:

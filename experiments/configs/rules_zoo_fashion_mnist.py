@@ -7,13 +7,16 @@ authors' output-grid projection). One seed each. The Two Routes rules learn thei
 without momentum, ``F`` relaxing by ``lr * scale`` per step (0.3 for sa and ia, 1 for aa; their
 defaults, stepped with the momentum of 0.9, diverged on ffn2: docs/rules.md). The ResNet-20 runs
 of bp, fa, kp and dfa are those of ``resnet20_fashion_mnist``, whose run configs are the same
-(tests/test_experiments.py checks it), copied rather than trained again: their machine and train
-time are theirs, and the sweep's wall time counts only the runs trained here.
+(``experiments.run`` checks it): listed here, trained and stored there (``common.Run.source``), so
+their machine and train time are theirs, and the sweep's wall time counts only the runs trained
+here.
 
 DRTP's hidden-layer signal ``-t B / n`` does not shrink as the error does, so in ffn2's ReLU units
 (``f' = 1`` while active) it grows the pre-activations without bound; the DRTP authors use tanh
 units, whose saturation ends it. ``ffn2_tanh`` runs bp and DFA's family again with tanh hidden
 units (``model_options.activation='tanh'``), the Fig. 2 schedule otherwise."""
+import dataclasses
+
 from experiments.configs import common, resnet20_fashion_mnist
 
 METHODS = (
@@ -26,6 +29,8 @@ METHODS = (
 DFA_FAMILY = ("bp", "dfa", "sdfa", "drtp")
 # lr * scale of the Two Routes rules, from 3-epoch probes on ffn2 at lr 0.01 (docs/rules.md)
 RELAXATION = {"sa": 0.3, "aa": 1.0, "ia": 0.3}
+# ResNet-20 methods whose runs are resnet20_fashion_mnist's
+SHARED = ("bp", "fa", "kp", "dfa")
 
 
 def get_config():
@@ -44,7 +49,15 @@ def runs():
     base, resnet20 = get_config(), resnet20_fashion_mnist.get_config()
     return (common.sweep("fig2", seeds=(0,), model=[("ffn2", {})],
                          method=methods(base.optimizer.learning_rate))
-            + common.sweep("fig4", seeds=(0,), model=[("resnet20", common.differences(base, resnet20))],
-                           method=methods(resnet20.optimizer.learning_rate))
+            + [_shared(run) for run in common.sweep(
+                "fig4", seeds=(0,), model=[("resnet20", common.differences(base, resnet20))],
+                method=methods(resnet20.optimizer.learning_rate))]
             + common.sweep("fig2", seeds=(0,), model=[("ffn2_tanh", {"model_options.activation": "tanh"})],
                            method=[m for m in METHODS if m[0] in DFA_FAMILY]))
+
+
+def _shared(run: common.Run) -> common.Run:
+    """``run``, sourced from ``resnet20_fashion_mnist`` where its method is in ``SHARED``."""
+    method, seed = run.labels["method"], run.labels["seed"]
+    return (dataclasses.replace(run, source=f"resnet20_fashion_mnist/{method}-seed{seed}")
+            if method in SHARED else run)
