@@ -171,6 +171,39 @@ def test_symmetric_alignment_relaxes_at_lr_times_scale():
                 assert not np.allclose(state.params[name]["kernel"], kernel)  # K moved on
 
 
+def test_information_alignment_is_stable_below_its_null_bound():
+    """IA under plain SGD with ``K`` held (dense, gamma = 0): ``dF = scale (2 beta F K^T S K -
+    alpha S K)``, so ``F - F*`` is multiplied by ``I - 2 lr beta scale K^T S K`` each step, with
+    ``F* = (alpha / 2 beta) S K (K^T S K)^-1`` (docs/rules.md). Below the bound ``2 lr beta scale
+    lambda_max(K^T S K) < 2`` F converges to ``F*``; above it, it grows without bound."""
+    with jax.enable_x64(True):
+        _check_null_bound()
+
+
+def _check_null_bound():
+    x, kernel = normal(0, (64, 8)), normal(1, (8, 4))
+    rule = pj.rules.get("ia", normalize=False, alpha=1.0, beta=0.5, scale=3.0)
+    covariance = x.T @ x / x.shape[0]
+    curvature = kernel.T @ covariance @ kernel
+    fixed_point = covariance @ kernel @ jnp.linalg.inv(curvature)  # alpha / 2 beta = 1
+    top = float(jnp.linalg.eigvalsh(curvature)[-1])
+
+    @jax.jit
+    def step(feedback, lr):
+        _, pullback = jax.vjp(lambda b: rule.dense(x, kernel, {"B": b}), feedback)
+        return feedback - lr * pullback(jnp.zeros((x.shape[0], kernel.shape[1]), x.dtype))[0]
+
+    for factor, stable in ((1.9, True), (2.1, False)):
+        lr = factor / (2 * rule.beta * rule.scale * top)
+        feedback = normal(2, kernel.shape)
+        for _ in range(3000):
+            feedback = step(feedback, lr)
+        if stable:
+            np.testing.assert_allclose(feedback, fixed_point, rtol=1e-6, atol=1e-8)
+        else:
+            assert float(jnp.linalg.norm(feedback - fixed_point)) > 1e6
+
+
 @pytest.mark.parametrize("name, options, message", [
     ("sa", {"inputs": "images"}, "sa: inputs='images' is unknown; valid: ('data', 'noise')"),
     ("aa", {"sigma": 0.0}, "aa: sigma=0.0 must be a positive number"),
