@@ -61,9 +61,10 @@ def test_paper_settings():
     zoo = {(r.labels["model"], r.labels["method"]): runner.run_config("rules_zoo_fashion_mnist", r)
            for r in configs.load("rules_zoo_fashion_mnist").runs()}
     for model, lr in (("ffn2", 0.01), ("resnet20", 0.1)):
-        sa, aa = zoo[model, "sa"], zoo[model, "aa"]
+        sa, aa, ia = zoo[model, "sa"], zoo[model, "aa"], zoo[model, "ia"]
         assert sa.optimizer.learning_rate == aa.optimizer.learning_rate == lr
-        assert (sa.rule.options.scale * lr, aa.rule.options.scale * lr) == pytest.approx((0.3, 1.0))
+        assert [c.rule.options.scale * lr for c in (sa, aa, ia)] == pytest.approx([0.3, 1.0, 0.03])
+        assert ia.optimizer.feedback.momentum == 0.0
         assert sa.optimizer.feedback.momentum == 0.0 and sa.optimizer.momentum == 0.9
     shared = {r.labels["method"]: r.source for r in configs.load("rules_zoo_fashion_mnist").runs()
               if r.labels["model"] == "resnet20" and r.source}
