@@ -3,7 +3,9 @@
 * ``get_config()`` returns the experiment's base run config (a ``pfa_jax.app.config.default_config()``
   with the paper's settings), overridable from the command line with ``--set``;
 * ``runs()`` returns the sweep: a list of ``common.Run`` (a run directory name, the labels the
-  report groups and tabulates by, and the config values that differ from the base);
+  report groups and tabulates by, and the config values that differ from the base; ``source``
+  names another experiment's run of the same config that this sweep shares instead of
+  training its own);
 * optional ``PLOT_AXIS``: a numeric label the report plots final accuracy against.
 
     python -m experiments.run fig2_fashion_mnist            # every run, into experiments/results/
