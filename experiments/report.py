@@ -11,8 +11,9 @@ layers, else the mean and the range over layers; the closing measurements where 
 the training wall time, and the machine of each row when the runs ran on more than one), the
 hardware and the wall times of the invocations recorded, and figures: test accuracy and mean
 alignment against the epoch for each group, and final accuracy against the experiment's
-``PLOT_AXIS``. Runs that diverged are counted and named with their diagnosis; unfinished runs are listed as missing.
-Nothing is typed by hand.
+``PLOT_AXIS``. Runs that diverged are counted and named with their diagnosis; unfinished runs are
+listed as missing. A run shared from another experiment (``source`` in ``experiment.json``) is read
+from that experiment's directory. Nothing is typed by hand.
 """
 from __future__ import annotations
 
