@@ -204,6 +204,35 @@ def _check_null_bound():
             assert float(jnp.linalg.norm(feedback - fixed_point)) > 1e6
 
 
+def test_activation_alignment_curvature_is_at_most_the_window_size_on_normalised_probes():
+    """AA's signal is ``scale S (2 alpha F - beta K)``; with ``normalize`` every probe sample has
+    unit norm, so ``lambda_max(S) <= kh kw`` for a conv (each input entry lies in at most
+    ``kh kw`` windows) and plain SGD on ``F`` is stable below ``lr scale < 2 / (2 alpha kh kw)``
+    (docs/rules.md). Smooth inputs come close to the bound at stride 1; a stride of 2 stays
+    below it (each entry lies in fewer windows)."""
+    with jax.enable_x64(True):
+        _check_window_bound()
+
+
+def _check_window_bound():
+    rule = pj.rules.get("aa")
+    ramp = jnp.linspace(0.0, 1.0, 16)
+    smooth = ramp[None, :, None, None] * ramp[None, None, :, None] + 0.05 * normal(0, (8, 16, 16, 2))
+    kernel = normal(1, (3, 3, 2, 4))
+    for strides, least in ((1, 0.5), (2, 0.1)):
+        def signal(feedback):
+            out, pullback = jax.vjp(lambda b: rule.conv(smooth, kernel, {"B": b}, None,
+                                                        strides=strides, padding="SAME"), feedback)
+            return pullback(jnp.zeros_like(out))[0]
+
+        linear = jax.jit(lambda v: signal(v) - signal(jnp.zeros_like(v)))
+        v = normal(2, kernel.shape)
+        for _ in range(100):
+            w = linear(v)
+            top, v = float(jnp.vdot(v, w) / jnp.vdot(v, v)), w / jnp.linalg.norm(w)
+        assert 2 * rule.alpha * 9 * least < top <= 2 * rule.alpha * 9 * (1 + 1e-5), (strides, top)
+
+
 @pytest.mark.parametrize("name, options, message", [
     ("sa", {"inputs": "images"}, "sa: inputs='images' is unknown; valid: ('data', 'noise')"),
     ("aa", {"sigma": 0.0}, "aa: sigma=0.0 must be a positive number"),

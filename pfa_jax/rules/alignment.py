@@ -53,7 +53,9 @@ about the moving ``K``, and in the Fig. 2 setting (momentum 0.9) the family dive
 ``scale`` tried but one. Stepping the feedback without momentum (``feedback_tx``,
 ``optimizer.feedback``) at ``lr scale`` 0.3 (``sa``) or 1 (``aa``) trained. ``ia``'s ``null``
 term is stable under plain SGD only while ``2 lr beta scale lambda_max(K^T S K) < 2``, a bound that
-falls as ``K`` grows: on ffn2 it held over 40 epochs at ``lr scale`` 0.03, not at 0.1 (docs/rules.md).
+falls as ``K`` grows: on ffn2 it held over 40 epochs at ``lr scale`` 0.03, not at 0.1; ResNet-20's
+stem needs about 0.003 or less. ``aa``'s bound ``lr scale 2 alpha lambda_max(S) < 2`` is fixed by
+the probes, ``lambda_max(S) <= kh kw`` for normalised conv probes (docs/rules.md).
 
 Options shared by the family: ``inputs`` (``'data'``: the layer's own input batch, no second pass
 through the network; ``'noise'``: ``u = sigma N(0, 1)`` of ``x``'s shape, drawn each step from the
