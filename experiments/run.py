@@ -235,11 +235,12 @@ def main(argv=None) -> int:
     info = {"started": datetime.datetime.now().isoformat(timespec="seconds"), **hardware(),
             "workers": args.workers, "overrides": args.set}
     started = time.time()
-    todo = {run_dir(args.out, name, run): (name, run, config) for name, run, config in jobs
-            if state(run_dir(args.out, name, run)) in ("new", "partial")}  # a shared run once
-    todo = sorted(todo.values(), key=lambda job: -_cost(job[2]))
-    stored = len({run_dir(args.out, name, run) for name, run, _ in jobs})
-    print(f"{len(todo)} of {stored} runs to train ({stored - len(todo)} finished before)")
+    stored = {}  # run directory -> its first job: a run shared by two sweeps trains once
+    for name, run, config in jobs:
+        stored.setdefault(run_dir(args.out, name, run), (name, run, config))
+    todo = sorted([job for path, job in stored.items() if state(path) in ("new", "partial")],
+                  key=lambda job: -_cost(job[2]))
+    print(f"{len(todo)} of {len(stored)} runs to train ({len(stored) - len(todo)} finished before)")
     placement.barrier("experiments.run: runs listed")  # before process 0 writes into any of them
     for name in sweeps:
         _record_invocation(args.out / name, name, started, info, new=True)

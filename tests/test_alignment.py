@@ -171,6 +171,13 @@ def test_symmetric_alignment_relaxes_at_lr_times_scale():
                 assert not np.allclose(state.params[name]["kernel"], kernel)  # K moved on
 
 
+def feedback_signal(apply, feedback):
+    """``B``'s gradient through the layer ``apply(B)`` under a zero output cotangent: the rule's
+    alignment signal alone."""
+    out, pullback = jax.vjp(apply, feedback)
+    return pullback(jnp.zeros_like(out))[0]
+
+
 def test_information_alignment_is_stable_below_its_null_bound():
     """IA under plain SGD with ``K`` held (dense, gamma = 0): ``dF = scale (2 beta F K^T S K -
     alpha S K)``, so ``F - F*`` is multiplied by ``I - 2 lr beta scale K^T S K`` each step, with
@@ -190,8 +197,7 @@ def _check_null_bound():
 
     @jax.jit
     def step(feedback, lr):
-        _, pullback = jax.vjp(lambda b: rule.dense(x, kernel, {"B": b}), feedback)
-        return feedback - lr * pullback(jnp.zeros((x.shape[0], kernel.shape[1]), x.dtype))[0]
+        return feedback - lr * feedback_signal(lambda b: rule.dense(x, kernel, {"B": b}), feedback)
 
     for factor, stable in ((1.9, True), (2.1, False)):
         lr = factor / (2 * rule.beta * rule.scale * top)
@@ -221,9 +227,8 @@ def _check_window_bound():
     kernel = normal(1, (3, 3, 2, 4))
     for strides, least in ((1, 0.5), (2, 0.1)):
         def signal(feedback):
-            out, pullback = jax.vjp(lambda b: rule.conv(smooth, kernel, {"B": b}, None,
-                                                        strides=strides, padding="SAME"), feedback)
-            return pullback(jnp.zeros_like(out))[0]
+            return feedback_signal(lambda b: rule.conv(smooth, kernel, {"B": b}, None,
+                                                       strides=strides, padding="SAME"), feedback)
 
         linear = jax.jit(lambda v: signal(v) - signal(jnp.zeros_like(v)))
         v = normal(2, kernel.shape)
