@@ -109,11 +109,12 @@ def cpu_model() -> str:
 
 
 def machine() -> dict:
-    """Device, versions, CPU, core count and the load average now."""
+    """Device, versions, ``XLA_FLAGS``, CPU, core count and the load average now."""
     device = jax.devices()[0]
     return {"device": str(device), "platform": device.platform,
             "device_kind": getattr(device, "device_kind", ""), "device_count": jax.device_count(),
             "jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", jax.__version__),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "cpu": cpu_model(), "cpu_cores": os.cpu_count(),
             "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
             else os.cpu_count(),

@@ -210,10 +210,16 @@ def axis_figure(runs: list[dict], axis: str) -> Figure:
     return figure
 
 
+def xla_flags(invocation: dict) -> str:
+    """``, XLA_FLAGS=...`` where the invocation ran under flags (older records lack the key)."""
+    flags = invocation.get("xla_flags", "")
+    return f", XLA_FLAGS={flags}" if flags else ""
+
+
 def hardware_line(record: dict) -> str:
     invocations = record["invocations"]
     devices = sorted({f"{i['device']} ({i['platform']}, {i['cpu_cores']} CPU cores: {i['cpu']}; "
-                      f"JAX {i['jax']})" for i in invocations})
+                      f"JAX {i['jax']}{xla_flags(i)})" for i in invocations})
     wall = sum(i["wall_time"] for i in invocations)
     return (f"Hardware: {'; '.join(devices)}. Wall time of the "
             f"sweep: {wall / 60:.1f} min over {len(invocations)} invocation(s) (with "

@@ -95,7 +95,8 @@ def state(run_dir: epath.Path) -> str:
 
 
 def hardware() -> dict:
-    """What the runs ran on."""
+    """What the runs ran on, with the ``XLA_FLAGS`` they ran under (they can change speed and
+    float rounding)."""
     device = jax.devices()[0]
     cpu = platform.processor()
     if os.path.exists("/proc/cpuinfo"):
@@ -104,7 +105,8 @@ def hardware() -> dict:
                         if line.startswith("model name")), cpu)
     return {"platform": device.platform, "device": device.device_kind,
             "devices": jax.device_count(), "cpu": cpu, "cpu_cores": os.cpu_count(),
-            "jax": jax.__version__, "python": platform.python_version()}
+            "jax": jax.__version__, "python": platform.python_version(),
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def train_one(config_json: str, run_dir: str, progress: bool) -> dict:

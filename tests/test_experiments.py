@@ -134,6 +134,7 @@ def test_sweep_runs_skips_resumes_and_reports(fashion_dir, tmp_path, capsys):
     assert "0 of 1 runs to train (1 finished before)" in capsys.readouterr().out
     record = json.loads((exp_dir / "experiment.json").read_text())
     assert len(record["invocations"]) == 3 and record["invocations"][0]["platform"] == "cpu"
+    assert record["invocations"][0]["xla_flags"] == os.environ.get("XLA_FLAGS", "")
 
     page = tmp_path / "page" / "RESULTS.md"
     page.parent.mkdir()
@@ -142,6 +143,16 @@ def test_sweep_runs_skips_resumes_and_reports(fashion_dir, tmp_path, capsys):
     assert f"| {100 * summary['test_accuracy']:.2f} |" in row
     assert "(1 finished, 0 diverged, 26 missing)" in text and "`bp-depth2-seed0` has not finished." in text
     assert (page.parent / "figures" / "soft_alignment_mlp_curves.png").stat().st_size > 10_000
+
+
+def test_report_names_the_xla_flags_an_invocation_ran_under():
+    invocation = {"device": "cpu", "platform": "cpu", "cpu_cores": 2, "cpu": "AMD EPYC",
+                  "jax": "0.10.2", "wall_time": 60.0, "workers": 1}
+    flagged = {**invocation, "xla_flags": "--xla_cpu_experimental_ynn_fusion_type="}
+    line = report.hardware_line({"invocations": [invocation, flagged]})
+    assert "JAX 0.10.2)" in line  # the record without the key (older ones) and without flags
+    assert "JAX 0.10.2, XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=)" in line
+    assert report.hardware_line({"invocations": [{**flagged, "xla_flags": ""}]}).count("XLA") == 0
 
 
 def test_report_names_the_machine_of_each_row_only_when_runs_ran_on_several():
