@@ -12,7 +12,8 @@ picks up where it stopped: finished runs (with ``summary.json``) are skipped, in
 from their newest checkpoint and end with the same metrics as an uninterrupted run. A run whose
 training diverges gets ``diverged.json`` (the error, and its ``diagnosis``: the epoch and step,
 without the machine's paths) and the sweep goes on. ``OUT/E/experiment.json``
-records the runs, their labels, the hardware and each invocation's wall time. A run that another
+records the runs, their labels, the hardware and each invocation's wall time (updated every
+minute, so a killed invocation's is short by at most that). A run that another
 experiment shares (``common.Run.source``: the same config, checked before anything trains) lives in
 that experiment's directory: listed, trained if missing, and reported from there.
 
@@ -41,6 +42,7 @@ import sys  # noqa: E402
 import textwrap  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+import uuid  # noqa: E402
 
 from etils import epath  # noqa: E402
 import jax  # noqa: E402
@@ -124,13 +126,12 @@ def train_one(config_json: str, run_dir: str, progress: bool) -> dict:
         return {"diverged": str(error)}
 
 
-def _record_invocation(exp_dir: epath.Path, name: str, started: float, info: dict,
-                       new: bool) -> None:
-    """Writes this invocation into ``experiment.json`` (``new``: as another invocation, else over
-    the last one), which lists the whole sweep (all runs, whether this invocation trained them or
-    not). Written when the invocation starts and again after each run it finishes, so a killed
-    invocation still leaves its hardware and the time until its last finished run. Only process
-    0 of a multi-process invocation writes it."""
+def _record_invocation(exp_dir: epath.Path, name: str, started: float, info: dict) -> None:
+    """Writes this invocation into ``experiment.json``, which lists the whole sweep (all runs,
+    whether this invocation trained them or not) and every invocation: this one's entry (found by
+    ``info['id']``, added the first time) gets its hardware and its wall time so far. Put in place
+    by a rename, so a kill never leaves the file cut; invocations side by side each update their
+    own entry. Only process 0 of a multi-process invocation writes it."""
     if not placement.writer():
         return
     exp_dir.mkdir(parents=True, exist_ok=True)
@@ -142,11 +143,27 @@ def _record_invocation(exp_dir: epath.Path, name: str, started: float, info: dic
                             for r in configs.load(name).runs()]})
     invocation = {**info, "updated": datetime.datetime.now().isoformat(timespec="seconds"),
                   "wall_time": time.time() - started}
-    if new or not record["invocations"]:
-        record["invocations"].append(invocation)
-    else:
-        record["invocations"][-1] = invocation
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    entries = record["invocations"]
+    mine = next((k for k, entry in enumerate(entries) if entry.get("id") == info["id"]),
+                len(entries))
+    entries[mine:mine + 1] = [invocation]
+    staged = path.parent / f"experiment.json.{info['id']}.partial"
+    staged.write_text(json.dumps(record, indent=2) + "\n")
+    staged.replace(path)
+
+
+def _keep_recording(record, every: float = 60.0) -> threading.Event:
+    """Calls ``record()`` every ``every`` seconds in a daemon thread until the returned event is
+    set, so an invocation that is killed (or loses its machine) leaves its wall time to within
+    ``every`` seconds, not only up to its last finished run."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(every):
+            record()
+
+    threading.Thread(target=beat, name="pfa_jax-record-invocation", daemon=True).start()
+    return stop
 
 
 def _follow_parent(parent: int, every: float = 1.0) -> None:
@@ -234,7 +251,8 @@ def main(argv=None) -> int:
                   + (f" (stored as {run.source})" if run.source else ""))
     if args.list:
         return 0
-    info = {"started": datetime.datetime.now().isoformat(timespec="seconds"), **hardware(),
+    info = {"id": uuid.uuid4().hex[:12],
+            "started": datetime.datetime.now().isoformat(timespec="seconds"), **hardware(),
             "workers": args.workers, "overrides": args.set}
     started = time.time()
     stored = {}  # run directory -> its first job: a run shared by two sweeps trains once
@@ -244,16 +262,24 @@ def main(argv=None) -> int:
                   key=lambda job: -_cost(job[2]))
     print(f"{len(todo)} of {len(stored)} runs to train ({len(stored) - len(todo)} finished before)")
     placement.barrier("experiments.run: runs listed")  # before process 0 writes into any of them
-    for name in sweeps:
-        _record_invocation(args.out / name, name, started, info, new=True)
-    for (name, run), summary in _train_all(todo, args.out, args.workers, not args.quiet):
-        _record_invocation(args.out / name, name, started, info, new=False)
-        outcome = (f"diverged: {summary['diverged']}" if "diverged" in summary else
-                   f"test accuracy {100 * summary['test_accuracy']:.2f}% "
-                   f"({summary['wall_time']:.0f} s)")
-        print(f"{name}/{run.name}: {outcome}", flush=True)
-    for name in sweeps:
-        _record_invocation(args.out / name, name, started, info, new=False)
+    lock = threading.Lock()
+
+    def record():
+        with lock:
+            for name in sweeps:
+                _record_invocation(args.out / name, name, started, info)
+
+    record()
+    stop = _keep_recording(record)
+    try:
+        for (name, run), summary in _train_all(todo, args.out, args.workers, not args.quiet):
+            outcome = (f"diverged: {summary['diverged']}" if "diverged" in summary else
+                       f"test accuracy {100 * summary['test_accuracy']:.2f}% "
+                       f"({summary['wall_time']:.0f} s)")
+            print(f"{name}/{run.name}: {outcome}", flush=True)
+    finally:
+        stop.set()
+        record()
     return 0
 
 

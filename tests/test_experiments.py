@@ -282,3 +282,34 @@ def test_workers_stop_when_their_invocation_is_killed(fashion_dir, tmp_path):
     time.sleep(4)
     assert [len(log.read_text().splitlines()) for log in logs] == lengths
     assert all(n < 100000 for n in lengths)
+
+
+def test_invocations_side_by_side_each_update_their_own_entry(tmp_path):
+    """Two invocations of one experiment at once: each rewrites its own entry of
+    ``experiment.json`` (found by its id), never the other's, and leaves no staged file."""
+    started = time.time() - 100
+    first, second = ({**runner.hardware(), "id": name, "workers": 1, "overrides": []}
+                     for name in ("first", "second"))
+    runner._record_invocation(tmp_path, "rules_zoo_fashion_mnist", started, first)
+    runner._record_invocation(tmp_path, "rules_zoo_fashion_mnist", started + 50, second)
+    runner._record_invocation(tmp_path, "rules_zoo_fashion_mnist", started, first)
+    record = json.loads((tmp_path / "experiment.json").read_text())
+    assert [entry["id"] for entry in record["invocations"]] == ["first", "second"]
+    first_time, second_time = (entry["wall_time"] for entry in record["invocations"])
+    assert first_time >= 100 and 50 <= second_time < 100
+    assert [p.name for p in tmp_path.iterdir()] == ["experiment.json"]
+    assert record["runs"][0]["name"] == configs.load("rules_zoo_fashion_mnist").runs()[0].name
+
+
+def test_the_invocation_record_is_kept_up_to_date_until_stopped():
+    calls = []
+    stop = runner._keep_recording(lambda: calls.append(time.monotonic()), every=0.01)
+    deadline = time.monotonic() + 30
+    while len(calls) < 3:
+        assert time.monotonic() < deadline, "never recorded"
+        time.sleep(0.01)
+    stop.set()
+    time.sleep(0.1)
+    stopped = len(calls)
+    time.sleep(0.1)
+    assert len(calls) == stopped
