@@ -129,27 +129,26 @@ def train_one(config_json: str, run_dir: str, progress: bool) -> dict:
 def _record_invocation(exp_dir: epath.Path, name: str, started: float, info: dict) -> None:
     """Writes this invocation into ``experiment.json``, which lists the whole sweep (all runs,
     whether this invocation trained them or not) and every invocation: this one's entry (found by
-    ``info['id']``, added the first time) gets its hardware and its wall time so far. Put in place
-    by a rename, so a kill never leaves the file cut; invocations side by side each update their
-    own entry. Only process 0 of a multi-process invocation writes it."""
+    ``info['id']``, added the first time) gets its hardware and its wall time so far. Written
+    whole (``experiment.write_whole``), so a kill never leaves the file cut; invocations side by
+    side each update their own entry. Only process 0 of a multi-process invocation writes it."""
     if not placement.writer():
         return
     exp_dir.mkdir(parents=True, exist_ok=True)
     path = exp_dir / "experiment.json"
     record = json.loads(path.read_text()) if path.exists() else {"invocations": []}
-    record.update({"name": name, "description": configs.load(name).__doc__.strip(),
+    module = configs.load(name)
+    record.update({"name": name, "description": module.__doc__.strip(),
                    "runs": [{"name": r.name, "labels": r.labels,
                              **({"source": r.source} if r.source else {})}
-                            for r in configs.load(name).runs()]})
+                            for r in module.runs()]})
     invocation = {**info, "updated": datetime.datetime.now().isoformat(timespec="seconds"),
                   "wall_time": time.time() - started}
     entries = record["invocations"]
     mine = next((k for k, entry in enumerate(entries) if entry.get("id") == info["id"]),
                 len(entries))
     entries[mine:mine + 1] = [invocation]
-    staged = path.parent / f"experiment.json.{info['id']}.partial"
-    staged.write_text(json.dumps(record, indent=2) + "\n")
-    staged.replace(path)
+    experiment.write_whole(path, json.dumps(record, indent=2) + "\n", f".{info['id']}.partial")
 
 
 def _keep_recording(record, every: float = 60.0) -> threading.Event:

@@ -413,12 +413,20 @@ def _epoch_record(state, steps, test: dict, heldout, epoch: int, epoch_time: flo
             "epoch_time": epoch_time}
 
 
+def write_whole(path: epath.Path, text: str, staged_suffix: str = ".partial") -> None:
+    """Writes ``text`` to ``path`` through a staged copy (``path`` + ``staged_suffix``) renamed
+    over it, so no interruption leaves the file cut, also on file systems that cannot append
+    (cloud storage). Writers side by side give each a suffix of its own."""
+    staged = path.parent / (path.name + staged_suffix)
+    staged.write_text(text)
+    staged.replace(path)
+
+
 class _Records:
     """What a run writes as it trains, on process 0 only: ``metrics.jsonl`` (the lines kept from
     a resumed run, then one more per epoch) and the TensorBoard events. ``metrics.jsonl`` is
-    written whole each time and put in place by a rename, so no interruption loses or cuts a
-    record, also on file systems that cannot append (cloud storage). Every process keeps the
-    lines (the checkpoints carry their checksums)."""
+    written whole each time (``write_whole``), so no interruption loses or cuts a record. Every
+    process keeps the lines (the checkpoints carry their checksums)."""
 
     def __init__(self, out: epath.Path, kept: list[str], spec: RunSpec, steps_per_epoch: int,
                  first: int):
@@ -428,9 +436,7 @@ class _Records:
             self.events = Events(out / "tensorboard", steps_per_epoch, first, spec.log_every_steps)
 
     def _save(self) -> None:
-        staged = self.out / "metrics.jsonl.partial"
-        staged.write_text("".join(line + "\n" for line in self.lines))
-        staged.replace(self.out / "metrics.jsonl")
+        write_whole(self.out / "metrics.jsonl", "".join(line + "\n" for line in self.lines))
 
     def steps(self, epoch: int, steps: dict) -> None:
         if self.write:
