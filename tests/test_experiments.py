@@ -66,6 +66,14 @@ def test_paper_settings():
         assert [c.rule.options.scale * lr for c in (sa, aa, ia)] == pytest.approx(rates)
         assert sa.optimizer.feedback.momentum == ia.optimizer.feedback.momentum == 0.0
         assert sa.optimizer.momentum == 0.9
+    # the probed variants: their rule's run but for the loss on 16 rows of the batch
+    probed = {key: c for key, c in zoo.items() if key[1].endswith("_probe16")}
+    assert sorted(probed) == [("ffn2", "aa_probe16"), ("ffn2", "ia_probe16"), ("resnet20", "aa_probe16")]
+    for (model, method), c in probed.items():
+        assert c.rule.options.probe_batch == 16
+        unprobed = zoo[model, method.removesuffix("_probe16")].to_dict()
+        assert {**unprobed, "rule": {**unprobed["rule"], "options": {
+            **unprobed["rule"]["options"], "probe_batch": 16}}} == c.to_dict()
     shared = {r.labels["method"]: r.source for r in configs.load("rules_zoo_fashion_mnist").runs()
               if r.labels["model"] == "resnet20" and r.source}
     assert shared == {rule: f"resnet20_fashion_mnist/{rule}-seed0" for rule in ("bp", "fa", "kp", "dfa")}

@@ -40,6 +40,11 @@ DFA_FAMILY = ("bp", "dfa", "sdfa", "drtp")
 # third of what kept the stem's feedback stable over 60 steps (its curvature rose from 7 to 340).
 RELAXATION = {"ffn2": {"sa": 0.3, "aa": 1.0, "ia": 0.03},
               "resnet20": {"sa": 0.3, "aa": 0.2, "ia": 0.001}}
+# Rules run again with their alignment loss on the first PROBE_BATCH rows of each batch
+# (``probe_batch``), the option that brings their ResNet-20 b128 step within 1.10 x bp
+# (benchmarks/README.md): does the subsample train as well? On ResNet-20 only aa, for CPU time.
+PROBE_BATCH = 16
+PROBED = {"ffn2": ("aa", "ia"), "resnet20": ("aa",)}
 # ResNet-20 methods whose runs are resnet20_fashion_mnist's
 SHARED = ("bp", "fa", "kp", "dfa")
 
@@ -50,11 +55,14 @@ def get_config():
 
 def methods(model: str, learning_rate: float) -> list:
     """METHODS and the Two Routes rules, their ``scale`` set for ``model``'s ``RELAXATION`` at
-    ``learning_rate``."""
-    return list(METHODS) + [
+    ``learning_rate``, and ``model``'s ``PROBED`` rules again as ``{rule}_probe{PROBE_BATCH}``."""
+    two_routes = [
         (name, {"rule.name": name, "rule.options.scale": round(rate / learning_rate, 6),
                 "optimizer.feedback": {"momentum": 0.0}})
         for name, rate in RELAXATION[model].items()]
+    probed = [(f"{name}_probe{PROBE_BATCH}", {**options, "rule.options.probe_batch": PROBE_BATCH})
+              for name, options in two_routes if name in PROBED[model]]
+    return list(METHODS) + two_routes + probed
 
 
 def runs():
