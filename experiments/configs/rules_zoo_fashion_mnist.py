@@ -9,7 +9,9 @@ without momentum, at ``lr * scale`` 0.3 (sa), 1 (aa) and 0.03 (ia) per step on f
 is stable below ``2 / lambda_max(S)``, up to 9 times smaller for 3x3 convs than for dense layers;
 ia's null term only while ``2 lr beta scale lambda_max(K^T S K) < 2``, which the growing kernels
 crossed on ffn2 in epoch 6 at 0.3 and in epoch 16 at 0.1, and on ResNet-20's stem within 15 steps
-at 0.03: docs/rules.md). The ResNet-20 runs
+at 0.03: docs/rules.md). ``aa_probe16`` and ``ia_probe16`` are those runs again with the alignment
+loss on the first 16 rows of each batch (``probe_batch=16``), the option that brings their
+ResNet-20 step within 1.10 x bp (on ResNet-20 aa only, for CPU time). The ResNet-20 runs
 of bp, fa, kp and dfa are those of ``resnet20_fashion_mnist``, whose run configs are the same
 (``experiments.run`` checks it): listed here, trained and stored there (``common.Run.source``), so
 their machine and train time are theirs, and the sweep's wall time counts only the runs trained
