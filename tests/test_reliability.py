@@ -40,7 +40,7 @@ def records(out):
 
 @pytest.mark.parametrize("assignments, message", [
     (["model='vgg'"], "model='vgg' is unknown; valid: ffn2"),
-    (["rule.name='nope'"], "name='nope' is unknown; valid: bp, fa"),
+    (["rule.name='nope'"], "rule.name='nope' is unknown; valid: bp, fa"),
     (["dataset='imagenet'"], "dataset='imagenet' is unknown; valid: fashion_mnist"),
     (["rule.name='pfa'", "rule.options.expansion=0.5"], "expansion=0.5 must be a finite number >= 1"),
     (["rule.name='pfa'", "rule.options.density=0.0"], "density=0.0 must be a finite number in (0, 1]"),

@@ -113,9 +113,10 @@ def _int(config, key: str, low: int = 1) -> int:
 
 
 def _choice(config, key: str, valid) -> str:
-    if config[key] not in valid:
-        raise ValueError(f"config {key}={config[key]!r} is unknown; valid: {', '.join(valid)}")
-    return config[key]
+    value = config_lib.get(config, key)
+    if value not in valid:
+        raise ValueError(f"config {key}={value!r} is unknown; valid: {', '.join(valid)}")
+    return value
 
 
 def _data(config) -> DataSpec:
@@ -153,7 +154,7 @@ def _data(config) -> DataSpec:
 def _rule(config):
     """One ``Rule``, or a per-layer mapping when ``rule.layers`` is set."""
     section = config.rule
-    _choice(section, "name", rules.names())
+    _choice(config, "rule.name", rules.names())
     try:
         rule = rules.get(section.name, **section.options.to_dict())
     except ValueError as error:
