@@ -397,7 +397,7 @@ def _prepare(spec: RunSpec, out, overwrite: bool, resume: bool, init_key) -> _St
         resumed = _Resumed(0, state, [])
     placement.barrier("pfa_jax: run directory read")  # before process 0 writes into it
     if placement.writer():
-        (out / "config.json").write_text(spec.config.to_json(indent=2) + "\n")
+        write_whole(out / "config.json", spec.config.to_json(indent=2) + "\n")
     return _Start(where, source, heldout, out, checkpoints, midway, steps_per_epoch, resumed)
 
 
@@ -516,7 +516,7 @@ def run(spec: RunSpec, out: str | epath.Path, overwrite: bool = False, progress:
                **_closing_metrics(state, source.closing(), spec,
                                   jax.random.fold_in(key, spec.epochs), start.where)}
     if placement.writer():
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_whole(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
