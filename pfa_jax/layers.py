@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -43,6 +44,11 @@ class Layer:
     path: str
     rule: rules.Rule
     lifted: int = 0
+    view: Callable | None = None  # a kernel of any rank as the rule's matrix (pfa_jax.intercept)
+
+    def matrix(self, kernel):
+        """The kernel (of one slice) as the rule sees it: ``view(kernel)``, or itself."""
+        return kernel if self.view is None else self.view(kernel)
 
     def slices(self, array) -> list[tuple[str, tuple[int, ...]]]:
         """``(name, index)`` of every slice of ``array`` along the lifted axes (``[(path, ())]`` for
@@ -71,8 +77,8 @@ def from_records(records: dict, params) -> Table:
     """The table of the layers that recorded themselves (``pfa_jax.nn.recording``) in a trace of a
     model whose ``params`` (arrays or shapes) are given."""
     params = traverse_util.flatten_dict(dict(params), sep="/")
-    return tuple(Layer(path, rule, len(params[f"{path}/kernel"].shape) - rank)
-                 for path, (rule, rank) in sorted(records.items()))
+    return tuple(Layer(path, rule, len(params[f"{path}/kernel"].shape) - rank, view)
+                 for path, (rule, rank, view) in sorted(records.items()))
 
 
 def _layer_groups(layers: Table, tree, what: str) -> dict[str, dict]:
@@ -149,7 +155,8 @@ def mirror(layers: Table, params, feedback, key, warmup: bool = False) -> dict:
         shape, keys = kernel.shape[:layer.lifted], layer_key(key, layer.path)
         if layer.lifted:
             keys = jax.random.split(keys, math.prod(shape)).reshape(shape)
-        step = _per_slice(lambda k, w, fb: layer.rule.mirror(k, w, fb, warmup), layer.lifted)
+        step = _per_slice(lambda k, w, fb: layer.rule.mirror(k, layer.matrix(w), fb, warmup),
+                          layer.lifted)
         mirrored[layer.path] = step(keys, kernel, groups[layer.path])
     return merge(feedback, traverse_util.unflatten_dict(
         {tuple(path.split("/")): value for path, value in mirrored.items()}))
@@ -163,8 +170,9 @@ def kernels_and_feedback(layers: Table, params, feedback) -> dict[str, tuple[jax
     groups = _layer_groups(layers, feedback, "feedback") if feedback else {}
     pairs = {}
     for layer in layers:
-        kernel, fb = kernels[layer.path]["kernel"], groups.get(layer.path, {})
+        kernel = _per_slice(layer.matrix, layer.lifted)(kernels[layer.path]["kernel"])
         effective = _per_slice(layer.rule.effective_feedback, layer.lifted)
+        fb = groups.get(layer.path, {})
         if jax.eval_shape(effective, kernel, fb) is None:
             continue
         f = effective(kernel, fb)

@@ -194,6 +194,14 @@ def hessian_vector_product(state, batch, vector) -> jax.Array:
         return jax.jvp(grad, (flat,), (vector.astype(flat.dtype),))[1]
 
 
+def _relative_change(new: float, old: float) -> float:
+    """``|new - old| / |new|``; 0 where both are 0 (a zero Hessian, e.g. of a network whose
+    softmax saturated), infinite where only ``new`` is."""
+    if new == 0:
+        return 0.0 if old == 0 else math.inf
+    return abs(new - old) / abs(new)
+
+
 def sharpness(state, batches, key=None, *, iterations: int = 100, tolerance: float = 1e-3,
               probes: int = 100) -> dict:
     """Top Hessian eigenvalue and Hessian trace of the mean loss over ``batches`` w.r.t. ``params``.
@@ -230,7 +238,7 @@ def sharpness(state, batches, key=None, *, iterations: int = 100, tolerance: flo
         v = v / jnp.linalg.norm(v)
         hv = hvp(v)
         estimate, previous = float(jnp.vdot(v, hv)), estimate
-        change = abs(estimate - previous) / abs(estimate) if iteration > 1 else math.inf
+        change = _relative_change(estimate, previous) if iteration > 1 else math.inf
         v = hv
         if change < tolerance:
             break

@@ -56,7 +56,8 @@ from pfa_jax import rules
 
 __all__ = ["add_taps", "backprop", "bind_classes", "check_rule_map", "Conv", "DEFAULT", "Dense",
            "layer_paths", "layer_rule", "PERTURBATION", "PERTURBATIONS", "recording",
-           "resolve_rule", "RuleMapError", "RuleSpec", "TAPS"]
+           "recorded", "resolve_rule", "rule_product", "perturbed", "RuleMapError", "RuleSpec", "TAPS",
+           "UnreachedLayerError", "with_rule", "WithRule"]
 
 RuleSpec = Any  # Rule | str | Mapping[str, Rule | str]
 DEFAULT = "default"
@@ -95,6 +96,17 @@ def recording(records: dict):
     rank at the call)``: how ``pfa_jax.layers.table`` finds a model's layers (under ``nn.scan`` or
     ``nn.vmap`` the stored kernel has more axes than the call sees)."""
     return _setting(_RECORDER, records)
+
+
+@contextlib.contextmanager
+def recorded():
+    """Records the rule layers that run inside into a fresh dict (yielded), passing each record on
+    to an enclosing ``recording`` as well (how ``with_rule`` finds the kernels no rule reached)."""
+    outer, records = _RECORDER.get(), {}
+    with _setting(_RECORDER, records):
+        yield records
+    if outer is not None:
+        outer.update(records)
 
 
 def resolve_rule(spec: RuleSpec, path: str) -> rules.Rule:
@@ -169,42 +181,53 @@ class _RuleLayer(nn.Module, kw_only=True):
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
-    def layer_rule(self) -> rules.Rule:
-        return layer_rule(resolve_rule(self.rule, "/".join(self.scope.path)))
-
-    def feedback(self, rule: rules.Rule, kernel) -> dict:
-        if self.is_initializing():
-            for name, value in rule.init_feedback(self.make_rng("params"), kernel).items():
-                self.variable("feedback", name, lambda v=value: v)
-        return dict(self.variables.get("feedback", {}))
-
-    def feedback_key(self, rule: rules.Rule):
-        if rule.needs_key and self.has_rng("feedback"):
-            return self.make_rng("feedback")
-        return None
-
     def linear(self, x, kernel_shape, apply):
         """Creates kernel, feedback and bias; returns ``apply(rule, x, kernel, feedback, key)`` plus
         bias, computed in ``dtype``."""
-        rule = self.layer_rule()
+        rule = layer_rule(resolve_rule(self.rule, "/".join(self.scope.path)))
         kernel = self.param("kernel", self.kernel_init or rule.kernel_init(), kernel_shape,
                             self.param_dtype)
-        feedback = self.feedback(rule, kernel)
-        records = _RECORDER.get()
-        if records is not None:
-            records["/".join(self.scope.path)] = (rule, len(kernel_shape))
-        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-                if self.use_bias else None)
-        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        feedback = {name: jnp.asarray(value, kernel.dtype) for name, value in feedback.items()}
-        y = apply(rule, x, kernel, feedback, self.feedback_key(rule))
-        if rule.output_error:
-            y, tap = y
-            if not self.is_initializing():
-                self.sow(TAPS, "tap", tap)
-        if bias is not None:
-            y = y + bias
-        return y if self.is_initializing() else self.perturb(PERTURBATION, y)
+        x, computed = promote_dtype(x, kernel, dtype=self.dtype)
+        y = rule_product(self, self.rule, kernel, computed.dtype,
+                         lambda rule, feedback, key: apply(rule, x, computed, feedback, key))
+        if self.use_bias:  # created after the feedback, whose init key comes first
+            y = y + self.param("bias", self.bias_init, (self.features,),
+                               self.param_dtype).astype(computed.dtype)
+        return perturbed(self, y)
+
+
+def rule_product(module: nn.Module, spec: RuleSpec, kernel, dtype, product, view=None):
+    """The product of a rule-following layer, from inside ``module``'s method: the rule ``spec``
+    gives ``module``'s path (``backprop()`` in force), the layer's feedback (created from the stored
+    ``kernel``, read as the matrix ``view(kernel)`` when ``view`` is given, at init; cast to
+    ``dtype``), its record for ``recording``, and ``product(rule, feedback, key)``; a DFA layer's tap
+    is sown into ``TAPS``. ``pfa_jax.nn.Dense`` / ``Conv`` and the layers of ``with_rule`` all run
+    through it."""
+    path = "/".join(module.scope.path)
+    rule = layer_rule(resolve_rule(spec, path))
+    if module.is_initializing():
+        matrix = kernel if view is None else view(kernel)
+        for name, value in rule.init_feedback(module.make_rng("params"), matrix).items():
+            module.variable("feedback", name, lambda v=value: v)
+    feedback = {name: jnp.asarray(value, dtype)
+                for name, value in module.variables.get("feedback", {}).items()}
+    records = _RECORDER.get()
+    if records is not None:
+        records[path] = (rule, kernel.ndim, view)
+    key = (module.make_rng("feedback") if rule.needs_key and module.has_rng("feedback")
+           else None)
+    y = product(rule, feedback, key)
+    if rule.output_error:
+        y, tap = y
+        if not module.is_initializing():
+            module.sow(TAPS, "tap", tap)
+    return y
+
+
+def perturbed(module: nn.Module, y):
+    """``y`` through ``module.perturb(PERTURBATION, y)`` (not at init): the output every rule layer
+    exposes to ``pfa_jax.metrics``."""
+    return y if module.is_initializing() else module.perturb(PERTURBATION, y)
 
 
 class Dense(_RuleLayer):
@@ -245,3 +268,6 @@ class Conv(_RuleLayer):
         return self.linear(x, shape, lambda rule, x, kernel, feedback, key: rule.conv(
             x, kernel, feedback, key, strides=self.strides, padding=self.padding,
             kernel_dilation=self.kernel_dilation, feature_group_count=self.feature_group_count))
+
+
+from pfa_jax.intercept import UnreachedLayerError, with_rule, WithRule  # noqa: E402  (it builds on the layers above)

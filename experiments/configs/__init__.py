@@ -22,7 +22,7 @@ _HERE = pathlib.Path(__file__).parent
 def names() -> tuple[str, ...]:
     """The experiments, in the order of RESULTS.md."""
     return ("fig2_fashion_mnist", "expansion_fashion_mnist", "sparse_fashion_mnist",
-            "resnet20_fashion_mnist", "soft_alignment_mlp", "soft_alignment_resnet20",
+            "resnet20_fashion_mnist", "soft_alignment_mlp", "soft_alignment_seeds", "soft_alignment_resnet20",
             "rules_zoo_fashion_mnist",
             "fig2_mnist", "sparse_mnist", "fig4_cifar10", "fig5_imagenet")
 
