@@ -218,7 +218,9 @@ def _optimized_lstm(cell, carry, inputs):
 
 def _rnn(rnn, call):
     """``nn.RNN`` with ``feedback`` broadcast over time as ``params`` are (one feedback matrix per
-    weight map, shared by every step: the error crossing time goes through it too)."""
+    weight map, shared by every step: the error crossing time goes through it too), and the
+    layers' output perturbations stacked over time (``pfa_jax.metrics`` compares the errors of
+    every step)."""
     broadcast = rnn.variable_broadcast
     if isinstance(broadcast, str):
         broadcast = (broadcast,)
@@ -226,7 +228,8 @@ def _rnn(rnn, call):
         raise ValueError(f"with_rule: nn.RNN {_path(rnn)!r} has variable_broadcast={broadcast!r}; "
                          "the feedback is broadcast over time with the params, so give a tuple of "
                          "collection names including 'params'")
-    with _fields_set(rnn, variable_broadcast=tuple({*broadcast, "feedback"})):
+    axes = {pnn.PERTURBATIONS: 0, **rnn.variable_axes}  # each step's error, for the metrics
+    with _fields_set(rnn, variable_broadcast=tuple({*broadcast, "feedback"}), variable_axes=axes):
         return call()
 
 

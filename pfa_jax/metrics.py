@@ -42,10 +42,10 @@ from jax.flatten_util import ravel_pytree
 from flax import nnx
 
 from pfa_jax import layers as player
-from pfa_jax import loops
+from pfa_jax import losses, loops
 from pfa_jax import nn as pnn
 from pfa_jax.nnx.train import linen_state
-from pfa_jax.train import apply_with_rule, cross_entropy, eval_step, step_rngs
+from pfa_jax.train import apply_with_rule, eval_step, step_rngs
 
 __all__ = ["adversarial", "alignment", "angle", "as_state", "attack_images", "ATTACKS",
            "check_attack", "corruption", "gradient_alignment", "GRADIENTS",
@@ -100,14 +100,14 @@ def layer_gradients(state, batch, rngs) -> dict[str, tuple[jax.Array, jax.Array]
     """``{layer: (dL/dK, dL/dy)}`` under the backward pass in force (the rule's, or backprop's
     inside ``pfa_jax.nn.backprop()``), for every rule layer (slice).
 
-    ``L`` is the batch's mean cross-entropy of a training-mode forward pass (``apply_with_rule``),
+    ``L`` is the state's loss (``pfa_jax.losses``) of a training-mode forward pass (``apply_with_rule``),
     ``y`` each layer's output: ``dL/dy`` is the gradient w.r.t. a zero ``perturbations`` collection
     (a lifted layer needs ``perturbations`` among its lifted collections).
     """
     def loss(params, perturbations):
         variables = {**state.variables(), "params": params, pnn.PERTURBATIONS: perturbations}
-        logits, _ = apply_with_rule(state.model, variables, batch["image"], True, rngs)
-        return cross_entropy(logits, batch["label"]).mean()
+        outputs, _ = apply_with_rule(state.model, variables, batch["image"], True, rngs)
+        return losses.value_and_aux(state.loss, outputs, batch)[0]
 
     _, shapes = jax.eval_shape(functools.partial(
         apply_with_rule, state.model, state.variables(), batch["image"], True, rngs,
@@ -167,7 +167,12 @@ def _mean_over(batches: list[dict], fn):
 
 @jax.jit
 def _accuracy(state, images, labels) -> jax.Array:
-    return eval_step(state, {"image": images, "label": labels})["accuracy"]
+    metrics = eval_step(state, {"image": images, "label": labels})
+    if "accuracy" not in metrics:
+        raise ValueError("the robustness metrics report accuracy, and the state's loss gives no "
+                         f"'accuracy' among its aux metrics (it gives {sorted(metrics)}); return "
+                         "(loss, {'accuracy': ...}) from it")
+    return metrics["accuracy"]
 
 
 def _default_key(state, key, salt: int):
@@ -185,9 +190,9 @@ def hessian_vector_product(state, batch, vector) -> jax.Array:
 
     def grad(flat_params):
         def loss(params):
-            logits = state.model.apply({**state.variables(), "params": params}, batch["image"],
-                                       train=False)
-            return cross_entropy(logits, batch["label"]).mean()
+            outputs = state.model.apply({**state.variables(), "params": params}, batch["image"],
+                                        train=False)
+            return losses.value_and_aux(state.loss, outputs, batch)[0]
         return ravel_pytree(jax.grad(loss)(unravel(flat_params)))[0]
 
     with pnn.backprop():
@@ -259,13 +264,16 @@ def _clip(x, lower, upper):
 
 
 def input_gradient(state, images, labels, key, gradient: str = "true") -> jax.Array:
-    """``d(sum of losses)/d images`` in eval mode: of the true model (``"true"``) or through the rule's
-    own backward pass (``"rule"``, a diagnostic: it is not the gradient of the function attacked)."""
+    """``d(n L)/d images`` in eval mode, ``L`` the state's loss of the ``n`` images (for a mean
+    such as the default, the sum of the per-example losses): of the true model (``"true"``) or
+    through the rule's own backward pass (``"rule"``, a diagnostic: it is not the gradient of the
+    function attacked)."""
     state.check(images, labels, "input_gradient")
 
     def loss(x):
-        logits, _ = apply_with_rule(state.model, state.variables(), x, False, {"feedback": key})
-        return cross_entropy(logits, labels).sum()
+        outputs, _ = apply_with_rule(state.model, state.variables(), x, False, {"feedback": key})
+        batch = {"image": x, "label": labels}
+        return losses.value_and_aux(state.loss, outputs, batch)[0] * x.shape[0]
 
     if gradient == "rule":
         return jax.grad(loss)(images)
@@ -283,7 +291,7 @@ def attack_images(state, batch, epsilon, key=None, *, attack: str = "fgsm", step
       ``x <- P(x + step_size * scale * sign(grad_x L))``, ``P`` the projection onto the ball (and the
       bounds); ``step_size`` defaults to ``2.5 * epsilon / steps``.
 
-    ``L`` is the cross-entropy of the eval-mode model, ``grad_x`` its true input gradient, or with
+    ``L`` is the state's loss of the eval-mode model, ``grad_x`` its true input gradient, or with
     ``gradient='rule'`` the rule's (``input_gradient``). ``scale`` (default 1) is a per-channel
     multiplier broadcast against the images, e.g. ``1 / std`` so that ``epsilon`` is in pixel units
     for standardised images. ``lower`` / ``upper``: optional bounds on the result (e.g. the

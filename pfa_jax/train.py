@@ -54,7 +54,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from pfa_jax import augment as pfa_augment
 from pfa_jax import layers as player
-from pfa_jax import loops
+from pfa_jax import losses, loops
 from pfa_jax import nn as pnn
 from pfa_jax.optim import build, hyperparameters
 
@@ -81,11 +81,23 @@ class TrainState(struct.PyTreeNode):
     rng_streams: tuple[str, ...] = struct.field(pytree_node=False, default=())
     input_shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
     num_classes: int = struct.field(pytree_node=False, default=0)  # the width of the logits
+    loss: losses.Loss = struct.field(pytree_node=False, default=losses.classification)
 
     def check(self, images, labels, where: str) -> None:
-        """``check_batch`` against this state's input shape and number of classes."""
-        check_batch(images, labels, input_shape=self.input_shape, num_classes=self.num_classes,
-                    where=where)
+        """``check_batch`` against this state's input shape and, under the default loss, its
+        number of classes; under an own loss ``labels`` is any pytree of arrays whose leading
+        axis is the batch's."""
+        if self.loss is losses.classification:
+            check_batch(images, labels, input_shape=self.input_shape,
+                        num_classes=self.num_classes, where=where)
+            return
+        check_batch(images, input_shape=self.input_shape, where=where)
+        n = jnp.shape(images)[:1]
+        bad = {jnp.shape(leaf) for leaf in jax.tree.leaves(labels) if jnp.shape(leaf)[:1] != n}
+        if bad:
+            raise ValueError(f"{where}: label arrays of shapes {sorted(bad)} do not match images "
+                             f"of shape {tuple(jnp.shape(images))}: each needs the batch axis "
+                             f"first, {n}")
 
     def variables(self) -> dict:
         return {"params": self.params, "feedback": self.feedback, "batch_stats": self.batch_stats}
@@ -107,9 +119,9 @@ class TrainState(struct.PyTreeNode):
 
 def _trace(model, variables, images, streams: tuple[str, ...] | None
            ) -> tuple[player.Table, tuple[str, ...], int]:
-    """The layer table, the RNG streams and the logits' width of a training-mode ``model.apply``,
-    from one trace of it (shapes only): ``streams`` as given, or (``None``) each one flax reports
-    missing."""
+    """The layer table, the RNG streams and the logits' width (0 for outputs that are not one
+    array) of a training-mode ``model.apply``, from one trace of it (shapes only): ``streams`` as
+    given, or (``None``) each one flax reports missing."""
     found = list(streams or ())
     for _ in range(16):
         records = {}
@@ -117,8 +129,8 @@ def _trace(model, variables, images, streams: tuple[str, ...] | None
             with pnn.recording(records):
                 logits, _ = jax.eval_shape(lambda: apply_with_rule(model, variables, images, True, {
                     name: jax.random.key(0) for name in (FEEDBACK_STREAM, *found)}))
-            return (player.from_records(records, variables["params"]), tuple(sorted(found)),
-                    logits.shape[-1])
+            width = logits.shape[-1] if isinstance(logits, jax.ShapeDtypeStruct) else 0
+            return player.from_records(records, variables["params"]), tuple(sorted(found)), width
         except flax.errors.InvalidRngError as error:
             missing = re.search(r'needs PRNG for "([^"]+)"', str(error))
             if streams is not None or missing is None or missing.group(1) in found:
@@ -130,7 +142,8 @@ def _trace(model, variables, images, streams: tuple[str, ...] | None
 
 def create_train_state(key: jax.Array, model: nn.Module, sample_batch, tx=None, *,
                        feedback_tx: optax.GradientTransformation | None = None,
-                       rng_streams: tuple[str, ...] | None = None) -> TrainState:
+                       rng_streams: tuple[str, ...] | None = None,
+                       loss: losses.Loss | None = None) -> TrainState:
     """Initialises ``model`` on ``sample_batch`` (a batch dict with ``'image'``, or an image array).
 
     ``tx``: any ``optax.GradientTransformation`` for ``params`` (it sees the params tree as it is),
@@ -138,7 +151,11 @@ def create_train_state(key: jax.Array, model: nn.Module, sample_batch, tx=None, 
     default SGD). ``feedback_tx``: the transformation of plastic feedback (``None``: ``tx``, with a
     state of its own). ``rng_streams``: the RNG streams a training-mode forward pass draws from
     besides ``feedback`` (e.g. ``('dropout',)``); ``None`` finds them by tracing the model.
-    Weight-mirror layers then take their mirroring phase.
+    ``loss``: ``fn(outputs, batch)`` returning the scalar or ``(scalar, aux dict)``
+    (``pfa_jax.losses``; default: softmax cross-entropy with accuracy), which every step, epoch and
+    metric of the state then uses; with a ``sample_batch`` dict it is traced once here, so that a
+    loss that does not fit the model's outputs fails now. Weight-mirror layers then take their
+    mirroring phase.
     """
     images = jnp.asarray(sample_batch["image"] if isinstance(sample_batch, dict) else sample_batch)
     if images.ndim < 2:
@@ -159,7 +176,10 @@ def create_train_state(key: jax.Array, model: nn.Module, sample_batch, tx=None, 
         step=jnp.zeros((), jnp.int32), params=params, feedback=carried["feedback"],
         batch_stats=batch_stats, opt_state=None, rng=state_key, model=model, tx=tx,
         feedback_tx=feedback_tx or tx, layers=table, rng_streams=streams,
-        input_shape=tuple(images.shape[1:]), num_classes=num_classes)
+        input_shape=tuple(images.shape[1:]), num_classes=num_classes,
+        loss=loss or losses.classification)
+    if isinstance(sample_batch, dict) and "label" in sample_batch:
+        jax.eval_shape(eval_step, state, sample_batch)
     state = state.replace(opt_state=state.init_opt_state())
     if state.mirrored:
         state = jax.jit(mirror, static_argnames="warmup")(state, warmup=True)
@@ -208,8 +228,7 @@ def check_batch(images, labels=None, *, input_shape=(), num_classes: int = 0,
                          f"to {high}")
 
 
-def cross_entropy(logits, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+cross_entropy = losses.cross_entropy
 
 
 def _bound(axis_name: str | None) -> bool:
@@ -234,8 +253,9 @@ def apply_with_rule(model, variables, images, train: bool, rngs: dict, collectio
 
 
 def train_step(state: TrainState, batch: dict, axis_name: str | None = AXIS):
-    """One step on ``batch = {'image': (n, ...), 'label': (n,)}``; returns ``(state, metrics)``:
-    ``loss``, ``accuracy`` and the hyper-parameters the optimizer state holds
+    """One step on ``batch = {'image': (n, ...), 'label': ...}``; returns ``(state, metrics)``:
+    ``loss``, the loss's aux metrics (``accuracy`` for the default) and the hyper-parameters the
+    optimizer state holds
     (``pfa_jax.optim.hyperparameters``; a separate ``feedback_tx``'s prefixed ``feedback/``).
 
     Pure. Under ``pmap`` / ``shard_map`` with ``axis_name`` bound, loss, gradients, feedback signals
@@ -252,18 +272,18 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = AXIS):
     def loss_fn(params, plastic):
         variables = {"params": params, "feedback": player.merge(state.feedback, plastic),
                      "batch_stats": state.batch_stats}
-        logits, updates = apply_with_rule(model, variables, batch["image"], True, rngs)
-        return cross_entropy(logits, batch["label"]).mean(), (logits, updates)
+        outputs, updates = apply_with_rule(model, variables, batch["image"], True, rngs)
+        value, aux = losses.value_and_aux(state.loss, outputs, batch)
+        return value, (aux, updates)
 
-    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+    (loss, (aux, updates)), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
         state.params, plastic)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     if parallel:
-        grads, loss, accuracy = lax.pmean((grads, loss, accuracy), axis_name)
+        grads, loss, aux = lax.pmean((grads, loss, aux), axis_name)
     param_steps, param_opt = state.tx.update(grads[0], state.opt_state["params"], state.params)
     feedback_steps, feedback_opt = state.feedback_tx.update(grads[1], state.opt_state["feedback"],
                                                             plastic)
-    metrics = {"loss": loss, "accuracy": accuracy, **hyperparameters(param_opt)}
+    metrics = {"loss": loss, **aux, **hyperparameters(param_opt)}
     if state.feedback_tx is not state.tx:
         metrics.update({f"feedback/{k}": v for k, v in hyperparameters(feedback_opt).items()})
     state = state.replace(
@@ -277,14 +297,14 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = AXIS):
 
 
 def eval_step(state: TrainState, batch: dict) -> dict:
-    """Mean loss and accuracy on ``batch``; an optional ``batch['mask']`` weights the examples."""
+    """The state's loss and its aux metrics (``accuracy`` for the default) of the eval-mode model
+    on ``batch``, and ``count``, its number of examples (the sum of ``batch['mask']``, which the
+    default loss weights the examples by, where given)."""
     state.check(batch["image"], batch["label"], "eval_step")
-    logits = state.model.apply(state.variables(), batch["image"], train=False)
-    mask = batch.get("mask", jnp.ones(logits.shape[:1], jnp.float32))
-    count = jnp.sum(mask)
-    loss = jnp.sum(cross_entropy(logits, batch["label"]) * mask) / count
-    accuracy = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask) / count
-    return {"loss": loss, "accuracy": accuracy, "count": count}
+    outputs = state.model.apply(state.variables(), batch["image"], train=False)
+    loss, aux = losses.value_and_aux(state.loss, outputs, batch)
+    count = jnp.sum(batch["mask"]) if "mask" in batch else jnp.shape(batch["image"])[0]
+    return {"loss": loss, **aux, "count": jnp.asarray(count, jnp.float32)}
 
 
 def _on(x, sharding):
@@ -299,7 +319,8 @@ def _epoch_batch_step(state: TrainState, step, images, labels, augment_key, *, a
     i, indices = step
     indices = _on(indices, sharding)
     batch_images = pfa_augment.apply(augment, jax.random.fold_in(augment_key, i), images[indices])
-    return train_step(state, {"image": batch_images, "label": labels[indices]})
+    return train_step(state, {"image": batch_images,
+                              "label": jax.tree.map(lambda a: a[indices], labels)})
 
 
 _epoch = loops.Loop(_epoch_batch_step, static_argnames=("augment", "sharding"), donate_carry=True)
@@ -323,39 +344,52 @@ def train_epoch(state: TrainState, images, labels, key, batch_size: int, augment
     steps = images.shape[0] // batch_size
     if steps == 0:
         raise ValueError(f"batch_size={batch_size} exceeds the {images.shape[0]} training examples")
-    images, labels = jnp.asarray(images), jnp.asarray(labels)
+    images, labels = jnp.asarray(images), jax.tree.map(jnp.asarray, labels)
     order = jax.random.permutation(key, images.shape[0])[:steps * batch_size].reshape(steps, batch_size)
     return _epoch(state, (jnp.arange(steps), order), images, labels, jax.random.fold_in(key, 1),
                   loop=loop, on_step=on_step, augment=augment, sharding=sharding)
 
 
-def _eval_window(totals: dict, i, state: TrainState, images, labels, mask, *, batch_size: int,
+def _window_sums(state: TrainState, batch: dict) -> dict:
+    """``eval_step``'s loss and aux metrics on ``batch``, each times its number of examples."""
+    m = eval_step(state, batch)
+    count = m.pop("count")
+    return {name: value * count for name, value in m.items()}
+
+
+def _eval_window(totals: dict, i, state: TrainState, images, labels, *, batch_size: int,
                  sharding=None):
-    """``totals`` plus batch ``i``'s loss and accuracy sums (masked rows excluded)."""
+    """``totals`` plus batch ``i``'s sums (``_window_sums``)."""
     window = lambda a: _on(lax.dynamic_slice_in_dim(a, i * batch_size, batch_size), sharding)
-    m = eval_step(state, {"image": window(images), "label": window(labels), "mask": window(mask)})
-    sums = {"loss": m["loss"] * m["count"], "accuracy": m["accuracy"] * m["count"]}
+    sums = _window_sums(state, {"image": window(images), "label": jax.tree.map(window, labels)})
     return jax.tree.map(jnp.add, totals, sums), None
 
 
 _evaluation = loops.Loop(_eval_window, static_argnames=("batch_size", "sharding"))
+_rest_sums = jax.jit(_window_sums)
 
 
 def evaluate(state: TrainState, images, labels, batch_size: int = 1000, loop: str = "auto",
              sharding: NamedSharding | None = None) -> dict:
-    """Loss and accuracy over a whole split (the last batch is padded and masked); ``loop`` as in
-    ``pfa_jax.loops.resolve``; ``sharding`` places every batch, as in ``train_epoch``."""
+    """The state's loss and its aux metrics (``accuracy`` for the default loss) over a whole
+    split, means over its examples: ``len // batch_size`` batches of ``batch_size`` (placed by
+    ``sharding``, as in ``train_epoch``), then the rest as one smaller batch, so every loss sees
+    only real examples; ``loop`` as in ``pfa_jax.loops.resolve``."""
     state.check(images, labels, "evaluate")
+    loop = loops.resolve(loop, state.params)
+    images, labels = jnp.asarray(images), jax.tree.map(jnp.asarray, labels)
     n = images.shape[0]
-    steps = -(-n // batch_size)
-    pad = steps * batch_size - n
-    images = jnp.pad(jnp.asarray(images), [(0, pad)] + [(0, 0)] * (images.ndim - 1))
-    labels = jnp.pad(jnp.asarray(labels), (0, pad))
-    mask = (jnp.arange(steps * batch_size) < n).astype(jnp.float32)
-    zeros = {"loss": jnp.zeros((), jnp.float32), "accuracy": jnp.zeros((), jnp.float32)}
-    totals, _ = _evaluation(zeros, jnp.arange(steps), state, images, labels, mask,
-                            loop=loops.resolve(loop, state.params), batch_size=batch_size,
-                            sharding=sharding)
+    steps = n // batch_size
+    first = {"image": images[:batch_size], "label": jax.tree.map(lambda a: a[:batch_size], labels)}
+    shapes = jax.eval_shape(_window_sums, state, first)
+    totals = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    if steps:
+        totals, _ = _evaluation(totals, jnp.arange(steps), state, images, labels,
+                                loop=loop, batch_size=batch_size, sharding=sharding)
+    if n > steps * batch_size:
+        rest = {"image": images[steps * batch_size:],
+                "label": jax.tree.map(lambda a: a[steps * batch_size:], labels)}
+        totals = jax.tree.map(jnp.add, totals, _rest_sums(state, rest))
     return jax.tree.map(lambda t: t / n, totals)
 
 

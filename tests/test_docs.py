@@ -60,3 +60,14 @@ def test_the_api_reference_builds_without_warnings(tmp_path):
             "pfa_jax/models/resnet.html", "pfa_jax/nnx/layers.html"} <= pages
     text = (tmp_path / "pfa_jax" / "rules" / "product_feedback.html").read_text()
     assert "G_MIN_EXPANSION" in text and "Storage forms" in text
+
+
+def test_the_own_flax_model_and_own_loss_examples_run_as_written(capsys):
+    """docs/own_code.md from "Your own Flax model, unchanged" on: its code blocks, in order, as
+    one program."""
+    text = (ROOT / "docs" / "own_code.md").read_text()
+    section = text[text.index("## Your own Flax model, unchanged"):]
+    code = "\n".join(re.findall(r"```python\n(.*?)```", section, re.S))
+    exec(compile(code, "docs/own_code.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "attention/query" in printed and "tag_loss" in printed
