@@ -36,8 +36,11 @@ follows a rule when its product goes through ``pfa_jax.nn.rule_product`` (as ``p
 does): that is the public way to declare a rule-following layer.
 
 The wrapper calls the model as it is; a ``train=`` keyword (which ``pfa_jax.train`` passes) is
-dropped when the model's ``__call__`` has no such argument. DFA and its variants (rules whose
-error comes from the output) are not routed here yet and are refused with that message.
+dropped when the model's ``__call__`` has no such argument. DFA and its variants take their
+``classes`` from the plain model's traced outputs when not given; their taps (``pfa_jax.taps``)
+keep each dense layer's positions and are added to the outputs by ``WithRule.apply``, so the
+output error at each position reaches every DFA layer's units at that position, and a pooled
+head's error reaches every position; an ``nn.RNN`` stacks its cells' taps on its time axis.
 """
 from __future__ import annotations
 
@@ -48,12 +51,13 @@ import math
 from collections.abc import Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax import traverse_util
 from flax.core import FrozenDict
 
 from pfa_jax import nn as pnn
-from pfa_jax import rules
+from pfa_jax import rules, taps
 
 __all__ = ["MatrixView", "UnreachedLayerError", "with_rule", "WithRule"]
 
@@ -87,12 +91,18 @@ def _product(module, spec, x, kernel, x_axes, kernel_axes):
     free = [a for a in range(x.ndim) if a not in x_axes]
     view = _view(kernel.ndim, kernel_axes)
     matrix = kernel if view is None else view(kernel)
+    lead = [x.shape[a] for a in free]
     rows = jnp.transpose(x, free + list(x_axes)).reshape(-1, matrix.shape[0])
+
+    def product(rule, fb, key):  # DFA keeps the positions, so its tap has them (pfa_jax.taps)
+        return rule.dense(rows.reshape(lead + [-1]) if rule.output_error else rows, matrix, fb, key)
+
     stored = module.get_variable("params", "kernel")
-    y = pnn.rule_product(module, spec, stored, kernel.dtype,
-                         lambda rule, fb, key: rule.dense(rows, matrix, fb, key), view)
+    y = pnn.rule_product(module, spec, stored, kernel.dtype, product, view)
     out = [kernel.shape[a] for a in range(kernel.ndim) if a not in kernel_axes]
-    return y.reshape([x.shape[a] for a in free] + out)
+    if isinstance(y, tuple):  # (y, tap) of DFA
+        return y[0].reshape(lead + out), y[1]
+    return y.reshape(lead + out)
 
 
 def _own_product(module, spec, *fields) -> bool:
@@ -228,7 +238,8 @@ def _rnn(rnn, call):
         raise ValueError(f"with_rule: nn.RNN {_path(rnn)!r} has variable_broadcast={broadcast!r}; "
                          "the feedback is broadcast over time with the params, so give a tuple of "
                          "collection names including 'params'")
-    axes = {pnn.PERTURBATIONS: 0, **rnn.variable_axes}  # each step's error, for the metrics
+    time = 0 if rnn.time_major else 1  # each step's error for the metrics, its tap on the time axis
+    axes = {pnn.PERTURBATIONS: 0, pnn.TAPS: time, **rnn.variable_axes}
     with _fields_set(rnn, variable_broadcast=tuple({*broadcast, "feedback"}), variable_axes=axes):
         return call()
 
@@ -275,15 +286,6 @@ def _check_reached(spec, params, records: dict) -> None:
             "pfa_jax.nn.rule_product")
 
 
-def _refuse_output_error(spec) -> None:
-    specs = spec.values() if isinstance(spec, Mapping) else [spec]
-    for rule in specs:
-        if rules.get(rule).output_error:
-            raise ValueError(f"with_rule: rule {rules.get(rule).name!r} sends the output error to "
-                             "every layer (DFA's family), which with_rule does not route yet; "
-                             "build the model of pfa_jax.nn.Dense / Conv with add_taps for it")
-
-
 @dataclasses.dataclass(frozen=True)
 class WithRule:
     """``module`` (any linen module), its linear layers following ``rule`` (see the module
@@ -298,7 +300,8 @@ class WithRule:
     def __post_init__(self):
         if isinstance(self.rule, Mapping):
             object.__setattr__(self, "rule", FrozenDict(self.rule))
-        _refuse_output_error(self.rule)
+        for rule in _specs(self.rule):
+            rules.get(rule)  # an unknown name or option fails here
 
     def __getattr__(self, name):  # the model's own fields (``axis_name``, ...)
         if name.startswith("__") or name in ("module", "rule"):
@@ -315,16 +318,49 @@ class WithRule:
             return run(**kwargs), records
 
     def init_with_output(self, rngs, *args, **kwargs):
-        (out, variables), records = self._call(
+        model = self._with_classes(rngs, args, kwargs)
+        (out, variables), records = model._call(
             lambda **kw: self.module.init_with_output(rngs, *args, **kw), kwargs)
         _check_reached(self.rule, variables.get("params", {}), records)
         return out, variables
+
+    def _with_classes(self, rngs, args, kwargs) -> WithRule:
+        """This model with DFA's ``classes`` read off the plain model's traced outputs where a
+        rule needs them and was not told."""
+        if not any(rules.get(r).output_error and rules.get(r).classes is None
+                   for r in _specs(self.rule)):
+            return self
+        kwargs = {k: v for k, v in kwargs.items()
+                  if k != "train" or _takes(self.module, kwargs.get("method"), "train")}
+        out, _ = jax.eval_shape(lambda: self.module.init_with_output(rngs, *args, **kwargs))
+        logits, _ = _one_array(out, "read the number of classes off")
+        return WithRule(self.module, pnn.bind_classes(self.rule, logits.shape[-1]))
 
     def init(self, rngs, *args, **kwargs):
         return self.init_with_output(rngs, *args, **kwargs)[1]
 
     def apply(self, variables, *args, **kwargs):
-        return self._call(lambda **kw: self.module.apply(variables, *args, **kw), kwargs)[0]
+        """``module.apply``; with ``error_taps`` mutable, the DFA taps are added to the outputs
+        (``pfa_jax.taps``), so a train step's output error reaches every DFA layer."""
+        result = self._call(lambda **kw: self.module.apply(variables, *args, **kw), kwargs)[0]
+        if not kwargs.get("mutable") or not result[1].get(pnn.TAPS):
+            return result
+        out, updates = result
+        logits, tree = _one_array(out, "add the output error's taps to")
+        return jax.tree.unflatten(tree, [taps.add(logits, updates[pnn.TAPS])]), updates
+
+
+def _specs(spec) -> list:
+    return list(spec.values()) if isinstance(spec, Mapping) else [spec]
+
+
+def _one_array(out, why: str):
+    """The one array of the outputs ``out`` and their treedef, for DFA (which needs logits)."""
+    leaves, tree = jax.tree.flatten(out)
+    if len(leaves) != 1:
+        raise ValueError(f"with_rule: DFA needs the model to return one logits array, to {why}; "
+                         f"it returns {len(leaves)} arrays ({tree})")
+    return leaves[0], tree
 
 
 def _takes(module: nn.Module, method, name: str) -> bool:

@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from pfa_jax import rules
+from pfa_jax import rules, taps
 
 __all__ = ["add_taps", "backprop", "bind_classes", "check_rule_map", "Conv", "DEFAULT", "Dense",
            "layer_paths", "layer_rule", "PERTURBATION", "PERTURBATIONS", "recording",
@@ -136,13 +136,12 @@ def bind_classes(spec: RuleSpec, num_classes: int) -> RuleSpec:
 def add_taps(module: nn.Module, logits):
     """``logits`` plus every DFA tap sown below ``module`` (zeros, so the forward value is unchanged;
     in the backward pass each tap receives ``e = dL/dlogits``). Call it on the logits at the end of a
-    top-level model's ``__call__``; ``pfa_jax.models`` do."""
+    top-level model's ``__call__``; ``pfa_jax.models`` do. Logits may have positions, ``(batch,
+    positions..., classes)``, and taps may come from lifted transforms: ``pfa_jax.taps`` says how
+    each tap is placed."""
     if not module.is_mutable_collection(TAPS) or module.is_initializing():
         return logits
-    for tap in jax.tree.leaves(module.variables.get(TAPS, {})):
-        # a layer lifted by nn.scan / nn.vmap sows one tap per slice along leading axes
-        logits = logits + tap.reshape((-1,) + logits.shape).sum(0)
-    return logits
+    return taps.add(logits, module.variables.get(TAPS, {}))
 
 
 def layer_paths(params) -> set[str]:
@@ -220,7 +219,7 @@ def rule_product(module: nn.Module, spec: RuleSpec, kernel, dtype, product, view
     if rule.output_error:
         y, tap = y
         if not module.is_initializing():
-            module.sow(TAPS, "tap", tap)
+            module.sow(TAPS, "tap", taps.Tap.of(tap))
     return y
 
 

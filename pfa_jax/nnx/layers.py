@@ -35,7 +35,7 @@ from flax.linen.dtypes import promote_dtype
 
 from pfa_jax import layers as player
 from pfa_jax import nn as pnn
-from pfa_jax import rules
+from pfa_jax import rules, taps
 
 __all__ = ["add_taps", "Conv", "Feedback", "FixedFeedback", "Linear", "mirror", "MirroredFeedback",
            "PlasticFeedback", "rule_layers", "RuleLayer", "VARIABLE_TYPES"]
@@ -161,7 +161,7 @@ def add_taps(module: nnx.Module, logits):
     removed, so the module's state is as before the call."""
     for _, layer in rule_layers(module):
         if hasattr(layer, "tap"):
-            logits = logits + layer.tap[...]
+            logits = taps.add(logits, [taps.Tap.of(layer.tap[...])])
             del layer.tap
     return logits
 

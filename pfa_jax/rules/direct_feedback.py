@@ -3,7 +3,8 @@
 With ``e = dL/dlogits: (n, classes)``, the error sent to the input ``x`` of every layer (the output of
 the layer below, after its nonlinearity) is a fixed random projection of ``e``:
 
-    dense:  dx = e B,               B: (classes, in)
+    dense:  dx = e B,               B: (classes, in); with positions, x: (n, T..., in) and
+            e: (n, T..., classes), dx_t = e_t B at each position (one B shared by all of them)
     conv:   B: (kh, kw, classes, in), no dense (classes, H*W*C) matrix; option ``grid``:
       "input"  (default; BioTorch's construction): dx = conv(e broadcast over x's spatial grid, B),
                a stride-1 SAME conv;
@@ -25,8 +26,9 @@ Option ``density = p`` (sparse feedback; base.py): ``B`` (dense or conv layout) 
 
 stored as ``B`` (fixed; no mask is stored). ``density = 1`` (default) is the dense rule.
 
-Option ``signal``, what is projected in place of ``e`` (``n`` the batch rows; the ``1 / n`` keeps the
-batch-mean loss's scale, so a learning rate means the same under all three):
+Option ``signal``, what is projected in place of ``e`` (``n`` the rows of ``e`` at the layer, batch
+times positions; the ``1 / n`` keeps the mean loss's scale, so a learning rate means the same under
+all three):
 
 * ``"error"`` (default): ``e`` itself;
 * ``"sign"`` (sDFA): ``sign(e) / n``;
@@ -41,9 +43,11 @@ batch-mean loss's scale, so a learning rate means the same under all three):
   Other losses (soft or smoothed labels) do not determine ``t`` this way: their argmin is then
   only the class the error pushes up most.
 
-One forward and one backward pass. Each DFA op returns ``(y, tap)`` with ``tap = zeros(n, classes)``;
-``pfa_jax.nn`` layers sow the taps and the model adds them to its logits (``pfa_jax.nn.add_taps``), so
-the cotangent every tap receives in the backward pass is exactly ``e``. A DFA op differentiated while
+One forward and one backward pass. Each DFA op returns ``(y, tap)`` with ``tap`` zeros of shape
+``x.shape[:-1] + (classes,)`` (dense) or ``(n, classes)`` (conv); ``pfa_jax.nn`` layers sow the taps
+and the model adds them to its logits (``pfa_jax.nn.add_taps``, placed as ``pfa_jax.taps`` says:
+per position, summed for a pooled head, along a lifted transform's axis), so the cotangent every tap
+receives in the backward pass is exactly ``e`` at its positions. A DFA op differentiated while
 its tap reaches no loss (a symbolic-zero cotangent, e.g. a model applied without ``error_taps``
 mutable) raises ``MissingTapError`` instead of silently sending zero errors down. The error arriving from the
 layer above through ordinary backprop is not used: each DFA op sends ``e B`` down instead. Residual
@@ -60,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -80,10 +85,11 @@ def _projected(e, signal: str):
     """What DFA projects of the output error ``e: (n, classes)`` (module docstring)."""
     if signal == "error":
         return e
+    rows = math.prod(e.shape[:-1])
     if signal == "sign":
-        return jnp.sign(e) / e.shape[0]
+        return jnp.sign(e) / rows
     target = jax.nn.one_hot(jnp.argmin(e, axis=-1), e.shape[-1], dtype=e.dtype)
-    return -target / e.shape[0]
+    return -target / rows
 
 
 def project_error(e, b, x_shape, op=None, y_shape=None, grid: str = "input"):
@@ -99,7 +105,8 @@ def project_error(e, b, x_shape, op=None, y_shape=None, grid: str = "input"):
 
 
 def _with_tap(op, x, kernel, b):
-    return op(x, kernel), jnp.zeros((x.shape[0], b.shape[-2]), x.dtype)
+    rows = x.shape[:-1] if isinstance(op, ops.DenseOp) else x.shape[:1]
+    return op(x, kernel), jnp.zeros(rows + b.shape[-2:-1], x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -176,8 +183,6 @@ class DFA(SparseFeedback, Rule):
     def apply(self, op, x, kernel, feedback, key):
         if op.groups != 1:
             raise ValueError(f"dfa does not support feature_group_count={op.groups}")
-        if isinstance(op, ops.DenseOp) and x.ndim != 2:
-            raise ValueError(f"dfa dense layers need inputs of shape (batch, in), got {x.shape}")
         return dfa_linear(op, self.grid, self.signal, x, kernel, lax.stop_gradient(feedback["B"]))
 
     def effective_feedback(self, kernel, feedback):
