@@ -47,7 +47,8 @@ from pfa_jax import nn as pnn
 from pfa_jax.nnx.train import linen_state
 from pfa_jax.train import apply_with_rule, eval_step, step_rngs
 
-__all__ = ["adversarial", "alignment", "angle", "as_state", "attack_images", "ATTACKS",
+__all__ = ["adversarial", "alignment", "angle", "as_state", "attack_convergence", "attack_images",
+           "ATTACKS",
            "check_attack", "corruption", "gradient_alignment", "GRADIENTS",
            "hessian_vector_product", "input_gradient", "kernels_and_feedback", "layer_gradients",
            "sharpness"]
@@ -336,32 +337,52 @@ def check_attack(attack: str, gradient: str = "true", *epsilons) -> None:
 
 def adversarial(state, batches, epsilons: Sequence[float], attack: str = "fgsm", key=None, *,
                 steps: int = 10, step_size: float | None = None, gradient: str = "true",
-                lower=None, upper=None, scale=None) -> dict:
+                lower=None, upper=None, scale=None, source=None) -> dict:
     """Clean and robust accuracy over ``batches`` under an L-inf attack for each epsilon.
 
     See ``attack_images`` for the attacks and options. Returns ``{'attack', 'gradient', 'diagnostic',
-    'epsilons', 'clean_accuracy', 'robust_accuracy'}`` (``robust_accuracy[i]`` at ``epsilons[i]``;
-    PGD also ``steps``). ``gradient='rule'`` attacks through the rule's own backward pass and is
-    labelled ``diagnostic: True``: it measures how useful the rule's input error is to an attacker,
-    not the model's robustness.
+    'transfer', 'epsilons', 'clean_accuracy', 'robust_accuracy'}`` (``robust_accuracy[i]`` at
+    ``epsilons[i]``; PGD also ``steps``). ``gradient='rule'`` attacks through the rule's own
+    backward pass and is labelled ``diagnostic: True``: it measures how useful the rule's input
+    error is to an attacker, not the model's robustness.
+
+    ``source``: a transfer attack (Athalye et al. 2018's check for gradient masking): the
+    perturbations are computed on ``source`` (another state or NNX model of the same input shape,
+    for instance an independently trained bp model) with its true gradients, and applied to the
+    model of ``state``. A rule whose own-gradient attacks are weak but whose transfer accuracy is no
+    higher than bp's masks its gradients rather than being robust.
     """
     check_attack(attack, gradient, *epsilons)
     state = as_state(state)
     batches = _batch_list(state, batches, "adversarial")
+    attacker = state if source is None else as_state(source)
     key = _default_key(state, key, 2)
     options = dict(attack=attack, steps=steps, step_size=step_size, gradient=gradient, lower=lower,
                    upper=upper, scale=scale)
 
     def robust(epsilon):
         return float(_mean_over(batches, lambda b, i: _accuracy(state, attack_images(
-            state, b, epsilon, jax.random.fold_in(key, i), **options), b["label"])))
+            attacker, b, epsilon, jax.random.fold_in(key, i), **options), b["label"])))
 
     result = {"attack": attack, "gradient": gradient, "diagnostic": gradient == "rule",
+              "transfer": source is not None,
               "epsilons": [float(e) for e in epsilons],
               "clean_accuracy": float(_mean_over(batches, lambda b, _: _accuracy(state, b["image"],
                                                                                  b["label"]))),
               "robust_accuracy": [robust(e) for e in epsilons]}
     return {**result, "steps": steps} if attack == "pgd" else result
+
+
+def attack_convergence(state, batches, epsilon: float, steps: int, key=None, *,
+                       tolerance: float = 0.005, **options) -> dict:
+    """Whether PGD has converged at ``steps``: its accuracy against PGD with twice the steps (the
+    same start), ``converged`` when the doubled attack lowers the accuracy by at most
+    ``tolerance`` (a fraction, default half a point). ``options`` as for ``adversarial`` (``source``
+    included). Returns ``{'epsilon', 'steps', 'accuracy', 'accuracy_doubled', 'converged'}``."""
+    accuracy, doubled = (adversarial(state, batches, [epsilon], "pgd", key, steps=n, **options)
+                         ["robust_accuracy"][0] for n in (steps, 2 * steps))
+    return {"epsilon": float(epsilon), "steps": steps, "accuracy": accuracy,
+            "accuracy_doubled": doubled, "converged": accuracy - doubled <= tolerance}
 
 
 @jax.jit

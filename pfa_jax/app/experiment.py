@@ -167,6 +167,13 @@ def _split(images, labels, count: int, batch_size: int, where: placement.Placeme
                         for i in range(0, min(count, len(labels)), batch_size)])
 
 
+def pixel_units(dataset: data.Dataset) -> dict:
+    """``scale``, ``lower``, ``upper`` for ``pfa_jax.metrics``' attacks and noise on standardised
+    images: radii in pixel units, results kept within the pixel range [0, 1]."""
+    mean, std = np.asarray(dataset.mean, np.float32), np.asarray(dataset.std, np.float32)
+    return {"scale": 1.0 / std, "lower": -mean / std, "upper": (1.0 - mean) / std}
+
+
 def _closing_metrics(state, dataset: data.Dataset, spec: RunSpec, key,
                      where: placement.Placement) -> dict:
     """Sharpness, adversarial and noise robustness, as far as ``spec`` asks for them."""
@@ -179,8 +186,7 @@ def _closing_metrics(state, dataset: data.Dataset, spec: RunSpec, key,
             state, batches, jax.random.fold_in(key, 0), iterations=sharp.iterations,
             tolerance=sharp.tolerance, probes=sharp.probes)
     test = _split(dataset.test_images, dataset.test_labels, robust.examples, batch_size, where)
-    mean, std = np.asarray(dataset.mean, np.float32), np.asarray(dataset.std, np.float32)
-    pixels = {"scale": 1.0 / std, "lower": -mean / std, "upper": (1.0 - mean) / std}
+    pixels = pixel_units(dataset)
     if robust.adversarial_epsilons:
         results["adversarial"] = {attack: metrics.adversarial(
             state, test, robust.adversarial_epsilons, attack, jax.random.fold_in(key, 1),
