@@ -11,13 +11,15 @@ layers, else the mean and the range over layers; the closing measurements where 
 the training wall time, and the machine of each row when the runs ran on more than one), the
 hardware and the wall times of the invocations recorded, and figures: test accuracy and mean
 alignment against the epoch for each group, and final accuracy against the experiment's
-``PLOT_AXIS``. Runs that diverged are counted and named with their diagnosis; unfinished runs are
+``PLOT_AXIS``; an experiment whose config names a ``REPORT`` module of ``experiments`` gets that
+module's ``section`` after its table (``soft_alignment_claims``). Runs that diverged are counted and named with their diagnosis; unfinished runs are
 listed as missing. A run shared from another experiment (``source`` in ``experiment.json``) is read
 from that experiment's directory. Nothing is typed by hand.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import pathlib
 import statistics
@@ -252,6 +254,9 @@ def section(name: str, exp_dir: pathlib.Path, figures: pathlib.Path, page: pathl
             axis_figure(runs, module.PLOT_AXIS).savefig(axis, dpi=90)
             lines += ["", f"![{name}: final accuracy against {module.PLOT_AXIS}]"
                       f"({axis.relative_to(page.parent)})"]
+    if getattr(module, "REPORT", None):
+        extra = importlib.import_module(f"experiments.{module.REPORT}")
+        lines += [""] + extra.section(name, runs, exp_dir, figures, page)
     return lines + [""]
 
 

@@ -71,3 +71,13 @@ def test_the_own_flax_model_and_own_loss_examples_run_as_written(capsys):
     exec(compile(code, "docs/own_code.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "attention/query" in printed and "tag_loss" in printed
+
+
+def test_the_soft_alignment_page_quotes_the_report():
+    """Every interval docs/soft_alignment.md quotes (``m ± h``, ``d [lo, hi]``) is in RESULTS.md,
+    which experiments.report writes from the runs: the page cannot drift from them."""
+    page = (ROOT / "docs" / "soft_alignment.md").read_text()
+    report = (ROOT / "RESULTS.md").read_text()
+    quoted = re.findall(r"-?\d+\.\d+ ± \d+\.\d+|-?\d+\.\d+ \[-?\d+\.\d+, -?\d+\.\d+\]", page)
+    assert len(quoted) > 20
+    assert [q for q in quoted if q not in report] == []

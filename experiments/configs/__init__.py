@@ -6,7 +6,8 @@
   report groups and tabulates by, and the config values that differ from the base; ``source``
   names another experiment's run of the same config that this sweep shares instead of
   training its own);
-* optional ``PLOT_AXIS``: a numeric label the report plots final accuracy against.
+* optional ``PLOT_AXIS``: a numeric label the report plots final accuracy against;
+* optional ``REPORT``: a module of ``experiments`` whose ``section`` the report adds.
 
     python -m experiments.run fig2_fashion_mnist            # every run, into experiments/results/
 """

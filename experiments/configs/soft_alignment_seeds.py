@@ -16,6 +16,7 @@ seed by seed, bp first, so that a partly finished sweep holds every setting."""
 from experiments.configs import _soft_alignment, common, soft_alignment_mlp
 
 DEPTH = 8
+REPORT = "soft_alignment_claims"  # experiments.soft_alignment_claims: the claims' section
 SEEDS = (0, 1, 2, 3, 4)
 
 
