@@ -279,7 +279,9 @@ def _check_reached(spec, params, records: dict) -> None:
     unreached = sorted(kernels - set(records) - _explicit_bp(spec))
     if unreached:
         raise UnreachedLayerError(
-            f"with_rule: no rule reaches the kernel(s) of {unreached} (modules of a class that "
+            "with_rule: no rule reaches the kernel(s) "
+            f"{[f'{path}/kernel' if path else 'kernel (of the top-level module)' for path in unreached]}"
+            " (modules of a class that "
             "with_rule does not route: nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, "
             "nn.OptimizedLSTMCell and the flax layers built on them are routed); give each "
             "'bp' in the rule map to train it by backprop, or route its product through "

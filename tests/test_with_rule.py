@@ -235,7 +235,7 @@ class Unreached(nn.Module):
 
 def test_a_kernel_no_rule_reaches_is_an_error_naming_it_unless_mapped_to_bp():
     x = jnp.ones((1, 4, 4, 1))
-    with pytest.raises(pj.nn.UnreachedLayerError, match=r"\['up'\]"):
+    with pytest.raises(pj.nn.UnreachedLayerError, match=r"\['up/kernel'\]"):
         pj.nn.with_rule(Unreached(), "fa").init(jax.random.key(0), x)
     variables = pj.nn.with_rule(Unreached(), {"default": "fa", "up": "bp"}).init(jax.random.key(0), x)
     assert set(variables["feedback"]) == {"head"}

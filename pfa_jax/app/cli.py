@@ -20,13 +20,14 @@ import sys
 
 from pfa_jax import models, rules
 from pfa_jax.app import config as config_lib
-from pfa_jax.app import data, placement
+from pfa_jax.app import data, own_model, placement
 
 __all__ = ["main"]
 
 # flag -> (config key, type, what it sets)
 _FLAGS = {"rule": ("rule.name", str, f"the learning rule, one of {', '.join(rules.names())}"),
-          "model": ("model", str, f"the network, one of {', '.join(models.names())}"),
+          "model": ("model", str, f"the network, one of {', '.join(models.names())}, or an own "
+                    "model's factory 'package.module:callable'"),
           "dataset": ("dataset", str, f"one of {', '.join(data.DATASETS)}"),
           "epochs": ("epochs", int, "training epochs (a positive int)"),
           "batch_size": ("batch_size", int, "training batch size (a positive int)"),
@@ -68,7 +69,7 @@ def _check_same_run(saved, config, out) -> None:
     (An unknown name is left to ``spec.resolve``, which lists the valid ones.)"""
     for key, names in (("rule.name", rules.names()), ("model", models.names())):
         own, given = config_lib.get(saved, key), config_lib.get(config, key)
-        if given != own and given in names:
+        if given != own and (given in names or own_model.is_factory(str(given))):
             raise ValueError(f"{key}={given!r}: the run in {out} was trained with {key}={own!r}, "
                              "and --resume continues it (its checkpoints hold that one's arrays); "
                              "another rule or model needs a new run (another --out, or "
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         config_lib.override(config, flags + args.set)
         if args.resume:
             _check_same_run(saved, config, args.out)
-        out = args.out or f"runs/{config.dataset}-{config.model}-{config.rule.name}-seed{config.seed}"
+        out = args.out or (f"runs/{config.dataset}-{config.model.replace(':', '.')}-"
+                            f"{config.rule.name}-seed{config.seed}")
         summary = experiment.run(spec.resolve(config), out, overwrite=args.overwrite, progress=not args.quiet,
                                  resume=args.resume)
     except (ValueError, FileExistsError, FileNotFoundError, experiment.DivergenceError,

@@ -7,7 +7,8 @@ command-line overrides, and old run directories' configs migrated.
 
 Keys:
 
-* ``model`` / ``model_options``: a name of ``pfa_jax.models.names()`` and its options.
+* ``model`` / ``model_options``: a name of ``pfa_jax.models.names()``, or an own model's factory
+  ``'package.module:callable'`` (``pfa_jax.app.own_model``), and its options.
 * ``rule``: ``rule.name`` (one of ``pfa_jax.rules.names()``), ``rule.options`` (its options) and
   ``rule.layers`` (layer paths mapped to rule names that override it, e.g. ``{'output': 'bp'}``).
 * ``dataset``, ``data_dir``, ``holdout``, ``pad_to``, ``limit``: see ``pfa_jax.app.data.load``.

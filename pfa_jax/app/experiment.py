@@ -154,6 +154,8 @@ def check_fits(model, name: str, dataset: data.Dataset | streaming.StreamedDatas
                        jax.ShapeDtypeStruct((1,) + dataset.image_shape, jnp.float32))
     except pnn.RuleMapError as error:
         raise ValueError(f"config rule.layers: {error}") from None
+    except pnn.UnreachedLayerError as error:
+        raise ValueError(f"config model={name!r}: {error}") from None
     except Exception as error:  # noqa: BLE001 - any other tracing failure: the shapes do not fit
         raise ValueError(f"config model={name!r} does not fit {dataset.name} images of shape "
                          f"{dataset.image_shape} ({type(error).__name__}: {error}); choose another "

@@ -1,5 +1,6 @@
 """A run config resolved once into a typed, frozen run spec: the one place that validates a config and
-calls ``rules.get``, ``models.get`` and the optimizer builder.
+calls ``rules.get``, ``models.get`` (or an own model's factory, ``pfa_jax.app.own_model``) and the
+optimizer builder.
 
     spec = resolve(config)        # every key checked, before any data is read or anything compiled
     spec.rule, spec.model, spec.optimizer, spec.data, spec.sharpness, spec.robustness
@@ -23,7 +24,7 @@ import ml_collections
 from pfa_jax import augment, metrics, models, rules
 from pfa_jax import nn as pnn
 from pfa_jax.app import config as config_lib
-from pfa_jax.app import data, streaming
+from pfa_jax.app import data, own_model, streaming
 from pfa_jax.optim import OptimizerConfig
 from pfa_jax.rules.product_feedback import PFA
 
@@ -239,16 +240,20 @@ def resolve(config: ml_collections.ConfigDict) -> RunSpec:
     """``config`` validated and resolved (module docstring); ``spec.config`` is a copy of
     ``config`` with PFA's resolved storage form set (``rule.options.form``)."""
     config = copy.deepcopy(config)
-    _choice(config, "model", models.names())
+    if not own_model.is_factory(config.model):
+        _choice(config, "model", models.names())
     epochs = _int(config, "epochs")
     data_spec = _data(config)
     optimizer = _optimizer(config, epochs)
     rule = _stored_forms(_rule(config), optimizer, config)
-    try:
-        model = models.get(config.model, rule=rule, num_classes=num_classes(data_spec.dataset),
-                           **config.model_options.to_dict())
-    except ValueError as error:
-        raise ValueError(f"config: {error}") from None
+    classes, options = num_classes(data_spec.dataset), config.model_options.to_dict()
+    if own_model.is_factory(config.model):
+        model = own_model.build(config.model, rule, classes, options)
+    else:
+        try:
+            model = models.get(config.model, rule=rule, num_classes=classes, **options)
+        except ValueError as error:
+            raise ValueError(f"config: {error}") from None
     sharpness, robustness = _measurements(config)
     return RunSpec(config=config, rule=rule, model=model, optimizer=optimizer,
                    data=data_spec, epochs=epochs, seed=data_spec.seed,
