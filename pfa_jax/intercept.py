@@ -12,7 +12,7 @@ The model's own linear layers follow the rule chosen for their path (the rule-ma
   (it creates and initialises ``kernel`` and ``bias`` and adds the bias) with its ``dot_general``
   field pointed, for that call, at the rule's product (``nn.intercept_methods``). A kernel of any
   rank is the matrix ``(prod in, prod out)``: its contracted axes first, flattened, then its free
-  axes (``MatrixView``); the input is flattened to rows ``(prod other axes, prod in)`` the same
+  axes (``pfa_jax.products``); the input is flattened to rows ``(prod other axes, prod in)`` the same
   way, so every layer-wise rule sees ``y = x K`` and its feedback has that matrix's shape.
 * ``nn.Conv``: the same through its ``conv_general_dilated`` field (channels-last, any strides,
   padding, kernel dilation, feature groups; input dilation is refused).
@@ -47,7 +47,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import math
 from collections.abc import Mapping
 
 import flax.linen as nn
@@ -57,52 +56,20 @@ from flax import traverse_util
 from flax.core import FrozenDict
 
 from pfa_jax import nn as pnn
-from pfa_jax import rules, taps
+from pfa_jax import products, rules, taps
 
-__all__ = ["MatrixView", "UnreachedLayerError", "with_rule", "WithRule"]
+__all__ = ["UnreachedLayerError", "with_rule", "WithRule"]
 
 
 class UnreachedLayerError(ValueError):
     """A model's kernel that no rule can reach (``with_rule``)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class MatrixView:
-    """A kernel of any rank as the matrix ``(prod in, prod out)``: its axes in ``order`` (the
-    ``inputs`` contracted ones first), the first ``inputs`` of them flattened into rows."""
-
-    order: tuple[int, ...]
-    inputs: int
-
-    def __call__(self, kernel):
-        kernel = jnp.transpose(kernel, self.order)
-        return kernel.reshape(math.prod(kernel.shape[:self.inputs]), -1)
-
-
-def _view(kernel_ndim: int, contracted) -> MatrixView | None:
-    """The view of a kernel contracted over the axes ``contracted`` (None: already ``(in, out)``)."""
-    order = tuple(contracted) + tuple(a for a in range(kernel_ndim) if a not in contracted)
-    return None if order == (0, 1) else MatrixView(order, len(contracted))
-
-
 def _product(module, spec, x, kernel, x_axes, kernel_axes):
-    """``x`` contracted with ``kernel`` over ``x_axes`` / ``kernel_axes`` (``lax.dot_general`` with no
-    batch axes: the output is ``x``'s free axes, then the kernel's) under the rule."""
-    free = [a for a in range(x.ndim) if a not in x_axes]
-    view = _view(kernel.ndim, kernel_axes)
-    matrix = kernel if view is None else view(kernel)
-    lead = [x.shape[a] for a in free]
-    rows = jnp.transpose(x, free + list(x_axes)).reshape(-1, matrix.shape[0])
-
-    def product(rule, fb, key):  # DFA keeps the positions, so its tap has them (pfa_jax.taps)
-        return rule.dense(rows.reshape(lead + [-1]) if rule.output_error else rows, matrix, fb, key)
-
+    """``x`` contracted with ``kernel`` under the rule of ``module``'s path (``products``)."""
     stored = module.get_variable("params", "kernel")
-    y = pnn.rule_product(module, spec, stored, kernel.dtype, product, view)
-    out = [kernel.shape[a] for a in range(kernel.ndim) if a not in kernel_axes]
-    if isinstance(y, tuple):  # (y, tap) of DFA
-        return y[0].reshape(lead + out), y[1]
-    return y.reshape(lead + out)
+    return products.matrix_product(x, kernel, x_axes, kernel_axes, lambda product, view:
+                                   pnn.rule_product(module, spec, stored, kernel.dtype, product, view))
 
 
 def _own_product(module, spec, *fields) -> bool:
@@ -160,10 +127,7 @@ def _conv(module, spec, call):
 
     def conv(x, kernel, strides, padding, *, lhs_dilation=None, rhs_dilation=None,
              feature_group_count=1, **_):
-        if lhs_dilation is not None and any(d != 1 for d in lhs_dilation):
-            raise ValueError(f"with_rule: layer {_path(module)!r} has input_dilation="
-                             f"{tuple(lhs_dilation)}, which the rules' conv does not take; give "
-                             "it 'bp' in the rule map")
+        products.refuse_input_dilation(_path(module), lhs_dilation)
         stored = module.get_variable("params", "kernel")
         return pnn.rule_product(module, spec, stored, kernel.dtype, lambda rule, fb, key: rule.conv(
             x, kernel, fb, key, strides=tuple(strides), padding=padding,
@@ -174,31 +138,10 @@ def _conv(module, spec, call):
         return pnn.perturbed(module, call())
 
 
-def _einsum_axes(module, equation: str, x_ndim: int):
-    """``(x_axes, kernel_axes, output order)`` of an ``nn.Einsum`` equation ``'x,k->out'``, or an
-    error naming the equation where it is not one kernel matrix."""
-    inputs, out = equation.replace(" ", "").split("->")
-    x_labels, k_labels = inputs.split(",")
-    if "." in equation or len(x_labels) != x_ndim:
-        raise ValueError(f"with_rule: layer {_path(module)!r}: einsum {equation!r} must name every "
-                         f"axis of the {x_ndim}-d input with a letter")
-    shared = [c for c in k_labels if c in x_labels]
-    batch = [c for c in shared if c in out]
-    summed = [c for c in x_labels + k_labels if c not in out and c not in shared]
-    if batch or summed:
-        raise ValueError(f"with_rule: layer {_path(module)!r}: einsum {equation!r} "
-                         + (f"has labels {batch} in both operands and the output (a batch of "
-                            "matrices)" if batch else f"sums label(s) {summed} of one operand")
-                         + "; a rule needs one kernel matrix: give it 'bp' in the rule map")
-    free = [c for c in x_labels if c not in shared] + [c for c in k_labels if c not in shared]
-    return ([x_labels.index(c) for c in shared], [k_labels.index(c) for c in shared],
-            [free.index(c) for c in out])
-
-
 def _einsum(module, spec, x, equation=None):
     equation = nn.merge_param("einsum_str", module.einsum_str, equation)
     kernel = module.param("kernel", module.kernel_init, module.shape, module.param_dtype)
-    x_axes, kernel_axes, order = _einsum_axes(module, equation, x.ndim)
+    x_axes, kernel_axes, order = products.einsum_axes(_path(module), equation, x.ndim)
     bias = None
     if module.use_bias:
         shape, broadcast = module._get_bias_shape(equation.replace(" ", ""), x, kernel)

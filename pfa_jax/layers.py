@@ -44,7 +44,7 @@ class Layer:
     path: str
     rule: rules.Rule
     lifted: int = 0
-    view: Callable | None = None  # a kernel of any rank as the rule's matrix (pfa_jax.intercept)
+    view: Callable | None = None  # a kernel of any rank as the rule's matrix (pfa_jax.products)
 
     def matrix(self, kernel):
         """The kernel (of one slice) as the rule sees it: ``view(kernel)``, or itself."""

@@ -38,7 +38,7 @@ from pfa_jax import nn as pnn
 from pfa_jax import rules, taps
 
 __all__ = ["add_taps", "Conv", "Feedback", "FixedFeedback", "Linear", "mirror", "MirroredFeedback",
-           "PlasticFeedback", "rule_layers", "RuleLayer", "VARIABLE_TYPES"]
+           "PlasticFeedback", "rule_layers", "RuleFollowing", "RuleLayer", "VARIABLE_TYPES"]
 
 
 class Feedback(nnx.Variable):
@@ -61,19 +61,15 @@ VARIABLE_TYPES = {player.FIXED: FixedFeedback, player.PLASTIC: PlasticFeedback,
                   player.MIRRORED: MirroredFeedback}
 
 
-class RuleLayer(nnx.Module):
-    """What ``Linear`` and ``Conv`` share: kernel, bias, feedback variables, the rule's keys."""
+class RuleFollowing(nnx.Module):
+    """What every rule-following NNX layer has: ``rule``, its feedback variables (``feedback()``),
+    its mirror steps, and ``rule_product``. ``RuleLayer`` builds one; ``pfa_jax.nnx.with_rule``
+    makes Flax's own layers into one."""
 
-    def __init__(self, kernel_shape: tuple[int, ...], rule, *, use_bias: bool,
-                 kernel_init: Callable | None, bias_init: Callable, dtype, param_dtype,
-                 rngs: nnx.Rngs):
+    def add_feedback(self, rule, matrix, rngs: nnx.Rngs) -> None:
+        """Sets ``rule`` and its feedback for the kernel matrix ``matrix`` (as ``attributes``)."""
         self.rule = rules.get(rule)
-        self.dtype = dtype
-        init = kernel_init or self.rule.kernel_init()
-        self.kernel = nnx.Param(init(rngs.params(), kernel_shape, param_dtype))
-        self.bias = (nnx.Param(bias_init(rngs.params(), (kernel_shape[-1],), param_dtype))
-                     if use_bias else None)
-        feedback = self.rule.init_feedback(rngs.params(), self.kernel[...])
+        feedback = self.rule.init_feedback(rngs.params(), matrix)
         self.feedback_names = tuple(feedback)
         for name, value in feedback.items():
             setattr(self, name, VARIABLE_TYPES[player.label(self.rule, name)](value))
@@ -89,23 +85,45 @@ class RuleLayer(nnx.Module):
     def mirror(self, warmup: bool = False) -> None:
         """The rule's mirror steps (weight mirrors; a no-op for other rules)."""
         if self.rule.mirrored:
-            mirrored = self.rule.mirror(self.rngs.mirror(), self.kernel[...], self.feedback(),
-                                        warmup)
+            matrix = getattr(self, "view", None) or (lambda kernel: kernel)
+            mirrored = self.rule.mirror(self.rngs.mirror(), matrix(self.kernel[...]),
+                                        self.feedback(), warmup)
             for name in self.rule.mirrored:
                 getattr(self, name)[...] = mirrored[name]
 
-    def linear(self, x, key, apply):
-        """``apply(rule, x, kernel, feedback, key)`` plus bias, in ``dtype``; keeps a DFA tap."""
+    def rule_product(self, product, dtype, key=None):
+        """``product(rule, feedback, key)`` with the rule in force (``pfa_jax.nn.backprop``), the
+        feedback in ``dtype`` and the rule's key; keeps a DFA tap."""
         rule = pnn.layer_rule(self.rule)
-        bias = None if self.bias is None else self.bias[...]
-        x, kernel, bias = promote_dtype(x, self.kernel[...], bias, dtype=self.dtype)
-        feedback = {name: jnp.asarray(value, kernel.dtype) for name, value in self.feedback().items()}
+        feedback = {name: jnp.asarray(value, dtype) for name, value in self.feedback().items()}
         if key is None and rule.needs_key:
             key = self.rngs.feedback()
-        y = apply(rule, x, kernel, feedback, key)
+        y = product(rule, feedback, key)
         if rule.output_error:
             y, tap = y
             self.tap = nnx.Intermediate(tap)
+        return y
+
+
+class RuleLayer(RuleFollowing):
+    """What ``Linear`` and ``Conv`` share: kernel, bias, feedback variables, the rule's keys."""
+
+    def __init__(self, kernel_shape: tuple[int, ...], rule, *, use_bias: bool,
+                 kernel_init: Callable | None, bias_init: Callable, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        self.dtype = dtype
+        init = kernel_init or rules.get(rule).kernel_init()
+        self.kernel = nnx.Param(init(rngs.params(), kernel_shape, param_dtype))
+        self.bias = (nnx.Param(bias_init(rngs.params(), (kernel_shape[-1],), param_dtype))
+                     if use_bias else None)
+        self.add_feedback(rule, self.kernel[...], rngs)
+
+    def linear(self, x, key, apply):
+        """``apply(rule, x, kernel, feedback, key)`` plus bias, in ``dtype``; keeps a DFA tap."""
+        bias = None if self.bias is None else self.bias[...]
+        x, kernel, bias = promote_dtype(x, self.kernel[...], bias, dtype=self.dtype)
+        y = self.rule_product(lambda rule, fb, key: apply(rule, x, kernel, fb, key), kernel.dtype,
+                              key)
         return y if bias is None else y + bias
 
 
@@ -149,10 +167,10 @@ class Conv(RuleLayer):
             x, kernel, fb, key, **self.options))
 
 
-def rule_layers(module: nnx.Module) -> list[tuple[str, RuleLayer]]:
+def rule_layers(module: nnx.Module) -> list[tuple[str, RuleFollowing]]:
     """``(path, layer)`` of every rule layer in ``module``, paths joined by ``/``."""
     return [("/".join(map(str, path)), m) for path, m in nnx.iter_modules(module)
-            if isinstance(m, RuleLayer)]
+            if isinstance(m, RuleFollowing)]
 
 
 def add_taps(module: nnx.Module, logits):
