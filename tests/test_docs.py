@@ -81,3 +81,13 @@ def test_the_soft_alignment_page_quotes_the_report():
     quoted = re.findall(r"-?\d+\.\d+ ± \d+\.\d+|-?\d+\.\d+ \[-?\d+\.\d+, -?\d+\.\d+\]", page)
     assert len(quoted) > 20
     assert [q for q in quoted if q not in report] == []
+
+
+def test_the_own_nnx_model_example_runs_as_written(capsys):
+    """docs/nnx.md "Your own NNX model, unchanged": its code block as written."""
+    text = (ROOT / "docs" / "nnx.md").read_text()
+    section = text[text.index("## Your own NNX model, unchanged"):]
+    exec(compile(re.search(r"```python\n(.*?)```", section, re.S).group(1), "docs/nnx.md", "exec"),
+         {})
+    printed = capsys.readouterr().out
+    assert "attention/query" in printed and "'head': 0.0" in printed

@@ -27,6 +27,8 @@ removes them), so the output error reaches every DFA layer in the one backward p
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any, Callable, Sequence
 
 import jax.numpy as jnp
@@ -102,7 +104,45 @@ class RuleFollowing(nnx.Module):
         if rule.output_error:
             y, tap = y
             self.tap = nnx.Intermediate(tap)
+        return perturbed(self, y)
+
+
+_MEASURED = contextvars.ContextVar("pfa_jax_nnx_measured", default=None)  # (twin, {id: path})
+
+
+@contextlib.contextmanager
+def measured(twin, paths: dict):
+    """Inside, the rule layers of ``paths`` (``{id(layer): path}``) expose their outputs to the
+    linen module ``twin`` (``pfa_jax.nnx.twin``) through ``perturbed``."""
+    token = _MEASURED.set((twin, paths))
+    try:
+        yield
+    finally:
+        _MEASURED.reset(token)
+
+
+def perturbed(layer, y):
+    """``y`` plus the layer's zero ``perturbations`` entry ``{path...: {'output': 0}}`` of the twin
+    being applied (inside ``measured``; ``y`` itself elsewhere): ``dL/dy`` is the gradient with
+    respect to it, which is how ``pfa_jax.metrics`` reads each layer's error."""
+    call = _MEASURED.get()
+    if call is None or not call[1].get(id(layer)):
         return y
+    twin, path = call[0], call[1][id(layer)]
+    top, *rest = path.split("/")
+    if twin.is_mutable_collection(pnn.PERTURBATIONS):  # being created: zeros of y's shape
+        tree = twin.get_variable(pnn.PERTURBATIONS, top, {})
+        node = tree
+        for part in rest:
+            node = node.setdefault(part, {})
+        node.setdefault(pnn.PERTURBATION, jnp.zeros_like(y))
+        twin.put_variable(pnn.PERTURBATIONS, top, tree)
+    if not twin.has_variable(pnn.PERTURBATIONS, top):
+        return y
+    entry = twin.get_variable(pnn.PERTURBATIONS, top)
+    for part in rest:
+        entry = entry[part]
+    return y + entry[pnn.PERTURBATION]
 
 
 class RuleLayer(RuleFollowing):

@@ -32,8 +32,9 @@ import optax
 from flax import nnx
 
 from pfa_jax import layers as player
-from pfa_jax import train
-from pfa_jax.nnx.layers import Feedback, PlasticFeedback, mirror
+from pfa_jax import losses, train
+from pfa_jax.nnx import twin
+from pfa_jax.nnx.layers import Feedback, PlasticFeedback, mirror, rule_layers
 from pfa_jax.optim import hyperparameters
 
 __all__ = ["eval_step", "from_linen", "LINEN_COLLECTIONS", "linen_state", "optimizer", "to_linen",
@@ -97,13 +98,25 @@ def from_linen(model: nnx.Module, variables) -> None:
             nnx.update(model, state)
 
 
-def linen_state(model: nnx.Module, key: jax.Array | None = None) -> train.TrainState:
-    """The model's linen twin and arrays as a ``TrainState`` (no optimizer): for the metrics."""
+def linen_state(model: nnx.Module, key: jax.Array | None = None, *,
+                loss: losses.Loss = losses.classification) -> train.TrainState:
+    """The model as a ``TrainState`` (no optimizer), for the metrics: with the state key ``key``
+    (default ``jax.random.key(0)``) at step 0, measuring ``loss`` (``pfa_jax.losses``). A model of
+    ``pfa_jax.nnx.models`` is its hand-written linen twin (``model.linen``) with its arrays; any
+    other NNX model is its ``pfa_jax.nnx.twin.Twin``, its layer table read off its rule layers."""
+    common = dict(step=jnp.zeros((), jnp.int32), opt_state=None,
+                  rng=jax.random.key(0) if key is None else key, tx=_NO_OPTIMIZER,
+                  feedback_tx=_NO_OPTIMIZER, loss=loss)
+    if not hasattr(model, "linen"):
+        variables = twin.variables(model)
+        records = {path: (layer.rule, layer.kernel[...].ndim, getattr(layer, "view", None))
+                   for path, layer in rule_layers(model)}
+        return train.TrainState(**common, **variables, model=twin.twin(model),
+                                layers=player.from_records(records, variables["params"]))
     variables = to_linen(model)
     sample = jnp.zeros((1,) + tuple(model.input_shape), jnp.float32)
     return train.TrainState(
-        step=jnp.zeros((), jnp.int32), params=variables["params"],
-        feedback=variables["feedback"], batch_stats=variables["batch_stats"], opt_state=None,
-        rng=jax.random.key(0) if key is None else key, model=model.linen, tx=_NO_OPTIMIZER,
-        feedback_tx=_NO_OPTIMIZER, layers=player.table(model.linen, sample, train=False),
+        **common, params=variables["params"], feedback=variables["feedback"],
+        batch_stats=variables["batch_stats"], model=model.linen,
+        layers=player.table(model.linen, sample, train=False),
         input_shape=tuple(model.input_shape), num_classes=model.linen.num_classes)
