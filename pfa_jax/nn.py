@@ -93,7 +93,7 @@ def layer_rule(rule: rules.Rule) -> rules.Rule:
 
 def recording(records: dict):
     """Inside this context every pfa_jax layer that runs records ``records[path] = (rule, kernel
-    rank at the call)``: how ``pfa_jax.layers.table`` finds a model's layers (under ``nn.scan`` or
+    rank at the call, view)`` (``record``): how ``pfa_jax.layers.table`` finds a model's layers (under ``nn.scan`` or
     ``nn.vmap`` the stored kernel has more axes than the call sees)."""
     return _setting(_RECORDER, records)
 
@@ -107,6 +107,14 @@ def recorded():
         yield records
     if outer is not None:
         outer.update(records)
+
+
+def record(path: str, rule: rules.Rule, rank: int, view=None) -> None:
+    """Records a rule layer that runs (its path, rule, kernel rank at the call and kernel-matrix
+    view) into the enclosing ``recording``, if any: every rule-following layer calls it."""
+    records = _RECORDER.get()
+    if records is not None:
+        records[path] = (rule, rank, view)
 
 
 def resolve_rule(spec: RuleSpec, path: str) -> rules.Rule:
@@ -210,9 +218,7 @@ def rule_product(module: nn.Module, spec: RuleSpec, kernel, dtype, product, view
             module.variable("feedback", name, lambda v=value: v)
     feedback = {name: jnp.asarray(value, dtype)
                 for name, value in module.variables.get("feedback", {}).items()}
-    records = _RECORDER.get()
-    if records is not None:
-        records[path] = (rule, kernel.ndim, view)
+    record(path, rule, kernel.ndim, view)
     key = (module.make_rng("feedback") if rule.needs_key and module.has_rng("feedback")
            else None)
     y = product(rule, feedback, key)

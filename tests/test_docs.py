@@ -62,17 +62,6 @@ def test_the_api_reference_builds_without_warnings(tmp_path):
     assert "G_MIN_EXPANSION" in text and "Storage forms" in text
 
 
-def test_the_own_flax_model_and_own_loss_examples_run_as_written(capsys):
-    """docs/own_code.md from "Your own Flax model, unchanged" on: its code blocks, in order, as
-    one program."""
-    text = (ROOT / "docs" / "own_code.md").read_text()
-    section = text[text.index("## Your own Flax model, unchanged"):]
-    code = "\n".join(re.findall(r"```python\n(.*?)```", section, re.S))
-    exec(compile(code, "docs/own_code.md", "exec"), {})
-    printed = capsys.readouterr().out
-    assert "attention/query" in printed and "tag_loss" in printed
-
-
 def test_the_soft_alignment_page_quotes_the_report():
     """Every interval docs/soft_alignment.md quotes (``m ± h``, ``d [lo, hi]``) is in RESULTS.md,
     which experiments.report writes from the runs: the page cannot drift from them."""
@@ -83,11 +72,16 @@ def test_the_soft_alignment_page_quotes_the_report():
     assert [q for q in quoted if q not in report] == []
 
 
-def test_the_own_nnx_model_example_runs_as_written(capsys):
-    """docs/nnx.md "Your own NNX model, unchanged": its code block as written."""
-    text = (ROOT / "docs" / "nnx.md").read_text()
-    section = text[text.index("## Your own NNX model, unchanged"):]
-    exec(compile(re.search(r"```python\n(.*?)```", section, re.S).group(1), "docs/nnx.md", "exec"),
-         {})
+# what a page's code prints that shows it did what it says
+PRINTED = {"own_code.md": ("attention/query", "tag_loss"), "nnx.md": ("attention/query", "'head': 0.0")}
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if "```python" in p.read_text()],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_python_block_runs_as_written(page, capsys):
+    """A page's python blocks, in order, as one program (each page is self-contained)."""
+    code = "\n".join(re.findall(r"```python\n(.*?)```", page.read_text(), re.S))
+    exec(compile(code, str(page.relative_to(ROOT)), "exec"), {"__name__": "docs"})
     printed = capsys.readouterr().out
-    assert "attention/query" in printed and "'head': 0.0" in printed
+    for expected in PRINTED.get(page.name, ()):
+        assert expected in printed, expected

@@ -212,3 +212,25 @@ def test_dfa_needs_the_classes_and_then_reaches_every_layer():
 def test_the_with_rule_examples_run():
     for module in (intercept, nnx_intercept):
         assert doctest.testmod(module).failed == 0
+
+
+@pytest.mark.parametrize("cell, maps", [
+    (lambda r: nnx.LSTMCell(3, 4, rngs=r), ["hf", "hg", "hi", "ho", "if_", "ig", "ii", "io"]),
+    (lambda r: nnx.OptimizedLSTMCell(3, 4, rngs=r), ["dense_h", "dense_i"]),
+    (lambda r: nnx.GRUCell(3, 4, rngs=r), ["dense_h", "dense_i"]),
+    (lambda r: nnx.SimpleCell(3, 4, rngs=r), ["dense_h", "dense_i"]),
+])
+def test_every_map_of_nnx_rnn_cells_follows_the_rule(cell, maps):
+    """No kernel of NNX's cells is left on backprop: each is routed, each gets FA's feedback, and
+    the error reaching the inputs goes through it (it differs from backprop's)."""
+    rnn = pj.nnx.with_rule(nnx.RNN(cell(nnx.Rngs(0))), "fa", rngs=nnx.Rngs(1))
+    assert sorted(p.removeprefix("cell/") for p, _ in pj.nnx.rule_layers(rnn)) == maps
+    x = jax.random.normal(jax.random.key(0), (2, 5, 3))
+
+    def input_error(model):
+        return nnx.grad(lambda m, x: jnp.sum(m(x)[:, -1] ** 2), argnums=1)(model, x)
+
+    rule = input_error(rnn)
+    with pj.nn.backprop():
+        bp = input_error(rnn)
+    assert float(pj.metrics.angle(rule, bp)) > 5.0

@@ -53,6 +53,20 @@ NETS = textwrap.dedent('''
 
     def own_matmul():
         return OwnMatmul()
+
+    from flax import nnx
+
+    class NNXNet(nnx.Module):
+        def __init__(self, width, num_classes, rngs):
+            self.hidden = nnx.Linear(784, width, rngs=rngs)
+            self.drop = nnx.Dropout(0.2, rngs=rngs)
+            self.head = nnx.Linear(width, num_classes, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(self.drop(nnx.relu(self.hidden(x.reshape(x.shape[0], -1)))))
+
+    def nnx_net(num_classes, rngs, width=16):
+        return NNXNet(width, num_classes, rngs)
 ''')
 
 
@@ -94,6 +108,24 @@ def test_a_plain_flax_factory_trains_under_the_rule_and_resumes_exactly(fashion_
     assert cli.main(["train", "--resume", "--out", str(resumed), "--model", "labnets:ruled",
                      "--quiet"]) == 2
     assert "model='labnets:ruled': the run in" in capsys.readouterr().err
+
+
+def test_an_nnx_factory_trains_under_the_rule_with_dropout_and_resumes_exactly(fashion_dir,
+                                                                             tmp_path, labnets):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    extra = ("--rule", "pfa", "--set", "rule.options.expansion=2", "--set", "seed=3")
+    assert cli.main(args(fashion_dir, straight, "labnets:nnx_net", *extra, "--epochs", "3")) == 0
+    assert cli.main(args(fashion_dir, resumed, "labnets:nnx_net", *extra)) == 0
+    records = _records(straight)
+    assert set(records[-1]["alignment"]) == {"hidden", "head"}
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert cli.main(["train", "--resume", "--out", str(resumed), "--epochs", "3", "--quiet"]) == 0
+    _assert_close(_records(resumed), records)
+    # another seed draws another network (the factory gets the run's seed)
+    other = tmp_path / "other"
+    assert cli.main(args(fashion_dir, other, "labnets:nnx_net", "--rule", "pfa", "--set",
+                         "rule.options.expansion=2", "--epochs", "1")) == 0
+    assert _records(other)[0]["train_loss"] != records[0]["train_loss"]
 
 
 def test_a_factory_taking_rule_gets_the_rule_with_dfa_bound_to_the_classes(fashion_dir, tmp_path,

@@ -3,9 +3,10 @@
     pfa-jax train --rule pfa --set model=mylab.nets:tiny_vit --set model_options.depth=2
 
 A config's ``model`` is a name of ``pfa_jax.models.names()`` or ``'package.module:attribute'``,
-an importable callable returning a ``flax.linen`` module. It is called with ``model_options`` as
-keyword arguments and, where its signature has them, ``num_classes=`` (the dataset's) and
-``rule=`` (the run's rule spec, per-layer maps included, with DFA's ``classes`` bound):
+an importable callable returning a ``flax.linen`` (or ``flax.nnx``, below) module. It is called
+with ``model_options`` as
+keyword arguments and, where its signature has them, ``num_classes=`` (the dataset's) and ``rule=``
+(the run's rule spec, per-layer maps included, with DFA's ``classes`` bound):
 
 * a factory taking ``rule`` builds its network from ``pfa_jax.nn`` layers and is used as returned;
 * a factory without ``rule`` returns an unchanged Flax model, which the command puts under the rule
@@ -13,10 +14,14 @@ keyword arguments and, where its signature has them, ``num_classes=`` (the datas
   attention projections / RNN cells follow the rule of their path; a kernel the mechanism cannot
   reach is an error naming it).
 
+An NNX factory (returning an ``nnx.Module``) also gets ``rngs=nnx.Rngs(seed)`` where it takes
+``rngs`` (the run's seed), goes under the rule with ``pfa_jax.nnx.with_rule`` when it takes no
+``rule``, and is trained as its linen twin (``pfa_jax.nnx.twin``): the same arrays, paths and
+rule, its Dropout drawing from the run's ``dropout`` stream; checkpoints hold its arrays.
+
 ``config.json`` records the string, so ``--resume`` and ``experiments.run`` rebuild the same model;
 where the module cannot be imported (not installed, not on ``PYTHONPATH``) or has no such
-attribute, the run stops before touching the run directory with an error naming both. Only linen
-factories: the command trains linen ``TrainState``s, and an NNX module is refused with that reason.
+attribute, the run stops before touching the run directory with an error naming both.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ import flax.linen as nn
 from flax import nnx
 
 from pfa_jax import nn as pnn
+from pfa_jax import nnx as pnnx
+from pfa_jax.nnx import twin
 
 __all__ = ["build", "is_factory"]
 
@@ -51,25 +58,25 @@ def _factory(name: str):
     return factory
 
 
-def build(name: str, rule: pnn.RuleSpec, num_classes: int, options: dict):
-    """The model of the factory ``name`` (module docstring) under ``rule``."""
+def build(name: str, rule: pnn.RuleSpec, num_classes: int, options: dict, seed: int = 0):
+    """The model of the factory ``name`` (module docstring) under ``rule``; an NNX factory gets
+    ``rngs=nnx.Rngs(seed)`` where it takes ``rngs``, and its model is trained as its linen twin."""
     factory = _factory(name)
     parameters = inspect.signature(factory).parameters
     kwargs = dict(options)
-    if "num_classes" in parameters:
-        kwargs["num_classes"] = num_classes
-    takes_rule = "rule" in parameters
-    if takes_rule:
-        kwargs["rule"] = pnn.bind_classes(rule, num_classes)
+    for key, value in (("num_classes", num_classes), ("rngs", nnx.Rngs(seed)),
+                       ("rule", pnn.bind_classes(rule, num_classes))):
+        if key in parameters:
+            kwargs[key] = value
     try:
         model = factory(**kwargs)
     except TypeError as error:
         raise ValueError(f"config model={name!r} with model_options={options!r}: {error}") from None
     if isinstance(model, nnx.Module):
-        raise ValueError(f"config model={name!r} returned an NNX module; the command trains linen "
-                         "modules: return a flax.linen model (or train NNX from your own loop, "
-                         "docs/nnx.md)")
+        if "rule" not in parameters:
+            model = pnnx.with_rule(model, rule, rngs=nnx.Rngs(seed + 1), num_classes=num_classes)
+        return twin.twin(model)
     if not isinstance(model, nn.Module):
         raise ValueError(f"config model={name!r} returned {type(model).__name__}, not a "
-                         "flax.linen Module")
-    return model if takes_rule else pnn.with_rule(model, rule)
+                         "flax.linen or flax.nnx Module")
+    return model if "rule" in parameters else pnn.with_rule(model, rule)

@@ -248,7 +248,7 @@ def resolve(config: ml_collections.ConfigDict) -> RunSpec:
     rule = _stored_forms(_rule(config), optimizer, config)
     classes, options = num_classes(data_spec.dataset), config.model_options.to_dict()
     if own_model.is_factory(config.model):
-        model = own_model.build(config.model, rule, classes, options)
+        model = own_model.build(config.model, rule, classes, options, data_spec.seed)
     else:
         try:
             model = models.get(config.model, rule=rule, num_classes=classes, **options)

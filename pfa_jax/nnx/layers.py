@@ -129,6 +129,9 @@ def perturbed(layer, y):
     if call is None or not call[1].get(id(layer)):
         return y
     twin, path = call[0], call[1][id(layer)]
+    pnn.record(path, layer.rule, layer.kernel[...].ndim, getattr(layer, "view", None))
+    if twin.is_initializing():
+        return y
     top, *rest = path.split("/")
     if twin.is_mutable_collection(pnn.PERTURBATIONS):  # being created: zeros of y's shape
         tree = twin.get_variable(pnn.PERTURBATIONS, top, {})

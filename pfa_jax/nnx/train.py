@@ -111,8 +111,10 @@ def linen_state(model: nnx.Module, key: jax.Array | None = None, *,
         variables = twin.variables(model)
         records = {path: (layer.rule, layer.kernel[...].ndim, getattr(layer, "view", None))
                    for path, layer in rule_layers(model)}
-        return train.TrainState(**common, **variables, model=twin.twin(model),
-                                layers=player.from_records(records, variables["params"]))
+        made = twin.twin(model)
+        return train.TrainState(**common, **variables, model=made,
+                                layers=player.from_records(records, variables["params"]),
+                                rng_streams=("dropout",) if made.dropout else ())
     variables = to_linen(model)
     sample = jnp.zeros((1,) + tuple(model.input_shape), jnp.float32)
     return train.TrainState(

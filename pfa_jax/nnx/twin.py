@@ -16,8 +16,12 @@ model. The layer table comes from the model's rule layers (``pfa_jax.nnx.rule_la
 * training mode: a model whose ``__call__`` takes ``train`` gets it; any other is called as
   ``nnx.view(model, deterministic=not train, use_running_average=not train)`` (Dropout and
   BatchNorm in the mode asked for), and its updated batch statistics come back in the updates;
-* the RNG streams the metrics pass (``dropout``, ``feedback``) reseed the model's streams of those
-  names, so the rule's pass and backprop's pass of one measurement draw the same Dropout masks;
+* the RNG streams the metrics and train steps pass (``dropout``, ``feedback``) reseed the model's
+  streams of those names, so the rule's pass and backprop's pass of one measurement draw the same
+  Dropout masks and every train step new ones (a training-mode pass of a model with an
+  ``nnx.Dropout`` asks for ``dropout``, which ``pfa_jax.train.create_train_state`` then finds);
+* ``init`` gives the model's own arrays, whatever the key (the model was initialised when built),
+  so ``create_train_state`` trains it as a linen model (``pfa-jax train`` with an NNX factory);
   the model's other variables (other RNG streams, own ``nnx.Variable`` types) are read as they
   were when the twin was made (one twin per model and graph, kept while the model lives).
 """
@@ -56,6 +60,7 @@ class Twin(nn.Module):
     graphdef: nnx.GraphDef
     snapshot: _Snapshot
     takes_train: bool
+    dropout: bool  # whether the model has an nnx.Dropout (a training-mode pass draws 'dropout')
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -65,8 +70,12 @@ class Twin(nn.Module):
             if self.variables.get(collection):
                 nnx.replace_by_pure_dict(state, dict(self.variables[collection]))
         model = nnx.merge(self.graphdef, *states)
-        if self.has_rng("dropout"):  # a Dropout without its own stream draws from 'default'
-            key = self.make_rng("dropout")
+        if self.is_initializing():  # the model's own arrays, as they are
+            for state, collection in zip(states, COLLECTIONS):
+                for key, value in _strings(nnx.to_pure_dict(state)).items():
+                    self.variable(collection, key, lambda v=value: v)
+        elif train and self.dropout or self.has_rng("dropout"):
+            key = self.make_rng("dropout")  # a Dropout without its own stream draws from 'default'
             nnx.reseed(model, dropout=key, default=key)
         if self.has_rng("feedback"):
             nnx.reseed(model, feedback=self.make_rng("feedback"))
@@ -89,7 +98,8 @@ def twin(model: nnx.Module) -> Twin:
         return cached
     takes_train = "train" in inspect.signature(type(model).__call__).parameters
     kept = states[:len(COLLECTIONS)] + states[len(COLLECTIONS) + 1:]  # intermediates dropped
-    made = Twin(graphdef, _Snapshot(kept), takes_train)
+    dropout = any(isinstance(m, nnx.Dropout) for _, m in nnx.iter_modules(model))
+    made = Twin(graphdef, _Snapshot(kept), takes_train, dropout)
     _TWINS[model] = made
     return made
 
