@@ -234,3 +234,24 @@ def test_every_map_of_nnx_rnn_cells_follows_the_rule(cell, maps):
     with pj.nn.backprop():
         bp = input_error(rnn)
     assert float(pj.metrics.angle(rule, bp)) > 5.0
+
+
+class Scaled(pj.nnx.RuleFollowing):
+    """An own NNX layer declared rule-following: ``y = x (s K)``, its product through the rule."""
+
+    def __init__(self, rule, rngs):
+        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (4, 3)))
+        self.add_feedback(rule, self.kernel[...], rngs)
+
+    def __call__(self, x):
+        kernel = 2.0 * self.kernel[...]
+        return self.rule_product(lambda rule, fb, key: rule.dense(x, kernel, fb, key), x.dtype)
+
+
+def test_an_own_nnx_layer_declared_rule_following_sends_its_error_through_the_feedback():
+    layer = Scaled("fa", nnx.Rngs(0))
+    x, g = jnp.ones((2, 4)), jnp.arange(6.0).reshape(2, 3)
+    dx = nnx.grad(lambda m, x: jnp.sum(m(x) * g), argnums=1)(layer, x)
+    np.testing.assert_allclose(dx, g @ layer.B[...].T, rtol=1e-6)
+    assert [path for path, _ in pj.nnx.rule_layers(nnx.Sequential(layer))] == ["layers/0"]
+    assert sorted(pj.metrics.alignment(nnx.Sequential(layer))) == ["layers/0"]
