@@ -20,7 +20,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import optax
 
-__all__ = ["classification", "cross_entropy", "Loss", "value_and_aux"]
+__all__ = ["classification", "cross_entropy", "Loss", "next_token", "value_and_aux"]
 
 Loss = Callable  # (outputs, batch) -> scalar | (scalar, dict of scalars)
 
@@ -49,6 +49,24 @@ def classification(logits, batch: dict):
     mask = batch["mask"]
     count = jnp.sum(mask)
     return jnp.sum(losses * mask) / count, {"accuracy": jnp.sum(hits * mask) / count}
+
+
+def next_token(logits, batch: dict):
+    """A language model's loss: the mean cross-entropy (nats) of logits ``(n, length, vocabulary)``
+    against the next tokens ``batch['label']`` ``(n, length)``, with ``accuracy`` and
+    ``bits_per_token`` (the same mean in bits, ``loss / ln 2``: bits per character for a character
+    model) as aux.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> loss, aux = next_token(jnp.zeros((1, 3, 4)), {"label": jnp.array([[0, 1, 2]])})
+      >>> round(float(aux["bits_per_token"]), 4)    # uniform over 4 tokens: 2 bits
+      2.0
+    """
+    losses = cross_entropy(logits, batch["label"])
+    loss = losses.mean()
+    return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+                  "bits_per_token": loss / jnp.log(2.0)}
 
 
 def value_and_aux(fn: Loss, outputs, batch: dict) -> tuple[jnp.ndarray, dict]:

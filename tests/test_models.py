@@ -123,7 +123,8 @@ def flatten_blocks(tree):
 # -- registry -----------------------------------------------------------------------------
 
 def test_names():
-    assert models.names() == ("ffn2", "lenet", "resnet8", "resnet20", "resnet56", "resnet18")
+    assert models.names() == ("ffn2", "lenet", "resnet8", "resnet20", "resnet56", "resnet18",
+                              "vit", "transformer_lm")
 
 
 def test_unknown_name_and_option_raise():
@@ -140,6 +141,10 @@ def test_unknown_name_and_option_raise():
 def test_common_fields():
     for name in models.names():
         model = models.get(name, rule="fa", num_classes=7, axis_name="batch")
+        if name in ("vit", "transformer_lm"):  # Flax's own layers, wrapped by with_rule
+            assert isinstance(model, pnn.WithRule) and isinstance(model.module, nn.Module)
+            assert (model.num_classes, model.axis_name) == (7, "batch")
+            continue
         assert isinstance(model, nn.Module)
         assert (model.rule, model.num_classes, model.axis_name) == ("fa", 7, "batch")
 

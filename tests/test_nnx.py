@@ -161,12 +161,14 @@ def test_linen_variables_convert_to_nnx_and_back():
 
 def test_every_registry_model_has_an_nnx_twin():
     shapes = {"ffn2": (28, 28, 1), "lenet": (28, 28, 1), "resnet8": (32, 32, 3), "resnet20": (32, 32, 3),
-              "resnet56": (32, 32, 3), "resnet18": (64, 64, 3)}
+              "resnet56": (32, 32, 3), "resnet18": (64, 64, 3), "vit": (28, 28, 1),
+              "transformer_lm": (16,)}  # tokens
     for name in pj.models.names():
         model = nnx.eval_shape(lambda n=name: pj.nnx.models.get(
             n, rule="pfa", input_shape=shapes[n], rngs=nnx.Rngs(0)))
         linen = jax.eval_shape(model.linen.init, {"params": jax.random.key(0)},
-                               jnp.zeros((1, *shapes[name])))
+                               jnp.zeros((1, *shapes[name]),
+                                         jnp.int32 if name == "transformer_lm" else jnp.float32))
         nnx_shapes = pj.nnx.to_linen(model)
         for collection in ("params", "feedback", "batch_stats"):
             assert jax.tree.map(jnp.shape, nnx_shapes[collection]) == jax.tree.map(

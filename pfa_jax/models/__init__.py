@@ -14,12 +14,16 @@ resnet8    CIFAR ResNet, 3 stages x 1 BasicBlock, option-A shortcuts, BN        
 resnet20   CIFAR ResNet, 3 stages x 3 BasicBlocks, option-A shortcuts, BN       269,722
 resnet56   CIFAR ResNet, 3 stages x 9 BasicBlocks, option-A shortcuts, BN       853,018
 resnet18   ImageNet ResNet-18, option-B shortcuts, BN                           11,689,512 (1000)
+vit        ViT: 7x7 patches, 2 pre-LN blocks of dim 64, 4 heads, MLP 128, cls   72,074 (28x28x1)
+transformer_lm  causal LM: 2 pre-LN blocks of dim 64, 4 heads, context 128      (vocabulary-sized)
 =========  ===================================================================  ==============
 
 Every model is a ``flax.linen`` Module with fields ``rule`` (a rule, its name, or a per-layer
 mapping, see ``pfa_jax.nn``), ``num_classes`` and ``axis_name`` (the BatchNorm ``axis_name`` for
 ``pmap``), called as ``model(x, train=False)``. Only ``Dense`` / ``Conv`` layers follow the rule;
-BatchNorm, activations, pooling and residual additions use ordinary autodiff.
+BatchNorm, activations, pooling and residual additions use ordinary autodiff. ``vit`` and
+``transformer_lm`` (``pfa_jax.models.transformer``) are written with Flax's own layers and come
+wrapped by ``pfa_jax.nn.with_rule``; they take ``rule`` and ``num_classes`` the same way.
 """
 from __future__ import annotations
 
@@ -34,15 +38,18 @@ from pfa_jax.models.base import Model
 from pfa_jax.models.lenet import LeNet
 from pfa_jax.models.mlp import MLP
 from pfa_jax.models.resnet import CifarResNet, ImageNetResNet
+from pfa_jax.models.transformer import TransformerLM, ViT
 
 # name -> (class, fields fixed by the name)
-_REGISTRY: dict[str, tuple[type[Model], dict]] = {
+_REGISTRY: dict[str, tuple[type[nn.Module], dict]] = {
     "ffn2": (MLP, {}),
     "lenet": (LeNet, {}),
     "resnet8": (CifarResNet, {"blocks_per_stage": 1}),
     "resnet20": (CifarResNet, {"blocks_per_stage": 3}),
     "resnet56": (CifarResNet, {"blocks_per_stage": 9}),
     "resnet18": (ImageNetResNet, {"stage_sizes": (2, 2, 2, 2)}),
+    "vit": (ViT, {}),
+    "transformer_lm": (TransformerLM, {}),
 }
 
 
@@ -73,7 +80,10 @@ def get(name: str, rule="bp", num_classes: int = 10, **kwargs) -> nn.Module:
                          f"{list(options(name))}")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     _check_sizes(cls, name, {"num_classes": num_classes, **kwargs})
-    return cls(rule=pnn.bind_classes(rule, num_classes), num_classes=num_classes, **fixed, **kwargs)
+    rule = pnn.bind_classes(rule, num_classes)
+    if not issubclass(cls, Model):  # written with Flax's own layers: under the rule by with_rule
+        return pnn.with_rule(cls(num_classes=num_classes, **fixed, **kwargs), rule)
+    return cls(rule=rule, num_classes=num_classes, **fixed, **kwargs)
 
 
 def _check_sizes(cls, name: str, options: dict) -> None:

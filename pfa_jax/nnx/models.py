@@ -22,6 +22,8 @@ from flax import nnx
 from pfa_jax import models as linen_models
 from pfa_jax.models import base as linen_base
 from pfa_jax import nn as pnn
+from pfa_jax.nnx import transformer
+from pfa_jax.nnx.intercept import with_rule
 from pfa_jax.nnx.layers import Conv, Linear, add_taps
 
 __all__ = ["BasicBlock", "CifarResNet", "get", "ImageNetResNet", "LeNet", "MLP", "Model", "ResNet"]
@@ -185,9 +187,23 @@ def _resnet56(**kwargs):
     return CifarResNet(blocks_per_stage=9, name="resnet56", **kwargs)
 
 
+def _with_flax_layers(cls, name: str):
+    """A model written with NNX's own layers, under the rule by ``with_rule``, with its twin."""
+    def build(*, rule, num_classes, input_shape, rngs, **options):
+        linen = linen_models.get(name, rule=rule, num_classes=num_classes, **options)
+        model = with_rule(cls(input_shape=input_shape, num_classes=num_classes, rngs=rngs,
+                              **options), rule, rngs=rngs, num_classes=num_classes)
+        model.linen, model.input_shape = linen, tuple(input_shape)
+        return model
+    return build
+
+
 _REGISTRY: dict[str, Any] = {"ffn2": MLP, "lenet": LeNet, "resnet8": _resnet8,
                              "resnet20": CifarResNet, "resnet56": _resnet56,
-                             "resnet18": ImageNetResNet}
+                             "resnet18": ImageNetResNet,
+                             "vit": _with_flax_layers(transformer.ViT, "vit"),
+                             "transformer_lm": _with_flax_layers(transformer.TransformerLM,
+                                                                 "transformer_lm")}
 
 
 def get(name: str, *, rngs: nnx.Rngs, input_shape: Sequence[int], rule="bp",
