@@ -25,8 +25,11 @@ OPTIMIZER = {"lenet": {"learning_rate": 0.01, "momentum": 0.0, "weight_decay": 1
              ("resnet56", "dfa"): {"learning_rate": 0.001, "weight_decay": 1e-3}}
 
 
+TRANSFORMERS = ("vit", "transformer_lm")  # every rule trains them in tests/test_transformers.py
+
+
 def cases():
-    for model in pj.models.names():
+    for model in (m for m in pj.models.names() if m not in TRANSFORMERS):
         for rule in pj.rules.names():
             slow = model.startswith("resnet") and (model, rule) not in FAST_RESNET_CASES
             yield pytest.param(model, rule, marks=[pytest.mark.slow] if slow else [],
