@@ -77,7 +77,7 @@ def _own_product(module, spec, *fields) -> bool:
     ``'bp'`` explicitly (it then runs unchanged); raises where it sets one under another rule."""
     for field in fields:
         if getattr(module, field, None) is not None:
-            if _path(module) in _explicit_bp(spec):
+            if _path(module) in pnn.explicit_bp(spec):
                 return True
             raise ValueError(f"with_rule: layer {_path(module)!r} ({type(module).__name__}) sets "
                              f"{field}={getattr(module, field)!r}; a rule replaces that product, so "
@@ -207,19 +207,12 @@ def _interceptor(spec):
     return intercept
 
 
-def _explicit_bp(spec) -> set[str]:
-    """The paths a rule map gives ``'bp'`` by name."""
-    if not isinstance(spec, Mapping):
-        return set()
-    return {path for path, rule in spec.items() if path != pnn.DEFAULT and rules.get(rule).name == "bp"}
-
-
 def _check_reached(spec, params, records: dict) -> None:
     """Raises ``UnreachedLayerError`` naming every kernel of ``params`` that no rule reached and
     the rule map does not give ``'bp'`` explicitly."""
     kernels = {"/".join(key[:-1]) for key in traverse_util.flatten_dict(dict(params))
                if key[-1] == "kernel"}
-    unreached = sorted(kernels - set(records) - _explicit_bp(spec))
+    unreached = sorted(kernels - set(records) - pnn.explicit_bp(spec))
     if unreached:
         raise UnreachedLayerError(
             "with_rule: no rule reaches the kernel(s) "

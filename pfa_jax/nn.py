@@ -55,9 +55,9 @@ from flax.linen.dtypes import promote_dtype
 from pfa_jax import rules, taps
 
 __all__ = ["add_taps", "backprop", "bind_classes", "check_rule_map", "Conv", "DEFAULT", "Dense",
-           "layer_paths", "layer_rule", "PERTURBATION", "PERTURBATIONS", "recording",
-           "recorded", "resolve_rule", "rule_product", "perturbed", "RuleMapError", "RuleSpec", "TAPS",
-           "UnreachedLayerError", "with_rule", "WithRule"]
+           "explicit_bp", "layer_paths", "layer_rule", "PERTURBATION", "PERTURBATIONS", "record",
+           "recording", "recorded", "resolve_rule", "rule_product", "perturbed", "RuleMapError",
+           "RuleSpec", "TAPS", "UnreachedLayerError", "with_rule", "WithRule"]
 
 RuleSpec = Any  # Rule | str | Mapping[str, Rule | str]
 DEFAULT = "default"
@@ -160,6 +160,14 @@ def layer_paths(params) -> set[str]:
         if names[-1] == "kernel":
             paths.add("/".join(names[:-1]))
     return paths
+
+
+def explicit_bp(spec: RuleSpec) -> set[str]:
+    """The layer paths a rule mapping gives ``'bp'`` by name (not through its ``'default'``): the
+    layers ``with_rule`` leaves on backprop where it cannot route them."""
+    if not isinstance(spec, Mapping):
+        return set()
+    return {path for path, rule in spec.items() if path != DEFAULT and rules.get(rule).name == "bp"}
 
 
 class RuleMapError(ValueError):

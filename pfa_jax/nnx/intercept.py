@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pfa_jax import nn as pnn
-from pfa_jax import products, rules
+from pfa_jax import products
 from pfa_jax.nnx.layers import RuleFollowing, add_taps, rule_layers
 
 __all__ = ["with_rule"]
@@ -112,12 +112,6 @@ def _view(layer, path: str):
     return None
 
 
-def _explicit_bp(spec) -> set[str]:
-    if not isinstance(spec, Mapping):
-        return set()
-    return {p for p, r in spec.items() if p != pnn.DEFAULT and rules.get(r).name == "bp"}
-
-
 def _kernel_paths(model) -> set[str]:
     """Paths of the modules holding a ``kernel`` parameter."""
     return {"/".join(map(str, path[:-1])) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))
@@ -149,12 +143,13 @@ def with_rule(model: nnx.Module, rule: pnn.RuleSpec, *, rngs: nnx.Rngs,
     found = [("/".join(map(str, path)), layer) for path, layer in nnx.iter_modules(model)
              if type(layer) in ROUTED]
     known = {path for path, _ in found} | {p for p, _ in rule_layers(model)}
+    kernels, bp = _kernel_paths(model), pnn.explicit_bp(rule)
     if isinstance(rule, Mapping):
-        unknown = sorted(set(rule) - known - _kernel_paths(model) - {pnn.DEFAULT})
+        unknown = sorted(set(rule) - known - kernels - {pnn.DEFAULT})
         if unknown:
             raise pnn.RuleMapError(f"rule mapping names unknown layer(s) {unknown}; the model's "
                                    f"layers are {sorted(known)} (plus {pnn.DEFAULT!r})")
-    unreached = sorted(_kernel_paths(model) - known - _explicit_bp(rule))
+    unreached = sorted(kernels - known - bp)
     if unreached:
         raise pnn.UnreachedLayerError(
             f"with_rule: no rule reaches the kernel(s) {[f'{p}/kernel' for p in unreached]} "
@@ -165,7 +160,7 @@ def with_rule(model: nnx.Module, rule: pnn.RuleSpec, *, rngs: nnx.Rngs,
     for path, layer in found:
         field, default = _DEFAULT_PRODUCT[type(layer)]
         if getattr(layer, field) is not default or getattr(layer, "dot_general_cls", None):
-            if path in _explicit_bp(rule):
+            if path in bp:
                 continue
             raise ValueError(f"with_rule: layer {path!r} ({type(layer).__name__}) sets its own "
                              f"{field}; a rule replaces that product, so give this layer 'bp' in "
