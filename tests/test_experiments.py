@@ -177,6 +177,30 @@ def test_report_names_the_machine_of_each_row_only_when_runs_ran_on_several():
     assert mixed[3].endswith("| 10 | not recorded |")
 
 
+def test_transformer_report_averages_each_projection_kind_over_blocks_and_seeds():
+    def angles(key, base):
+        return {f"block_{b}/attention/{p}": {key: base + 10 * b + i}
+                for b in (0, 1) for i, p in enumerate(("query", "key"))} | {"output": {key: base}}
+
+    def run(rule, seed, bits):
+        weights = {} if rule == "dfa" else angles("weight_angle", 40 + seed)
+        summary = {"alignment": weights, "gradient_alignment": angles("grad_angle", 20 + seed),
+                   "test_bits_per_token": bits[-1]}
+        return {"labels": {"rule": rule, "seed": seed}, "state": "done", "summary": summary,
+                "records": [{"test_bits_per_token": b, "alignment": weights} for b in bits]}
+
+    from experiments import transformer_report
+    grouped = report.groups([run("fa", 0, [4.0, 3.0]), run("fa", 1, [4.2, 3.0]),
+                             run("dfa", 0, [4.0, 3.5])])
+    table = transformer_report.angle_table(grouped)
+    assert table[0] == "| rule | query | key | output |"
+    # fa: query over blocks 0 and 1 and seeds 0 and 1: weight (40 + 50 + 41 + 51) / 4
+    assert table[2] == "| fa | 45.5 / 25.5 | 46.5 / 26.5 | 40.5 / 20.5 |"
+    assert table[3] == "| dfa | n/a / 25.0 | n/a / 26.0 | n/a / 20.0 |"
+    bits = transformer_report.bits_table(grouped)
+    assert bits[2] == "| fa | 2 | 3.000 ± 0.000 | 4.100 ± 0.141 | 1.100 ± 0.141 |"
+
+
 def test_a_shared_run_is_trained_listed_and_reported_where_its_source_lives(
         fashion_dir, tmp_path, monkeypatch, capsys):
     """A sweep entry with ``source`` names another experiment's run of the same config: the

@@ -24,7 +24,7 @@ def names() -> tuple[str, ...]:
     """The experiments, in the order of RESULTS.md."""
     return ("fig2_fashion_mnist", "expansion_fashion_mnist", "sparse_fashion_mnist",
             "resnet20_fashion_mnist", "soft_alignment_mlp", "soft_alignment_seeds", "soft_alignment_resnet20",
-            "rules_zoo_fashion_mnist", "vit_fashion_mnist",
+            "rules_zoo_fashion_mnist", "vit_fashion_mnist", "charlm_fortunes",
             "fig2_mnist", "sparse_mnist", "fig4_cifar10", "fig5_imagenet")
 
 

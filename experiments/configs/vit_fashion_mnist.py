@@ -27,3 +27,4 @@ def get_config():
 def runs():
     return sorted(common.sweep(None, seeds=(0, 1, 2), rules=RULES),
                   key=lambda run: run.labels["seed"])
+REPORT = "transformer_report"

@@ -20,7 +20,7 @@ import sys
 
 from pfa_jax import models, rules
 from pfa_jax.app import config as config_lib
-from pfa_jax.app import data, own_model, placement
+from pfa_jax.app import data, own_model, placement, text
 
 __all__ = ["main"]
 
@@ -28,7 +28,7 @@ __all__ = ["main"]
 _FLAGS = {"rule": ("rule.name", str, f"the learning rule, one of {', '.join(rules.names())}"),
           "model": ("model", str, f"the network, one of {', '.join(models.names())}, or an own "
                     "model's factory 'package.module:callable'"),
-          "dataset": ("dataset", str, f"one of {', '.join(data.DATASETS)}"),
+          "dataset": ("dataset", str, f"one of {', '.join(data.DATASETS + text.CORPORA)}"),
           "epochs": ("epochs", int, "training epochs (a positive int)"),
           "batch_size": ("batch_size", int, "training batch size (a positive int)"),
           "seed": ("seed", int, "seed of the initialisation, data order and noise (an int)"),

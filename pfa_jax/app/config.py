@@ -11,9 +11,13 @@ Keys:
   ``'package.module:callable'`` (``pfa_jax.app.own_model``), and its options.
 * ``rule``: ``rule.name`` (one of ``pfa_jax.rules.names()``), ``rule.options`` (its options) and
   ``rule.layers`` (layer paths mapped to rule names that override it, e.g. ``{'output': 'bp'}``).
-* ``dataset``, ``data_dir``, ``holdout``, ``pad_to``, ``limit``: see ``pfa_jax.app.data.load``.
+* ``dataset``, ``data_dir``, ``holdout``, ``pad_to``, ``limit``: see ``pfa_jax.app.data.load``; the
+  text corpora of ``pfa_jax.app.text`` (``fortunes``, ``tiny_shakespeare``) are trained with the
+  next-token loss (``pfa_jax.losses.next_token``) and take ``data_dir``, ``limit`` and ``context``.
 * ``image_size``: the crop size of streamed datasets (``pfa_jax.app.streaming``; 0: 224); in-memory
   datasets keep their size and take only 0.
+* ``context``: the tokens per window of a text corpus (``pfa_jax.app.text``; 0: 128); image
+  datasets take only 0.
 * ``data_processes``: grain worker processes preparing the batches of streamed datasets (0: in
   threads of the training process); in-memory datasets take only 0.
 * ``augment``: a training-time augmentation of ``pfa_jax.augment.AUGMENTATIONS`` (``crop_flip``:
@@ -102,6 +106,7 @@ def default_config() -> ml_collections.ConfigDict:
         "pad_to": 0,
         "limit": 0,
         "image_size": 0,
+        "context": 0,
         "data_processes": 0,
         "augment": "none",
         "noise_pretrain_steps": 0,

@@ -159,7 +159,7 @@ def load(
         test = (arrays["test_images"][..., None], arrays["test_labels"])
         sizes, read = (len(train[1]), len(test[1])), _read_arrays
     else:
-        train, test = _tfds_sources(name, data_dir)
+        train, test = tfds_sources(name, data_dir)
         sizes, read = (len(train), len(test)), _read_tfds
 
     num_train = sizes[0]
@@ -201,7 +201,7 @@ def fashion_mnist_dir(data_dir: str | None = None) -> str | None:
     return DEFAULT_FASHION_MNIST_DIR if os.path.isdir(DEFAULT_FASHION_MNIST_DIR) else None
 
 
-def _tfds_sources(name, data_dir):
+def tfds_sources(name, data_dir):
     """The train and test `tfds.data_source`s of `name`, or a FileNotFoundError saying how to get them."""
     import tensorflow_datasets as tfds  # Imported here: slow to import, and the IDX path does not need it.
 

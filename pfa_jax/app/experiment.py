@@ -149,9 +149,10 @@ def _floats(tree):
 def check_fits(model, name: str, dataset: data.Dataset | streaming.StreamedDataset) -> None:
     """Raises if the model cannot take the dataset's images (traced with shapes only, no compile),
     or if ``rule.layers`` names a layer the model does not have."""
+    dtype = getattr(dataset, "train_images", np.zeros((), np.float32)).dtype
     try:
         jax.eval_shape(model.init, {"params": jax.random.key(0)},
-                       jax.ShapeDtypeStruct((1,) + dataset.image_shape, jnp.float32))
+                       jax.ShapeDtypeStruct((1,) + dataset.image_shape, dtype))
     except pnn.RuleMapError as error:
         raise ValueError(f"config rule.layers: {error}") from None
     except pnn.UnreachedLayerError as error:
@@ -392,7 +393,8 @@ def _prepare(spec: RunSpec, out, overwrite: bool, resume: bool, init_key) -> _St
     tx = dataclasses.replace(spec.optimizer, steps_per_epoch=steps_per_epoch)
     size = spec.metrics_batch_size
     heldout = _split(*source.heldout(size), size, size, where)[0] if size else None
-    state = where.whole(train.create_train_state(init_key, spec.model, source.sample(), tx))
+    state = where.whole(train.create_train_state(init_key, spec.model, source.sample(), tx,
+                                                 loss=spec.loss))
     out = epath.Path(out) if resume else _prepare_run_dir(out, overwrite)
     checkpoints = Checkpoints(out / "checkpoints")
     midway = (Checkpoints(out / MIDWAY) if spec.checkpoint_every_steps or (out / MIDWAY).exists()
@@ -414,11 +416,11 @@ def _epoch_record(state, steps, test: dict, heldout, epoch: int, epoch_time: flo
     gradients = {} if heldout is None else {
         "gradient_alignment": _floats(metrics.gradient_alignment(state, heldout))}
     logged = {k: float(steps[k][0]) for k in ("learning_rate", "weight_decay") if k in steps}
-    return {"epoch": epoch + 1, "train_loss": float(np.mean(steps["loss"])),
-            "train_accuracy": float(np.mean(steps["accuracy"])),
-            "test_loss": float(test["loss"]), "test_accuracy": float(test["accuracy"]),
-            **logged, "alignment": _floats(metrics.alignment(state)), **gradients,
-            "epoch_time": epoch_time}
+    measured = {f"{split}_{k}": float(np.mean(values[k]))
+                for split, values in (("train", steps), ("test", test))
+                for k in ("loss", "accuracy", "bits_per_token") if k in values}
+    return {"epoch": epoch + 1, **measured, **logged, "alignment": _floats(metrics.alignment(state)),
+            **gradients, "epoch_time": epoch_time}
 
 
 def write_whole(path: epath.Path, text: str, staged_suffix: str = ".partial") -> None:
@@ -535,7 +537,10 @@ def _per_layer(values: dict, key: str) -> str:
 def format_record(record: dict, epochs: int) -> str:
     lines = [f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f} "
              f"acc {100 * record['train_accuracy']:.2f}%  test loss {record['test_loss']:.4f} "
-             f"acc {100 * record['test_accuracy']:.2f}%  ({record['epoch_time']:.1f}s)",
+             f"acc {100 * record['test_accuracy']:.2f}%"
+             + (f" bits/token {record['test_bits_per_token']:.3f}"
+                if "test_bits_per_token" in record else "")
+             + f"  ({record['epoch_time']:.1f}s)",
              f"  feedback-kernel angle (deg): {_per_layer(record['alignment'], 'weight_angle')}"]
     if "gradient_alignment" in record:
         lines.append("  gradient angle to BP (deg): "

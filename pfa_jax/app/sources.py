@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pfa_jax import loops, train
-from pfa_jax.app import data, streaming
+from pfa_jax.app import data, streaming, text
 from pfa_jax.app.placement import Placement
 from pfa_jax.app.spec import DataSpec, RunSpec
 
@@ -43,13 +43,21 @@ def _load_options(spec: DataSpec) -> dict:
             "limit": spec.limit}
 
 
+def _in_memory(spec: DataSpec) -> data.Dataset:
+    """The images (``data.load``) or token windows (``text.load``) of ``spec``."""
+    if spec.text:
+        return text.load(spec.dataset, context=spec.context, data_dir=spec.data_dir,
+                         limit=spec.limit)
+    return data.load(spec.dataset, **_load_options(spec))
+
+
 class InMemory:
-    """A ``data.Dataset`` on the device: an epoch is ``train.train_epoch``, evaluation
-    ``train.evaluate``."""
+    """A ``data.Dataset`` (images or token windows) on the device: an epoch is
+    ``train.train_epoch``, evaluation ``train.evaluate``."""
 
     def __init__(self, spec: RunSpec, placement: Placement):
         self.config, self.placement = spec.data, placement
-        self.dataset = data.load(spec.data.dataset, **_load_options(spec.data))
+        self.dataset = _in_memory(spec.data)
         self.num_train = len(self.dataset.train_images)
         self._placed = {}
 

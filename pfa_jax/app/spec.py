@@ -21,14 +21,18 @@ from typing import Any
 import flax.linen as nn
 import ml_collections
 
-from pfa_jax import augment, metrics, models, rules
+from pfa_jax import augment, losses, metrics, models, rules
 from pfa_jax import nn as pnn
 from pfa_jax.app import config as config_lib
-from pfa_jax.app import data, own_model, streaming
+from pfa_jax.app import data, own_model, streaming, text
 from pfa_jax.optim import OptimizerConfig
 from pfa_jax.rules.product_feedback import PFA
 
-__all__ = ["DataSpec", "num_classes", "resolve", "Robustness", "RunSpec", "Sharpness"]
+__all__ = ["DataSpec", "DATASETS", "num_classes", "resolve", "Robustness", "RunSpec", "Sharpness"]
+
+
+DATASETS = data.DATASETS + text.CORPORA  # images in memory, streamed images, text corpora
+TEXT_CONTEXT = 128  # tokens per window of a text corpus when ``context`` is 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +50,15 @@ class DataSpec:
     batch_size: int
     eval_batch_size: int
     seed: int
+    context: int = 0  # tokens per window of a text corpus (``pfa_jax.app.text``)
 
     @property
     def streamed(self) -> bool:
         return self.dataset in streaming.DATASETS
+
+    @property
+    def text(self) -> bool:
+        return self.dataset in text.CORPORA
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +93,7 @@ class RunSpec:
     config: ml_collections.ConfigDict
     rule: Any  # a Rule, or a per-layer mapping {'default': Rule, path: Rule}
     model: nn.Module
+    loss: losses.Loss  # next_token for text corpora, else classification
     optimizer: OptimizerConfig
     data: DataSpec
     epochs: int
@@ -102,7 +112,9 @@ class RunSpec:
 
 
 def num_classes(dataset: str) -> int:
-    """The number of classes of ``dataset``."""
+    """The number of classes of ``dataset`` (of a text corpus: its vocabulary size)."""
+    if dataset in text.CORPORA:
+        return len(text.VOCABULARY)
     return streaming.NUM_CLASSES if dataset in streaming.DATASETS else data.NUM_CLASSES
 
 
@@ -120,8 +132,26 @@ def _choice(config, key: str, valid) -> str:
     return value
 
 
+def _plain(config, dataset: str, keys) -> None:
+    """Refuses every ``(key, plain value, why)`` of ``keys`` whose value is not the plain one."""
+    for key, plain, why in keys:
+        if config[key] != plain:
+            raise ValueError(f"config {key}={config[key]!r} does not apply to {dataset}: {why}; "
+                             f"use {key}={plain!r}")
+
+
 def _data(config) -> DataSpec:
-    dataset = _choice(config, "dataset", data.DATASETS)
+    dataset = _choice(config, "dataset", DATASETS)
+    context = _int(config, "context", low=0)
+    if dataset in text.CORPORA:
+        windows = "a text corpus is read as fixed windows of characters (pfa_jax.app.text)"
+        _plain(config, dataset, [(key, plain, windows) for key, plain in (
+            ("augment", "none"), ("holdout", 0), ("pad_to", 0), ("image_size", 0),
+            ("data_processes", 0), ("checkpoint_every_steps", 0), ("noise_pretrain_steps", 0))])
+        context = config.context = context or TEXT_CONTEXT  # config.json records the windows
+    elif context:
+        raise ValueError(f"config context={context!r} applies to text corpora "
+                         f"({', '.join(text.CORPORA)}) only; {dataset} holds images: use context=0")
     if dataset in data.STREAMED_DATASETS:
         for key, plain in (("augment", "none"), ("holdout", 0), ("pad_to", 0)):
             if config[key] != plain:
@@ -149,7 +179,7 @@ def _data(config) -> DataSpec:
                     processes=_int(config, "data_processes", low=0), augment=config.augment,
                     batch_size=_int(config, "batch_size"),
                     eval_batch_size=_int(config, "eval_batch_size"),
-                    seed=_int(config, "seed", low=0))
+                    seed=_int(config, "seed", low=0), context=context)
 
 
 def _rule(config):
@@ -255,7 +285,13 @@ def resolve(config: ml_collections.ConfigDict) -> RunSpec:
         except ValueError as error:
             raise ValueError(f"config: {error}") from None
     sharpness, robustness = _measurements(config)
-    return RunSpec(config=config, rule=rule, model=model, optimizer=optimizer,
+    if data_spec.text and robustness.enabled:
+        raise ValueError(f"config robustness: adversarial and noise robustness perturb images in "
+                         f"pixel units; {data_spec.dataset} holds tokens: use "
+                         "robustness.adversarial_epsilons=() and robustness.noise_sigmas=()")
+    return RunSpec(config=config, rule=rule, model=model,
+                   loss=losses.next_token if data_spec.text else losses.classification,
+                   optimizer=optimizer,
                    data=data_spec, epochs=epochs, seed=data_spec.seed,
                    devices=_int(config, "devices", low=0),
                    noise_pretrain_steps=_int(config, "noise_pretrain_steps", low=0),
