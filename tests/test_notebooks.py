@@ -62,9 +62,12 @@ def test_colab_notebook_installs_from_the_checkout_trains_and_plots(fashion_dir,
     assert "runtime: CPU" in text(notebook.cells[2])
     assert f"Fashion-MNIST from the IDX files in {fashion_dir}" in text(notebook.cells[2])
     assert "pfa: final test accuracy" in text(notebook.cells[3])
+    assert "vit pfa: final test accuracy" in text(notebook.cells[7])
     assert_plots_drawn(notebook)
     records = (tmp_path / "runs" / "colab-pfa" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in records] == [1, 2]
+    vit = json.loads((tmp_path / "runs" / "colab-vit-pfa" / "summary.json").read_text())
+    assert "block_1/attention/query" in vit["alignment"]
 
 
 def test_colab_notebook_stops_when_the_install_fails(tmp_path):

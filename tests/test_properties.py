@@ -152,7 +152,7 @@ def make_rules(names=NAMES, expansion=2, density=1.0, classes=3):
     """The named rules with these options (``density`` for PFA and the SPARSE rules); PFA and PFA-o once
     per route."""
     options = {"pfa": {"expansion": expansion, "density": density}, "fa": {"density": density},
-               "usf": {"density": density}, "dfa": {"classes": classes, "density": density}}
+               "usf": {"density": density}, "dfa": {"classes": classes, "density": density, "grid": "input"}}
     return [R.get(name, route=route, **options.get(name, {})) if name in PFA_NAMES
             else R.get(name, **options.get(name, {}))
             for name in names for route in (ROUTES if name in PFA_NAMES else (None,))]

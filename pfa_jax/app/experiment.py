@@ -203,7 +203,8 @@ def _closing_metrics(state, dataset: data.Dataset, spec: RunSpec, key,
 def load_config(out: str | epath.Path) -> ml_collections.ConfigDict:
     """The resolved config of an existing run directory (errors name the file). A PFA run written
     before PFA had storage forms (no ``rule.options.form``) gets ``form='R'``, the arrays its
-    checkpoints hold."""
+    checkpoints hold; a DFA run written before ``grid='output'`` became the default (no
+    ``rule.options.grid``) keeps ``grid='input'``, the projection it trained with."""
     path = epath.Path(out) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {out} is not a run directory to resume")
@@ -213,6 +214,8 @@ def load_config(out: str | epath.Path) -> ml_collections.ConfigDict:
         raise ValueError(f"{path}: {error}") from None
     if config.rule.name in ("pfa", "pfa_o") and "form" not in config.rule.options:
         config.rule.options.form = "R"
+    if config.rule.name == "dfa" and "grid" not in config.rule.options:
+        config.rule.options.grid = "input"  # the default before the references' "output"
     return config
 
 

@@ -26,6 +26,7 @@ from pfa_jax import nn as pnn
 from pfa_jax.app import config as config_lib
 from pfa_jax.app import data, own_model, streaming, text
 from pfa_jax.optim import OptimizerConfig
+from pfa_jax.rules.direct_feedback import DFA
 from pfa_jax.rules.product_feedback import PFA
 
 __all__ = ["DataSpec", "DATASETS", "num_classes", "resolve", "Robustness", "RunSpec", "Sharpness"]
@@ -276,6 +277,8 @@ def resolve(config: ml_collections.ConfigDict) -> RunSpec:
     data_spec = _data(config)
     optimizer = _optimizer(config, epochs)
     rule = _stored_forms(_rule(config), optimizer, config)
+    if isinstance(rule, DFA):
+        config.rule.options.grid = rule.grid  # config.json records the projection trained with
     classes, options = num_classes(data_spec.dataset), config.model_options.to_dict()
     if own_model.is_factory(config.model):
         model = own_model.build(config.model, rule, classes, options, data_spec.seed)

@@ -6,12 +6,14 @@ the layer below, after its nonlinearity) is a fixed random projection of ``e``:
     dense:  dx = e B,               B: (classes, in); with positions, x: (n, T..., in) and
             e: (n, T..., classes), dx_t = e_t B at each position (one B shared by all of them)
     conv:   B: (kh, kw, classes, in), no dense (classes, H*W*C) matrix; option ``grid``:
-      "input"  (default; BioTorch's construction): dx = conv(e broadcast over x's spatial grid, B),
-               a stride-1 SAME conv;
-      "output" (the authors' BioTorch fork, which made the PFA paper's DFA baselines): e broadcast
-               over the layer's output grid, then the transposed conv with the layer's own stride,
-               padding and dilation through B, i.e. the input gradient of conv(x, B^T) with
-               B^T: (kh, kw, in, classes) at that broadcast error.
+      "output" (default; the references' construction: BioTorch's conv DFA and the PFA authors'
+               fork of it, which made the PFA paper's DFA baselines, are the same code): e
+               broadcast over the layer's output grid, then the transposed conv with the layer's
+               own stride, padding and dilation through B, i.e. the input gradient of
+               conv(x, B^T) with B^T: (kh, kw, in, classes) at that broadcast error;
+      "input"  (no reference; run directories written before "output" became the default, in
+               December 2026, keep it): dx = conv(e broadcast over x's spatial grid, B), a
+               stride-1 SAME conv.
     At stride 1 with SAME padding the two agree, exactly for 1x1 kernels and in distribution for
     larger ones (the spatially flipped kernel is an equally likely draw); at stride 2 they differ.
 
@@ -92,7 +94,7 @@ def _projected(e, signal: str):
     return -target / rows
 
 
-def project_error(e, b, x_shape, op=None, y_shape=None, grid: str = "input"):
+def project_error(e, b, x_shape, op=None, y_shape=None, grid: str = "output"):
     """The fixed projection of the output error ``e: (n, classes)`` onto an input of ``x_shape``
     (conv, ``grid="output"``: through the transposed ``op`` from an output of ``y_shape``)."""
     if b.ndim == 2:
@@ -150,7 +152,7 @@ class DFA(SparseFeedback, Rule):
     output_error = True
 
     classes: int | None = None
-    grid: str = "input"
+    grid: str = "output"
     signal: str = "error"
 
     def __post_init__(self):
