@@ -260,6 +260,14 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = AXIS):
 
     Pure. Under ``pmap`` / ``shard_map`` with ``axis_name`` bound, loss, gradients, feedback signals
     and BatchNorm statistics are averaged over that axis.
+
+    Non-finite guard (as ``optax.apply_if_finite``, without its state): a step whose loss or any
+    gradient or feedback signal is NaN or infinite (a NaN image, an out-of-range label under
+    ``jit``, a diverging learning rate) changes nothing but ``step`` (params, feedback, BatchNorm
+    statistics and optimizer state stay as they were) and says so in ``metrics['nonfinite']``
+    (1.0; 0.0 for a step taken). ``train_epoch``'s per-step metrics carry it, so
+    ``metrics['nonfinite'].sum()`` counts the skipped steps; ``pfa-jax train`` stops at the first
+    one (``DivergenceError``), keeping the last good checkpoint.
     """
     state.check(batch["image"], batch["label"], "train_step")
     parallel = _bound(axis_name)
@@ -286,14 +294,28 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = AXIS):
     metrics = {"loss": loss, **aux, **hyperparameters(param_opt)}
     if state.feedback_tx is not state.tx:
         metrics.update({f"feedback/{k}": v for k, v in hyperparameters(feedback_opt).items()})
-    state = state.replace(
+    stepped = state.replace(
         step=state.step + 1, params=optax.apply_updates(state.params, param_steps),
         feedback=player.merge(state.feedback, optax.apply_updates(plastic, feedback_steps)),
         batch_stats=updates.get("batch_stats", state.batch_stats),
         opt_state={"params": param_opt, "feedback": feedback_opt})
-    if state.mirrored:
-        state = mirror(state)
-    return state, metrics
+    if stepped.mirrored:
+        stepped = mirror(stepped)
+    finite = all_finite((loss, grads))
+    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+    kept = {k: keep_if_not(finite, getattr(stepped, k), getattr(state, k))
+            for k in ("params", "feedback", "batch_stats", "opt_state")}
+    return stepped.replace(**kept), metrics
+
+
+def all_finite(tree) -> jnp.ndarray:
+    """Whether every array of ``tree`` holds only finite values (a boolean scalar)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def keep_if_not(finite, new, old):
+    """``new`` where ``finite``, else ``old`` (elementwise over two trees of one structure)."""
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
 
 def eval_step(state: TrainState, batch: dict) -> dict:

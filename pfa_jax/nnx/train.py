@@ -59,8 +59,11 @@ def _check(model: nnx.Module, batch: dict, where: str) -> None:
 
 
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict) -> dict:
-    """One step on ``batch = {'image', 'label'}``, in place; returns ``loss``, ``accuracy`` and the
-    hyper-parameters the optimizer state holds (``pfa_jax.optim.hyperparameters``)."""
+    """One step on ``batch = {'image', 'label'}``, in place; returns ``loss``, ``accuracy``,
+    ``nonfinite`` and the hyper-parameters the optimizer state holds
+    (``pfa_jax.optim.hyperparameters``). A step whose loss or gradients are not finite leaves the
+    model and the optimizer as they were and returns ``nonfinite`` 1.0 (0.0 for a step taken),
+    as ``pfa_jax.train.train_step`` does."""
     _check(model, batch, "nnx train_step")
     def loss_fn(model):
         logits = model(batch["image"], train=True)
@@ -68,10 +71,16 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict) -> dict
 
     (loss, logits), grads = nnx.value_and_grad(
         loss_fn, argnums=nnx.DiffState(0, TRAINED), has_aux=True)(model)
+    arrays = lambda: nnx.state((model, optimizer), nnx.Not(nnx.RngState))  # noqa: E731
+    before = nnx.to_pure_dict(arrays())
     optimizer.update(model, grads)
     mirror(model)
+    finite = train.all_finite((loss, grads))
+    after = arrays()
+    nnx.replace_by_pure_dict(after, train.keep_if_not(finite, nnx.to_pure_dict(after), before))
+    nnx.update((model, optimizer), after)
     return {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-            **hyperparameters(optimizer.opt_state)}
+            "nonfinite": 1.0 - finite.astype(jnp.float32), **hyperparameters(optimizer.opt_state)}
 
 
 def eval_step(model: nnx.Module, batch: dict) -> dict:
