@@ -51,7 +51,7 @@ import ml_collections  # noqa: E402
 from experiments import configs  # noqa: E402
 from experiments.configs import common  # noqa: E402
 from pfa_jax.app import config as config_lib  # noqa: E402
-from pfa_jax.app import experiment, placement, spec  # noqa: E402
+from pfa_jax.app import experiment, placement, rundir, spec  # noqa: E402
 
 DEFAULT_OUT = epath.Path(__file__).parent / "results"
 
@@ -112,15 +112,19 @@ def hardware() -> dict:
 
 
 def train_one(config_json: str, run_dir: str, progress: bool) -> dict:
-    """Trains (or resumes) one run; returns its summary, or ``{'diverged': message}``."""
+    """Trains (or resumes) one run; returns its summary, ``{'diverged': message}``, or
+    ``{'busy': message}`` when another process is training it (it is left to that one)."""
     run_dir = epath.Path(run_dir)
     config = config_lib.from_json(config_json)
     resume = state(run_dir) == "partial"
     try:
         return experiment.run(spec.resolve(config), run_dir, overwrite=not resume, progress=progress,
                               resume=resume)
+    except rundir.RunDirectoryBusyError as error:
+        return {"busy": str(error)}
     except experiment.DivergenceError as error:
-        if placement.writer():
+        if placement.writer():  # a new run that diverged before its first checkpoint left nothing
+            run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "diverged.json").write_text(json.dumps(
                 {"error": str(error), "diagnosis": error.diagnosis}, indent=2) + "\n")
         return {"diverged": str(error)}
@@ -233,6 +237,10 @@ def main(argv=None) -> int:
                              "processes: use --workers 1")
         sweeps = {name: [r for r in configs.load(name).runs() if fnmatch.fnmatch(r.name, args.only)]
                   for name in args.experiments}
+        if not any(sweeps.values()):
+            names = [r.name for name in sweeps for r in configs.load(name).runs()]
+            raise ValueError(f"--only {args.only!r} matches no run of {', '.join(sweeps)}; "
+                             "their runs: " + textwrap.shorten(", ".join(names), 300))
         jobs = []
         for name, runs in sweeps.items():
             for run in runs:
@@ -273,6 +281,7 @@ def main(argv=None) -> int:
     try:
         for (name, run), summary in _train_all(todo, args.out, args.workers, not args.quiet):
             outcome = (f"diverged: {summary['diverged']}" if "diverged" in summary else
+                       f"skipped: {summary['busy']}" if "busy" in summary else
                        f"test accuracy {100 * summary['test_accuracy']:.2f}% "
                        f"({summary['wall_time']:.0f} s)")
             print(f"{name}/{run.name}: {outcome}", flush=True)

@@ -153,6 +153,14 @@ def test_sweep_runs_skips_resumes_and_reports(fashion_dir, tmp_path, capsys):
     assert (page.parent / "figures" / "soft_alignment_mlp_curves.png").stat().st_size > 10_000
 
 
+def test_only_matching_no_run_is_refused_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "results"
+    assert runner.main(["vit_fashion_mnist", "--out", str(out), "--only", "vit-*"]) == 2
+    assert "--only 'vit-*' matches no run of vit_fashion_mnist; their runs: bp-seed0" in (
+        capsys.readouterr().err)
+    assert not out.exists()
+
+
 def test_report_names_the_xla_flags_an_invocation_ran_under():
     invocation = {"device": "cpu", "platform": "cpu", "cpu_cores": 2, "cpu": "AMD EPYC",
                   "jax": "0.10.2", "wall_time": 60.0, "workers": 1}

@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from pfa_jax.app import experiment, spec  # imports JAX-heavy modules only when training
     from pfa_jax.app.checkpoint import CheckpointError
+    from pfa_jax.app.rundir import RunDirectoryBusyError
 
     flags = [f"{key}={getattr(args, name)}" for name, (key, _, _) in _FLAGS.items()
              if getattr(args, name) is not None]
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = experiment.run(spec.resolve(config), out, overwrite=args.overwrite, progress=not args.quiet,
                                  resume=args.resume)
     except (ValueError, FileExistsError, FileNotFoundError, experiment.DivergenceError,
-            CheckpointError) as error:
+            CheckpointError, RunDirectoryBusyError) as error:
         print(f"pfa-jax: error: {error}", file=sys.stderr)
         return 2
     print(f"final test accuracy {100 * summary['test_accuracy']:.2f}%  (run directory: {out})")

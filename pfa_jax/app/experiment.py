@@ -68,6 +68,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +81,7 @@ from tqdm import tqdm
 from pfa_jax import metrics, train
 from pfa_jax import nn as pnn
 from pfa_jax.app import config as config_lib
-from pfa_jax.app import data, placement, plots, pretrain, sources, streaming
+from pfa_jax.app import data, placement, plots, pretrain, rundir, sources, streaming
 from pfa_jax.app.checkpoint import (CheckpointDamagedError, CheckpointMismatchError, Checkpoints,
                                     crc32)
 from pfa_jax.app.events import Events
@@ -119,27 +120,6 @@ def _check_finite(state, losses, epoch: int, start: _Start) -> None:
                                                "lower the learning rate and start again (--overwrite)")
     raise DivergenceError(f"training diverged in epoch {epoch + 1} at {where}: non-finite values",
                           kept)
-
-
-def _prepare_run_dir(out: str | epath.Path, overwrite: bool) -> epath.Path:
-    """An empty run directory ``out``: every process checks it before process 0 empties it."""
-    out = epath.Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} is a file, not a run directory; choose another --out")
-    replace = out.exists() and any(out.iterdir())
-    if replace and not overwrite:
-        raise FileExistsError(f"run directory {out} already exists; pass --resume to continue "
-                              "it, --overwrite to replace it, or choose another --out")
-    placement.barrier("pfa_jax: run directory checked")
-    if replace and placement.writer():
-        out.rmtree()
-    placement.barrier("pfa_jax: run directory emptied")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise FileExistsError(f"cannot create the run directory {out}: {error.strerror} "
-                              f"({error.filename}); choose another --out") from None
-    return out
 
 
 def _floats(tree):
@@ -223,10 +203,15 @@ def _metrics_lines(path: epath.Path, epochs: int, crcs: np.ndarray | None) -> li
     """The first ``epochs`` lines of ``metrics.jsonl``, each checked to be a JSON record and, where
     the checkpoint saved them (``crcs``), to be the line the run wrote; errors name the line."""
     try:
-        lines = path.read_text().splitlines()[:epochs]
+        lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise FileNotFoundError(f"{path} cannot be read ({error}); the checkpoint after epoch "
                                 f"{epochs} needs its first {epochs} records") from None
+    if len(lines) > epochs and placement.writer():
+        print(f"pfa-jax: warning: {path.name} has {len(lines) - epochs} record(s) past the "
+              f"checkpoint after epoch {epochs} (written before an interruption, or added by "
+              "hand); the resumed run replaces them with its own", file=sys.stderr)
+    lines = lines[:epochs]
     if len(lines) < epochs:
         raise ValueError(f"{path} has {len(lines)} records; the checkpoint after epoch {epochs} "
                          f"needs {epochs}: the file was cut after the run wrote it")
@@ -334,7 +319,7 @@ def _resume(out: epath.Path, checkpoints: Checkpoints, midway: Checkpoints | Non
         + ". They are left as they are; start a new run (--overwrite or another --out)")
 
 
-def _set_aside(out: epath.Path, resumed: _Resumed) -> None:
+def _set_aside(out: epath.Path, resumed: _Resumed, directory: rundir.RunDirectory) -> None:
     """Moves the checkpoints newer than the one resumed from (the damaged ones) to
     ``out/damaged-checkpoints``, saying so on stderr; the resumed run writes its own checkpoints
     of those steps. Process 0 moves them once every process has read the directory."""
@@ -346,7 +331,7 @@ def _set_aside(out: epath.Path, resumed: _Resumed) -> None:
             if not target.exists():
                 break
             target = out / "damaged-checkpoints" / f"{name}.{copy}"
-        holder.path(key).rename(target)
+        directory.rename(holder.path(key), target)
     placement.barrier("pfa_jax: damaged checkpoints set aside")
     for holder in {id(h): h for h, _, _ in resumed.newer}.values():
         holder.reload()
@@ -379,11 +364,24 @@ class _Start:
     resumed: _Resumed
 
 
-def _prepare(spec: RunSpec, out, overwrite: bool, resume: bool, init_key) -> _Start:
+def _claim(directory: rundir.RunDirectory, overwrite: bool) -> None:
+    """A new run's directory: refused if it holds a run and ``overwrite`` is not set, else that
+    run set aside (``rundir``); every process checks it before process 0 moves anything."""
+    if directory.holds_a_run() and not overwrite:
+        raise FileExistsError(f"run directory {directory.out} already exists; pass --resume to "
+                              "continue it, --overwrite to replace it, or choose another --out")
+    placement.barrier("pfa_jax: run directory checked")
+    if directory.holds_a_run():
+        directory.set_aside()
+    placement.barrier("pfa_jax: run directory emptied")
+
+
+def _prepare(spec: RunSpec, directory: rundir.RunDirectory, overwrite: bool, resume: bool,
+             init_key) -> _Start:
     """The devices, the data source, the held-out batch, the run directory, its checkpoints and
     where the run starts (restored from the newest checkpoint when resuming). Everything is
-    checked before anything in ``out`` changes; only then is ``config.json`` written, so a failed
-    start leaves the run directory as it was."""
+    checked before anything in ``out`` changes; only then is ``config.json`` written (and
+    ``directory`` undoes it all if the run fails before its first checkpoint)."""
     where = placement.Placement.create(spec.devices)
     for key in ("batch_size", "eval_batch_size"):
         where.check_divides(key, getattr(spec.data, key))
@@ -398,14 +396,17 @@ def _prepare(spec: RunSpec, out, overwrite: bool, resume: bool, init_key) -> _St
     heldout = _split(*source.heldout(size), size, size, where)[0] if size else None
     state = where.whole(train.create_train_state(init_key, spec.model, source.sample(), tx,
                                                  loss=spec.loss))
-    out = epath.Path(out) if resume else _prepare_run_dir(out, overwrite)
+    out = directory.out
+    if not resume:
+        _claim(directory, overwrite)
+    directory.begin()
     checkpoints = Checkpoints(out / "checkpoints")
     midway = (Checkpoints(out / MIDWAY) if spec.checkpoint_every_steps or (out / MIDWAY).exists()
               else None)
     if resume:
         resumed = _resume(out, checkpoints, midway, spec, state, steps_per_epoch)
         if resumed.damaged:
-            _set_aside(out, resumed)
+            _set_aside(out, resumed, directory)
     else:
         resumed = _Resumed(0, state, [])
     placement.barrier("pfa_jax: run directory read")  # before process 0 writes into it
@@ -461,14 +462,22 @@ class _Records:
             self._save()
             self.events.epoch(record)
 
+    def drop_last(self) -> None:
+        """Takes the last record out of ``metrics.jsonl`` again (its checkpoint failed)."""
+        self.lines.pop()
+        if self.write:
+            self._save()
+
     def close(self) -> None:
         if self.write:
             self.events.close()
 
 
-def _midway_save(start: _Start, records: _Records, epoch: int, epoch_start: float):
+def _midway_save(start: _Start, records: _Records, epoch: int, epoch_start: float,
+                 saved: Callable[[], None]):
     """``save(state, taken)`` for ``Streamed.train_epoch``: a mid-epoch checkpoint at the global
-    step after the epoch's steps ``taken``, once their losses and the parameters are finite."""
+    step after the epoch's steps ``taken``, once their losses and the parameters are finite;
+    then ``saved()``."""
     def save(state, taken: dict) -> None:
         done = len(taken["loss"])
         _check_finite(state, taken["loss"], epoch, start)
@@ -476,60 +485,89 @@ def _midway_save(start: _Start, records: _Records, epoch: int, epoch_start: floa
                   "steps_per_epoch": start.steps_per_epoch,
                   "elapsed": time.perf_counter() - epoch_start}
         start.midway.save(epoch * start.steps_per_epoch + done, state, records.lines, within)
+        saved()
     return save
 
 
 def run(spec: RunSpec, out: str | epath.Path, overwrite: bool = False, progress: bool = True,
         resume: bool = False) -> dict:
     """Trains the run ``spec`` (``pfa_jax.app.spec.resolve``) and writes the run directory ``out``
-    (``resume``: continues it from its newest checkpoint); returns the summary."""
+    (``resume``: continues it from its newest checkpoint); returns the summary. The directory is
+    locked for the run and left as it was if the run fails before its first checkpoint
+    (``pfa_jax.app.rundir``). A resume with no epoch left to train returns the run's summary as
+    it is and writes nothing."""
     init_key, key = jax.random.split(jax.random.key(spec.seed))
-    start = _prepare(spec, out, overwrite, resume, init_key)
-    source, out, resumed, state = start.source, start.out, start.resumed, start.resumed.state
-    first, kept = resumed.first, resumed.kept
-    if not resume and spec.noise_pretrain_steps:
-        state, _ = pretrain.noise_pretrain(state, jax.random.fold_in(key, 2**31),
-                                           spec.noise_pretrain_steps, spec.data.batch_size,
-                                           source.dataset.num_classes)
-    progress = progress and placement.writer()
-    record = json.loads(kept[-1]) if kept else {}
-    begun = (time.perf_counter() - sum(json.loads(line)["epoch_time"] for line in kept)
-             - resumed.elapsed)
-    records = _Records(out, kept, spec, start.steps_per_epoch, first)
-    with contextlib.closing(records):
-        bar = tqdm(range(first, spec.epochs), desc="epochs", disable=not progress,
-                   initial=first, total=spec.epochs)
-        for epoch in bar:
-            epoch_start = time.perf_counter() - (resumed.elapsed if epoch == first else 0.0)
-            within = {}
-            if epoch == first and resumed.taken is not None:
-                within["taken"] = resumed.taken
-            if spec.checkpoint_every_steps:
-                within["save"] = _midway_save(start, records, epoch, epoch_start)
-            state, steps = source.train_epoch(state, jax.random.fold_in(key, epoch), epoch,
-                                              progress, **within)
-            steps = jax.device_get(steps)
-            records.steps(epoch, steps)
-            _check_finite(state, steps["loss"], epoch, start)
-            record = _epoch_record(state, steps, source.evaluate(state), start.heldout, epoch,
-                                   time.perf_counter() - epoch_start)
-            records.epoch(record)
+    with rundir.RunDirectory(out, writer=placement.writer()) as directory:
+        start = _prepare(spec, directory, overwrite, resume, init_key)
+        state = start.resumed.state
+        if resume and start.resumed.first == spec.epochs and (start.out / "summary.json").exists():
+            return json.loads((start.out / "summary.json").read_text())
+        if not resume and spec.noise_pretrain_steps:
+            state, _ = pretrain.noise_pretrain(state, jax.random.fold_in(key, 2**31),
+                                               spec.noise_pretrain_steps, spec.data.batch_size,
+                                               start.source.dataset.num_classes)
+        begun = (time.perf_counter() - start.resumed.elapsed
+                 - sum(json.loads(line)["epoch_time"] for line in start.resumed.kept))
+        records = _Records(start.out, start.resumed.kept, spec, start.steps_per_epoch,
+                           start.resumed.first)
+        with contextlib.closing(records):
+            state = _train(spec, start, state, key, records, directory.commit,
+                           progress and placement.writer())
+        summary = _summary(spec, start, state, key, records, time.perf_counter() - begun)
+        directory.commit()
+        return summary
+
+
+def _train(spec: RunSpec, start: _Start, state, key, records: _Records, saved: Callable[[], None],
+           progress: bool):
+    """The epochs from the first not yet trained to ``spec.epochs``, each recorded and
+    checkpointed (then ``saved()``); returns the final state."""
+    first, resumed = start.resumed.first, start.resumed
+    bar = tqdm(range(first, spec.epochs), desc="epochs", disable=not progress, initial=first,
+               total=spec.epochs)
+    for epoch in bar:
+        epoch_start = time.perf_counter() - (resumed.elapsed if epoch == first else 0.0)
+        within = {}
+        if epoch == first and resumed.taken is not None:
+            within["taken"] = resumed.taken
+        if spec.checkpoint_every_steps:
+            within["save"] = _midway_save(start, records, epoch, epoch_start, saved)
+        state, steps = start.source.train_epoch(state, jax.random.fold_in(key, epoch), epoch,
+                                                progress, **within)
+        steps = jax.device_get(steps)
+        records.steps(epoch, steps)
+        _check_finite(state, steps["loss"], epoch, start)
+        record = _epoch_record(state, steps, start.source.evaluate(state), start.heldout, epoch,
+                               time.perf_counter() - epoch_start)
+        records.epoch(record)
+        try:
             start.checkpoints.save(epoch + 1, state, records.lines)
-            bar.set_postfix(loss=f"{record['train_loss']:.4f}",
-                            acc=f"{100 * record['train_accuracy']:.2f}%",
-                            test_acc=f"{100 * record['test_accuracy']:.2f}%")
-            if progress:
-                tqdm.write(format_record(record, spec.epochs))
-    wall_time = time.perf_counter() - begun
+        except BaseException:
+            records.drop_last()  # metrics.jsonl describes exactly the checkpoints on disk
+            raise
+        saved()
+        bar.set_postfix(loss=f"{record['train_loss']:.4f}",
+                        acc=f"{100 * record['train_accuracy']:.2f}%",
+                        test_acc=f"{100 * record['test_accuracy']:.2f}%")
+        if progress:
+            tqdm.write(format_record(record, spec.epochs))
+    return state
+
+
+def _summary(spec: RunSpec, start: _Start, state, key, records: _Records,
+             wall_time: float) -> dict:
+    """The final record, the run's facts and the closing measurements, written to
+    ``summary.json`` (with ``curves.png``)."""
+    record = json.loads(records.lines[-1]) if records.lines else {}
     if placement.writer():
-        plots.run_curves([json.loads(line) for line in records.lines], out / "curves.png",
-                         title=spec.title)
+        plots.run_curves([json.loads(line) for line in records.lines],
+                         start.out / "curves.png", title=spec.title)
     summary = {**record, "wall_time": wall_time, "steps": int(state.step), "machine": machine(),
                "devices": start.where.size, "processes": jax.process_count(),
-               **_closing_metrics(state, source.closing(), spec,
+               **_closing_metrics(state, start.source.closing(), spec,
                                   jax.random.fold_in(key, spec.epochs), start.where)}
     if placement.writer():
-        write_whole(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_whole(start.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

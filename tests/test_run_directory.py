@@ -1,0 +1,160 @@
+"""One writer per run directory, and a command that fails leaves it byte for byte as it was
+(``pfa_jax.app.rundir``): a second writer while a run trains (real processes), ``--overwrite``
+whose new run fails before its first checkpoint, a resume that fails late (a checkpoint that
+cannot be written, TensorBoard that cannot be written), a resume with nothing to train, stale
+locks of killed processes, records past the checkpoint."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from test_data import make_fashion_dir
+
+from pfa_jax.app import checkpoint, cli, rundir
+
+
+@pytest.fixture(scope="module")
+def fashion_dir(tmp_path_factory):
+    return make_fashion_dir(tmp_path_factory.mktemp("fashion"), 1024, 200)
+
+
+def args(fashion_dir, out, *extra):
+    return ["train", "--model", "ffn2", "--rule", "fa", "--epochs", "2", "--batch-size", "64",
+            "--quiet", "--set", f"data_dir={fashion_dir}", "--set", "model_options.widths=(16,)",
+            "--set", "metrics_batch_size=32", "--out", str(out), *extra]
+
+
+def snapshot(directory) -> dict:
+    """Every path under ``directory``: a file's bytes, ``'dir'`` for a directory."""
+    return {str(p.relative_to(directory)): p.read_bytes() if p.is_file() else "dir"
+            for p in sorted(directory.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def finished(fashion_dir, tmp_path_factory):
+    """A finished two-epoch run, copied fresh for each test by ``run_copy``."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert cli.main(args(fashion_dir, out)) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(finished, tmp_path):
+    import shutil
+    shutil.copytree(finished, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_a_finished_run_leaves_no_lock(finished):
+    assert not (finished / rundir.LOCK).exists()
+    assert not (finished / rundir.PREVIOUS).exists()
+
+
+@pytest.mark.parametrize("second", [["--overwrite"], ["--resume", "--epochs", "5"], []],
+                         ids=["overwrite", "resume", "new-run"])
+def test_a_second_writer_is_refused_naming_the_first_and_changes_nothing(fashion_dir, tmp_path,
+                                                                         capsys, second):
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "pfa_jax.app.cli",
+                              *args(fashion_dir, out, "--epochs", "4")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoints" / "1").exists():
+            assert first.poll() is None and time.monotonic() < deadline, "the first run never saved"
+            time.sleep(0.05)
+        os.kill(first.pid, signal.SIGSTOP)  # hold the first writer still while the second tries
+        before = snapshot(out)
+        extra = second if second[:1] == ["--resume"] else args(fashion_dir, out, *second)
+        argv = ["train", "--out", str(out), "--quiet", *second] if second[:1] == ["--resume"] \
+            else extra
+        assert cli.main(argv) == 2
+        error = capsys.readouterr().err
+        assert f"is being written by process {first.pid}" in error and "Nothing was changed" in error
+        assert snapshot(out) == before
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert first.wait(timeout=300) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    assert not (out / rundir.LOCK).exists()
+
+
+def test_a_stale_lock_of_a_killed_process_is_taken_over(run_copy):
+    (run_copy / rundir.LOCK).write_text("process 999999 on elsewhere\n")  # nobody holds it
+    assert cli.main(["train", "--resume", "--out", str(run_copy), "--quiet", "--epochs", "3"]) == 0
+    assert len((run_copy / "metrics.jsonl").read_text().splitlines()) == 3
+    assert not (run_copy / rundir.LOCK).exists()
+
+
+def test_overwrite_whose_new_run_fails_before_a_checkpoint_keeps_the_old_run(fashion_dir,
+                                                                            run_copy, capsys):
+    before = snapshot(run_copy)
+    assert cli.main(args(fashion_dir, run_copy, "--overwrite", "--set",
+                         "optimizer.learning_rate=1e12")) == 2
+    assert "diverged in epoch 1" in capsys.readouterr().err
+    assert snapshot(run_copy) == before
+
+
+def test_overwrite_replaces_the_old_run_once_the_new_one_checkpoints(fashion_dir, run_copy,
+                                                                     capsys):
+    old = (run_copy / "config.json").read_text()
+    assert cli.main(args(fashion_dir, run_copy, "--overwrite", "--epochs", "1", "--seed", "3")) == 0
+    assert f"kept in {run_copy / rundir.PREVIOUS}" in capsys.readouterr().err
+    assert not (run_copy / rundir.PREVIOUS).exists()
+    assert json.loads((run_copy / "config.json").read_text())["seed"] == 3 != json.loads(old)["seed"]
+    assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == ["1"]
+
+
+def test_a_resume_whose_checkpoint_cannot_be_written_changes_nothing(run_copy, monkeypatch,
+                                                                     capsys):
+    before = snapshot(run_copy)
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        cli.main(["train", "--resume", "--out", str(run_copy), "--quiet", "--epochs", "4"])
+    assert snapshot(run_copy) == before
+
+
+def test_a_resume_whose_tensorboard_cannot_be_written_changes_nothing(run_copy):
+    import shutil
+    shutil.rmtree(run_copy / "tensorboard")
+    (run_copy / "tensorboard").write_text("a file where the event directory belongs")
+    before = snapshot(run_copy)
+    with pytest.raises(Exception):  # noqa: B017 - whatever the event writer raises
+        cli.main(["train", "--resume", "--out", str(run_copy), "--quiet", "--epochs", "4"])
+    assert snapshot(run_copy) == before
+
+
+def test_a_resume_with_nothing_to_train_writes_nothing(run_copy):
+    before = snapshot(run_copy)
+    assert cli.main(["train", "--resume", "--out", str(run_copy), "--quiet"]) == 0
+    assert snapshot(run_copy) == before
+
+
+def test_records_past_the_checkpoint_are_named_when_dropped(run_copy, capsys):
+    with (run_copy / "metrics.jsonl").open("a") as log:
+        log.write(json.dumps({"epoch": 3, "epoch_time": 1.0}) + "\n")
+    assert cli.main(["train", "--resume", "--out", str(run_copy), "--quiet", "--epochs", "3"]) == 0
+    assert ("metrics.jsonl has 1 record(s) past the checkpoint after epoch 2"
+            in capsys.readouterr().err)
+    assert [json.loads(line)["epoch"] for line in
+            (run_copy / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_the_runner_leaves_a_run_another_process_trains_to_it(fashion_dir, tmp_path):
+    from experiments import run as runner
+    from pfa_jax.app import config as config_lib
+
+    config = config_lib.from_json(json.dumps({"data_dir": fashion_dir, "epochs": 1}))
+    out = tmp_path / "run"
+    with rundir.RunDirectory(out):  # another writer holds it (a second open file: a second lock)
+        before = snapshot(out)
+        outcome = runner.train_one(config.to_json(), str(out), progress=False)
+        assert "is being written by process" in outcome["busy"]
+        assert snapshot(out) == before
