@@ -21,10 +21,12 @@ def fashion_dir(tmp_path_factory):
     return make_fashion_dir(tmp_path_factory.mktemp("fashion"), 1024, 200)
 
 
+SMALL = "--model ffn2 --rule fa --epochs 2 --batch-size 64 --quiet --set model_options.widths=(16,)"
+
+
 def args(fashion_dir, out, *extra):
-    return ["train", "--model", "ffn2", "--rule", "fa", "--epochs", "2", "--batch-size", "64",
-            "--quiet", "--set", f"data_dir={fashion_dir}", "--set", "model_options.widths=(16,)",
-            "--set", "metrics_batch_size=32", "--out", str(out), *extra]
+    """A small FA run of ``out``, two epochs unless ``extra`` says otherwise."""
+    return ["train", *SMALL.split(), "--set", f"data_dir={fashion_dir}", "--out", str(out), *extra]
 
 
 def snapshot(directory) -> dict:
@@ -151,7 +153,7 @@ def test_the_runner_leaves_a_run_another_process_trains_to_it(fashion_dir, tmp_p
     from experiments import run as runner
     from pfa_jax.app import config as config_lib
 
-    config = config_lib.from_json(json.dumps({"data_dir": fashion_dir, "epochs": 1}))
+    config = config_lib.from_json(json.dumps({"data_dir": str(fashion_dir), "epochs": 1}))
     out = tmp_path / "run"
     with rundir.RunDirectory(out):  # another writer holds it (a second open file: a second lock)
         before = snapshot(out)
