@@ -257,8 +257,8 @@ def test_streamed_run_resumes_mid_epoch_with_the_same_batches(imagenet_dir, tmp_
     out = tmp_path / "resumed"
     save = checkpoint.Checkpoints.save
 
-    def save_then_stop(self, key, state, lines=(), within=None):
-        save(self, key, state, lines, within)
+    def save_then_stop(self, key, state, lines=(), within=None, config=None):
+        save(self, key, state, lines, within, config)
         if within is not None and key == 4:
             raise KeyboardInterrupt
 

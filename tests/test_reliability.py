@@ -206,7 +206,8 @@ def test_no_garbled_checkpoint_is_restored(tmp_path):
         checksummed += "differ from their checksums (params/hidden_0/kernel" in str(error.value)
         largest.write_bytes(intact)
     assert checksummed >= 6
-    restored, records_crc, within = Checkpoints(tmp_path).restore(1, state)
+    restored, records_crc, within, config = Checkpoints(tmp_path).restore(1, state)
+    assert config is None  # saved without one
     assert within is None  # an epoch-end checkpoint
     chex.assert_trees_all_equal(restored.params, state.params)
     assert list(records_crc) == [crc32("{}")]

@@ -160,3 +160,37 @@ def test_the_runner_leaves_a_run_another_process_trains_to_it(fashion_dir, tmp_p
         outcome = runner.train_one(config.to_json(), str(out), progress=False)
         assert "is being written by process" in outcome["busy"]
         assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("edit, change", [
+    ({"rule": {"name": "sa"}}, "rule.name: 'sa' -> 'aa'"),  # arrays of the same shapes
+    ({"optimizer": {"learning_rate": 0.01}}, "optimizer.learning_rate: 0.01 -> 0.5"),
+])
+def test_a_checkpoint_knows_its_config_and_a_resume_names_every_changed_key(
+        fashion_dir, tmp_path, capsys, edit, change):
+    out = tmp_path / "run"
+    first = edit.get("rule", {}).get("name", "fa")
+    assert cli.main(args(fashion_dir, out, "--rule", first, "--epochs", "1")) == 0
+    config = json.loads((out / "config.json").read_text())
+    if "rule" in edit:  # config.json edited by hand: sa -> aa
+        config["rule"]["name"] = "aa"
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        extra = []
+    else:
+        extra = ["--set", "optimizer.learning_rate=0.5"]
+    before = snapshot(out)
+    assert cli.main(["train", "--resume", "--out", str(out), "--quiet", "--epochs", "2",
+                     *extra]) == 2
+    error = capsys.readouterr().err
+    assert "trained under another config: " + change in error and "epochs" not in error.split(
+        "(config.json")[0]
+    assert "A resume may change only epochs, devices" in error
+    assert snapshot(out) == before
+
+
+def test_a_resume_may_change_the_epochs_and_the_measurements(run_copy):
+    assert cli.main(["train", "--resume", "--out", str(run_copy), "--quiet", "--epochs", "3",
+                     "--set", "metrics_batch_size=16", "--set", "sharpness.enabled=True",
+                     "--set", "sharpness.examples=32", "--set", "sharpness.iterations=2",
+                     "--set", "sharpness.probes=2"]) == 0
+    assert "sharpness" in json.loads((run_copy / "summary.json").read_text())

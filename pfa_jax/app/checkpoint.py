@@ -47,11 +47,13 @@ WITHIN = "within_epoch"
 
 class Restored(NamedTuple):
     """A restored checkpoint: the state, the CRC-32s of the metrics lines saved with it (None: a
-    checkpoint from before the checksums) and its ``within`` tree (None: saved at an epoch's end)."""
+    checkpoint from before the checksums), its ``within`` tree (None: saved at an epoch's end)
+    and the config it was trained under (``save``'s ``config``; None: saved without one)."""
 
     state: TrainState
     records: np.ndarray | None
     within: dict | None
+    config: str | None = None
 
 
 class CheckpointError(RuntimeError):
@@ -63,7 +65,12 @@ class CheckpointDamagedError(CheckpointError):
 
 
 class CheckpointMismatchError(CheckpointError):
-    """An intact checkpoint holds another state (other arrays or shapes) than the one asked for."""
+    """An intact checkpoint holds another state (other arrays or shapes) than the one asked for;
+    ``config``: the config it was trained under, where it was saved with one."""
+
+    def __init__(self, message: str, config: str | None = None):
+        super().__init__(message)
+        self.config = config
 
 
 def crc32(data) -> int:
@@ -146,16 +153,19 @@ class Checkpoints:
                 item_handlers=ocp.StandardCheckpointHandler())
 
     def save(self, key: int, state: TrainState, records: Sequence[str] = (),
-             within: dict | None = None) -> None:
+             within: dict | None = None, config: str | None = None) -> None:
         """Writes the state as checkpoint ``key`` with its checksums and those of the metrics
-        lines ``records`` (and ``within``, a tree of arrays, for a mid-epoch checkpoint), and
-        waits until it is on disk."""
+        lines ``records`` (and ``within``, a tree of arrays, for a mid-epoch checkpoint; and
+        ``config``, the text of the config the state was trained under, which ``restore``
+        returns), and waits until it is on disk."""
         arrays = _arrays(state)
         if within is not None:
             arrays[WITHIN] = jax.tree.map(np.asarray, within)
         integrity = {"arrays": _checksums(arrays)}
         if records:  # none before the first epoch ends (orbax saves no empty arrays)
             integrity["records"] = np.array([crc32(line) for line in records], np.uint32)
+        if config:
+            integrity["config"] = np.frombuffer(config.encode(), np.uint8)
         self.manager.save(key, args=ocp.args.StandardSave({**arrays, INTEGRITY: integrity}))
         self.manager.wait_until_finished()
 
@@ -201,7 +211,8 @@ class Checkpoints:
                 return Restored(_with_arrays(like, self._migrate(epoch, like)), None, None)
             raise CheckpointMismatchError(
                 f"checkpoint {self.path(epoch)} is intact but holds another state than this config "
-                f"builds ({_differences(saved_shapes, wanted_shapes)})")
+                f"builds ({_differences(saved_shapes, wanted_shapes)})",
+                self._saved_config(epoch))
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, wanted)
         for extra in (INTEGRITY, WITHIN):
             if extra in metadata:
@@ -220,7 +231,15 @@ class Checkpoints:
         within = arrays.pop(WITHIN, None)
         return Restored(_with_arrays(like, arrays),
                         np.asarray(integrity.get("records", np.zeros(0, np.uint32))),
-                        None if within is None else jax.tree.map(np.asarray, within))
+                        None if within is None else jax.tree.map(np.asarray, within),
+                        _config_text(integrity))
+
+    def _saved_config(self, epoch: int) -> str | None:
+        """The config checkpoint ``epoch`` was saved with (read as saved), or None."""
+        try:
+            return _config_text(self._read(epoch, None).get(INTEGRITY, {}))
+        except CheckpointDamagedError:
+            return None
 
     def _migrate(self, epoch: int, like: TrainState) -> dict:
         """The arrays of a checkpoint with the old optimizer-state layout, migrated."""
@@ -232,6 +251,12 @@ class Checkpoints:
                 f"checkpoint {self.path(epoch)} (old optimizer layout) holds another state than "
                 f"this config builds ({_differences(migrated, wanted)})")
         return arrays
+
+
+def _config_text(integrity: dict) -> str | None:
+    """The config text a checkpoint's ``integrity`` holds, or None."""
+    raw = integrity.get("config")
+    return None if raw is None else np.asarray(raw, np.uint8).tobytes().decode()
 
 
 def _with_arrays(like: TrainState, arrays: dict) -> TrainState:

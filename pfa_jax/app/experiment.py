@@ -228,13 +228,41 @@ def _metrics_lines(path: epath.Path, epochs: int, crcs: np.ndarray | None) -> li
     return lines
 
 
-def _config_changes(out: epath.Path, config: ml_collections.ConfigDict) -> str:
-    """The keys in which ``config`` differs from the run directory's ``config.json``."""
-    saved, new = (traverse_util.flatten_dict(c.to_dict(), sep=".")
-                  for c in (load_config(out), config))
-    changed = [f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(saved) | set(new))
-               if saved.get(k) != new.get(k)]
-    return ", ".join(changed) or "none"
+# the keys a resume may change (they do not change what is trained), and the sections ("x.")
+RESUMABLE = ("epochs", "devices", "data_dir", "data_processes", "eval_batch_size",
+             "metrics_batch_size", "log_every_steps", "checkpoint_every_steps", "sharpness.",
+             "robustness.")
+
+
+def _changes(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[str]:
+    """``'key: saved -> new'`` for every key in which ``config`` differs from ``saved``."""
+    old, new = (traverse_util.flatten_dict(c.to_dict(), sep=".") for c in (saved, config))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
+
+
+def _trained_under(out: epath.Path, text: str | None) -> tuple[ml_collections.ConfigDict, str]:
+    """The config a checkpoint was trained under (``text``, saved with it) and what it is, or,
+    for a checkpoint saved without one, the run's ``config.json``."""
+    if text is None:
+        return load_config(out), f"the run's {out / 'config.json'}"
+    return config_lib.from_json(text), "the config the checkpoint was trained under"
+
+
+def _check_resumable(out: epath.Path, text: str | None, config, when: str) -> None:
+    """Refuses a resume whose config changes a key outside ``RESUMABLE`` from the one the
+    checkpoint was trained under, naming every such key."""
+    if text is None:
+        return
+    saved, _ = _trained_under(out, text)
+    changed = [c for c in _changes(saved, config) if not c.startswith(RESUMABLE)]
+    if changed:
+        raise ValueError(
+            f"the checkpoint {when} in {out} was trained under another config: "
+            f"{'; '.join(changed)} (config.json edited, or --set). A resume may change only "
+            f"{', '.join(k.replace('.', '.*') for k in RESUMABLE)}; another rule, model, "
+            "optimizer or data needs a new run (another --out, or --overwrite). Nothing was "
+            "changed")
 
 
 def _progress(position: int, steps_per_epoch: int) -> str:
@@ -302,13 +330,15 @@ def _resume(out: epath.Path, checkpoints: Checkpoints, midway: Checkpoints | Non
             damaged.append(str(error))
             continue
         except CheckpointMismatchError as error:
+            saved, what = _trained_under(out, error.config)
             raise CheckpointMismatchError(
-                f"{error}. The config differs from the run's {out / 'config.json'} in "
-                f"{_config_changes(out, spec.config)}: resume with the run's own config (another "
-                "rule, model or optimizer needs a new run, another --out); the checkpoints are "
-                "intact and left as they are") from None
+                f"{error}. The config differs from {what} in "
+                f"{', '.join(_changes(saved, spec.config)) or 'none'}: resume with the run's own "
+                "config (another rule, model or optimizer needs a new run, another --out); the "
+                "checkpoints are intact and left as they are") from None
         taken, elapsed = (None, 0.0) if restored.within is None else _within(
             restored.within, holder.path(key), steps_per_epoch)
+        _check_resumable(out, restored.config, spec.config, _when(position, steps_per_epoch))
         done = position // steps_per_epoch
         return _Resumed(done, restored.state,
                         _metrics_lines(out / "metrics.jsonl", done, restored.records), taken,
@@ -362,6 +392,7 @@ class _Start:
     midway: Checkpoints | None  # mid-epoch, keyed by global step (checkpoint_every_steps)
     steps_per_epoch: int
     resumed: _Resumed
+    config: str  # the resolved config's text, saved with every checkpoint
 
 
 def _claim(directory: rundir.RunDirectory, overwrite: bool) -> None:
@@ -412,7 +443,8 @@ def _prepare(spec: RunSpec, directory: rundir.RunDirectory, overwrite: bool, res
     placement.barrier("pfa_jax: run directory read")  # before process 0 writes into it
     if placement.writer():
         write_whole(out / "config.json", spec.config.to_json(indent=2) + "\n")
-    return _Start(where, source, heldout, out, checkpoints, midway, steps_per_epoch, resumed)
+    return _Start(where, source, heldout, out, checkpoints, midway, steps_per_epoch, resumed,
+                  spec.config.to_json(indent=2))
 
 
 def _epoch_record(state, steps, test: dict, heldout, epoch: int, epoch_time: float) -> dict:
@@ -484,7 +516,8 @@ def _midway_save(start: _Start, records: _Records, epoch: int, epoch_start: floa
         within = {"steps": taken, "epoch": epoch, "next_batch": done,
                   "steps_per_epoch": start.steps_per_epoch,
                   "elapsed": time.perf_counter() - epoch_start}
-        start.midway.save(epoch * start.steps_per_epoch + done, state, records.lines, within)
+        start.midway.save(epoch * start.steps_per_epoch + done, state, records.lines, within,
+                          start.config)
         saved()
     return save
 
@@ -541,7 +574,7 @@ def _train(spec: RunSpec, start: _Start, state, key, records: _Records, saved: C
                                time.perf_counter() - epoch_start)
         records.epoch(record)
         try:
-            start.checkpoints.save(epoch + 1, state, records.lines)
+            start.checkpoints.save(epoch + 1, state, records.lines, config=start.config)
         except BaseException:
             records.drop_last()  # metrics.jsonl describes exactly the checkpoints on disk
             raise
