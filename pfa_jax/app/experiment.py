@@ -115,8 +115,8 @@ def _check_finite(state, losses, epoch: int, start: _Start) -> None:
              else f"step {len(losses)} (the parameters)")
     found = _found(start.checkpoints, start.midway, start.steps_per_epoch)
     kept = (f"The last good checkpoint ({_when(found[0][0], start.steps_per_epoch)}) is kept in "
-            f"{found[0][1].directory}; lower the learning rate and start again, or --resume with "
-            "a changed config") if found else ("No epoch completed, so no checkpoint was written; "
+            f"{found[0][1].directory}; lower the learning rate and start again (--overwrite "
+            "keeps this run until the new one checkpoints)") if found else ("No epoch completed, so no checkpoint was written; "
                                                "lower the learning rate and start again (--overwrite)")
     raise DivergenceError(f"training diverged in epoch {epoch + 1} at {where}: non-finite values",
                           kept)
