@@ -176,10 +176,13 @@ class RuleMapError(ValueError):
 
 def check_rule_map(spec: RuleSpec, params) -> None:
     """Raises ``RuleMapError`` if a rule mapping names a layer the model does not have."""
-    if not isinstance(spec, Mapping):
-        return
-    known = layer_paths(params)
-    unknown = sorted(set(spec) - known - {DEFAULT})
+    if isinstance(spec, Mapping):
+        refuse_unknown_layers(spec, layer_paths(params))
+
+
+def refuse_unknown_layers(spec: Mapping, known: set[str]) -> None:
+    """Raises ``RuleMapError`` if the rule mapping ``spec`` names a path outside ``known``."""
+    unknown = sorted(set(spec) - set(known) - {DEFAULT})
     if unknown:
         raise RuleMapError(f"rule mapping names unknown layer(s) {unknown}; the model's layers are "
                          f"{sorted(known)} (plus {DEFAULT!r})")

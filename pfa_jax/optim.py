@@ -98,9 +98,22 @@ class OptimizerConfig:
                 options[key] = tuple(options[key])
         feedback = options.pop("feedback", None)
         base = cls(**options)
+        if hasattr(feedback, "to_dict"):
+            feedback = feedback.to_dict()
+        if feedback is not None and not isinstance(feedback, dict):
+            raise ValueError(f"optimizer.feedback={feedback!r} must be a dict of overrides for the "
+                             "optimizer of plastic feedback, e.g. {'weight_decay': 0.0}")
         if feedback:
-            base = dataclasses.replace(base, feedback=cls.create(base, feedback=None, **dict(
-                feedback.to_dict() if hasattr(feedback, "to_dict") else feedback)))
+            unknown = sorted(set(feedback) - set(valid) | ({"feedback"} & set(feedback)))
+            if unknown:
+                raise ValueError(f"unknown optimizer.feedback option(s) {unknown}; valid options: "
+                                 f"{[v for v in valid if v != 'feedback']}")
+            try:
+                stepped = cls.create(base, feedback=None, **feedback)
+            except ValueError as error:  # name the key where it was given
+                raise ValueError(str(error).replace("optimizer.", "optimizer.feedback.").replace(
+                    "unknown optimizer option(s)", "unknown optimizer.feedback option(s)")) from None
+            base = dataclasses.replace(base, feedback=stepped)
         return base
 
     def __post_init__(self):

@@ -94,8 +94,10 @@ def test_probe_batch_takes_the_first_rows(name, options, x_shape, kernel_shape, 
         close(df, loss_grad(rule, probe))
         if inputs == "data":
             assert not np.allclose(df, loss_grad(rule, x), atol=1e-3)  # not the whole batch's
-    close(cotangents(pj.rules.get(name, probe_batch=100, **options))[2],
-          cotangents(pj.rules.get(name, **options))[2])
+    close(cotangents(pj.rules.get(name, probe_batch=x_shape[0], **options))[2],
+          cotangents(pj.rules.get(name, **options))[2])  # the whole batch, as probe_batch=0
+    with pytest.raises(ValueError, match=f"probe_batch={x_shape[0] + 1} exceeds"):
+        cotangents(pj.rules.get(name, probe_batch=x_shape[0] + 1, **options))
 
 
 def small_state(rule, tx, feedback_tx):

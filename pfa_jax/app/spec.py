@@ -204,13 +204,25 @@ def _optimizer(config, epochs: int) -> OptimizerConfig:
         optimizer = OptimizerConfig.create(config.optimizer)
     except ValueError as error:
         raise ValueError(f"config: {error}") from None
-    for key in ("lr_milestones", "wd_milestones"):
-        late = [m for m in getattr(optimizer, key) if m >= epochs]
-        if late:
-            raise ValueError(f"config optimizer.{key}={tuple(getattr(optimizer, key))!r} has "
-                             f"milestone(s) {late} at or beyond epochs={epochs}: valid "
-                             f"milestones lie in 1..{epochs - 1}")
+    for prefix, stepped in (("optimizer", optimizer), ("optimizer.feedback", optimizer.feedback)):
+        for key in ("lr_milestones", "wd_milestones") if stepped else ():
+            late = [m for m in getattr(stepped, key) if m >= epochs]
+            if late:
+                raise ValueError(f"config {prefix}.{key}={tuple(getattr(stepped, key))!r} has "
+                                 f"milestone(s) {late} at or beyond epochs={epochs}: valid "
+                                 f"milestones lie in 1..{epochs - 1}")
     return optimizer
+
+
+def _check_feedback_optimizer(rule, optimizer: OptimizerConfig, config) -> None:
+    """Refuses ``optimizer.feedback`` when no layer's rule has plastic feedback to step."""
+    used = list(rule.values()) if isinstance(rule, dict) else [rule]
+    if optimizer.feedback is not None and not any(r.plastic for r in used):
+        plastic = [n for n in rules.names() if rules.get(n).plastic]
+        raise ValueError(f"config optimizer.feedback={config.optimizer.feedback.to_dict()!r} "
+                         f"configures the optimizer of plastic feedback, which rule "
+                         f"{config.rule.name!r} does not have (rules with plastic feedback: "
+                         f"{', '.join(plastic)}): use optimizer.feedback={{}}")
 
 
 def _measurements(config) -> tuple[Sharpness | None, Robustness]:
@@ -277,6 +289,7 @@ def resolve(config: ml_collections.ConfigDict) -> RunSpec:
     data_spec = _data(config)
     optimizer = _optimizer(config, epochs)
     rule = _stored_forms(_rule(config), optimizer, config)
+    _check_feedback_optimizer(rule, optimizer, config)
     if isinstance(rule, DFA):
         config.rule.options.grid = rule.grid  # config.json records the projection trained with
     classes, options = num_classes(data_spec.dataset), config.model_options.to_dict()

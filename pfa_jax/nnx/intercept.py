@@ -145,10 +145,7 @@ def with_rule(model: nnx.Module, rule: pnn.RuleSpec, *, rngs: nnx.Rngs,
     known = {path for path, _ in found} | {p for p, _ in rule_layers(model)}
     kernels, bp = _kernel_paths(model), pnn.explicit_bp(rule)
     if isinstance(rule, Mapping):
-        unknown = sorted(set(rule) - known - kernels - {pnn.DEFAULT})
-        if unknown:
-            raise pnn.RuleMapError(f"rule mapping names unknown layer(s) {unknown}; the model's "
-                                   f"layers are {sorted(known)} (plus {pnn.DEFAULT!r})")
+        pnn.refuse_unknown_layers(rule, known | kernels)
     unreached = sorted(kernels - known - bp)
     if unreached:
         raise pnn.UnreachedLayerError(

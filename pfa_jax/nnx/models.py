@@ -14,6 +14,7 @@ as in linen; DFA layers are told ``num_classes``. Only ``Linear`` / ``Conv`` fol
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ from pfa_jax.models import base as linen_base
 from pfa_jax import nn as pnn
 from pfa_jax.nnx import transformer
 from pfa_jax.nnx.intercept import with_rule
-from pfa_jax.nnx.layers import Conv, Linear, add_taps
+from pfa_jax.nnx.layers import Conv, Linear, add_taps, rule_layers
 
 __all__ = ["BasicBlock", "CifarResNet", "get", "ImageNetResNet", "LeNet", "MLP", "Model", "ResNet"]
 
@@ -211,5 +212,8 @@ def get(name: str, *, rngs: nnx.Rngs, input_shape: Sequence[int], rule="bp",
     """The NNX model ``name`` (``pfa_jax.models.names()``) for inputs of ``input_shape``."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name](rule=rule, num_classes=num_classes, input_shape=tuple(input_shape),
-                           rngs=rngs, **options)
+    model = _REGISTRY[name](rule=rule, num_classes=num_classes, input_shape=tuple(input_shape),
+                            rngs=rngs, **options)
+    if isinstance(rule, Mapping):  # a misspelt path would silently train with the default rule
+        pnn.refuse_unknown_layers(rule, {path for path, _ in rule_layers(model)})
+    return model

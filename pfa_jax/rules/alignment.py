@@ -63,8 +63,8 @@ through the network; ``'noise'``: ``u = sigma N(0, 1)`` of ``x``'s shape, drawn 
 ``feedback`` RNG stream, from ``fold_in(key, 0)`` as a weight mirror's first step draws), ``sigma``,
 ``normalize`` (each probe sample centred and scaled to unit norm over its non-batch axes, the
 authors' ``normalize_input``) and ``probe_batch`` (default 0: the whole batch; ``m > 0``: the first
-``m`` rows of the layer's input, or ``m`` noise samples, so ``n = m``: the batch-mean losses
-estimated on a subsample, and the probe's products cost ``m / N`` of the full batch's, plus a
+``m`` rows of the layer's input, or ``m`` noise samples, so ``n = m``; more rows than the batch
+holds is an error): the batch-mean losses estimated on a subsample, and the probe's products cost ``m / N`` of the full batch's, plus a
 forward product for ``y`` on the ``m`` rows; under a sharded batch the first rows sit on the first
 devices). Not provided: the authors' options of activations on the
 projections, biases in the projections, and centring or normalising the projections.
@@ -256,7 +256,11 @@ class _AlignmentRule(DrawnFeedbackRule):
         return feedback["B"]
 
     def apply(self, op, x, kernel, feedback, key):
-        rows = min(self.probe_batch or x.shape[0], x.shape[0])
+        if self.probe_batch > x.shape[0]:
+            raise ValueError(f"{self.name}: probe_batch={self.probe_batch} exceeds the {x.shape[0]} "
+                             f"rows of the batch at this layer: use probe_batch <= {x.shape[0]} "
+                             "(0: the whole batch)")
+        rows = self.probe_batch or x.shape[0]
         if self.inputs == "noise":
             if key is None:
                 return keyless(self.name, op(x, kernel))
