@@ -204,11 +204,14 @@ def step_rngs(state: TrainState) -> dict:
 
 def check_batch(images, labels=None, *, input_shape=(), num_classes: int = 0,
                 where: str = "batch") -> None:
-    """Raises ``ValueError`` naming ``where`` and the shapes unless ``images`` is ``(n,
+    """Raises ``ValueError`` naming ``where`` and the shapes unless ``images`` is ``(n >= 1,
     *input_shape)`` (any shape if ``input_shape`` is empty) and ``labels`` ``(n,)`` integers, in
     ``[0, num_classes)`` when ``num_classes`` is given and the labels are concrete (inside ``jit``
     only the shapes can be checked; the data loaders check the values where data enters)."""
     shape = tuple(jnp.shape(images))
+    if shape[:1] == (0,):
+        raise ValueError(f"{where}: an empty batch (images of shape {shape}); give at least one "
+                         "example")
     if input_shape and shape[1:] != tuple(input_shape):
         raise ValueError(f"{where}: images of shape {shape} do not fit the model's inputs of shape "
                          f"(batch, {', '.join(map(str, input_shape))})")

@@ -221,6 +221,7 @@ def test_tfds_failure_says_how_to_get_the_data(monkeypatch, tmp_path):
         raise tfds.core.DatasetNotFoundError(f"no {name} here")
 
     monkeypatch.setattr(tfds, "data_source", unavailable)
+    monkeypatch.setattr(data, "offline_reason", lambda: None)  # online: tfds is asked
     with pytest.raises(FileNotFoundError, match="(?s)'mnist'.*no mnist here.*tfds build mnist"):
         data.load("mnist", data_dir=tmp_path)
     # Without a local IDX directory, Fashion-MNIST falls back to tfds.
@@ -228,6 +229,22 @@ def test_tfds_failure_says_how_to_get_the_data(monkeypatch, tmp_path):
     monkeypatch.setattr(data, "DEFAULT_FASHION_MNIST_DIR", str(tmp_path / "absent"))
     with pytest.raises(FileNotFoundError, match="(?s)'fashion_mnist'.*apt-get install -y dataset-fashion-mnist"):
         data.load("fashion_mnist")
+
+
+def test_offline_an_unprepared_tfds_dataset_fails_at_once_saying_why(monkeypatch, tmp_path):
+    def no_network(address, timeout):
+        raise OSError(-2, "Name or service not known")
+
+    def never(name, **kwargs):
+        raise AssertionError("tfds.data_source would retry its downloads for minutes")
+
+    import socket
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(tfds, "data_source", never)
+    with pytest.raises(FileNotFoundError, match="(?s)'mnist' is not prepared in data_dir=.*no "
+                       "network \\(cannot reach storage.googleapis.com: Name or service not known"
+                       "\\).*tfds build mnist"):
+        data.load("mnist", data_dir=str(tmp_path))
 
 
 # ------------------------------------------------------------------- tensorflow-datasets sources

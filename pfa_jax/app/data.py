@@ -205,20 +205,48 @@ def tfds_sources(name, data_dir):
     """The train and test `tfds.data_source`s of `name`, or a FileNotFoundError saying how to get them."""
     import tensorflow_datasets as tfds  # Imported here: slow to import, and the IDX path does not need it.
 
+    how = (
+        _HOW_TO_GET_FASHION_MNIST
+        if name == "fashion_mnist"
+        else f"prepare it with `tfds build {name} --file_format=array_record` (needs internet and "
+        "TensorFlow; reading it afterwards needs neither) and pass its directory as data_dir "
+        "or $TFDS_DATA_DIR"
+    )
+    offline = None if _prepared(tfds, name, data_dir) else offline_reason()
+    if offline:  # fail now rather than after minutes of download retries
+        raise FileNotFoundError(
+            f"{name!r} is not prepared in data_dir={data_dir!r} (tfds's default: $TFDS_DATA_DIR or "
+            f"~/tensorflow_datasets) and cannot be downloaded: no network ({offline}).\nTo get it, "
+            f"{how}."
+        )
     try:
         return tfds.data_source(name, split=["train", "test"], data_dir=data_dir)
     except Exception as e:  # tfds fails in many ways (no network, no TensorFlow, ...); the cause is chained.
-        how = (
-            _HOW_TO_GET_FASHION_MNIST
-            if name == "fashion_mnist"
-            else f"prepare it with `tfds build {name} --file_format=array_record` (needs internet and "
-            "TensorFlow; reading it afterwards needs neither) and pass its directory as data_dir "
-            "or $TFDS_DATA_DIR"
-        )
         raise FileNotFoundError(
             f"could not load {name!r} through tensorflow-datasets (data_dir={data_dir!r}): "
             f"{type(e).__name__}: {e}\nTo get it, {how}."
         ) from e
+
+
+def _prepared(tfds, name: str, data_dir) -> bool:
+    """Whether tfds holds ``name`` prepared in ``data_dir`` (True where that cannot be told: tfds
+    then reports for itself)."""
+    try:
+        return tfds.builder(name, data_dir=data_dir).is_prepared()
+    except Exception:  # noqa: BLE001 - an unknown name, a broken directory: data_source says which
+        return True
+
+
+def offline_reason(host: str = "storage.googleapis.com", timeout: float = 5.0) -> str | None:
+    """Why downloads cannot work, or None: a TCP connection to ``host`` (where tfds and most
+    datasets download from) within ``timeout`` seconds."""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as error:
+        return f"cannot reach {host}: {error.strerror or error}"
+    return None
 
 
 def _read_arrays(split, rows):

@@ -154,6 +154,9 @@ class RuleLayer(RuleFollowing):
     def __init__(self, kernel_shape: tuple[int, ...], rule, *, use_bias: bool,
                  kernel_init: Callable | None, bias_init: Callable, dtype, param_dtype,
                  rngs: nnx.Rngs):
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in kernel_shape):
+            raise ValueError(f"{type(self).__name__}: every size must be a positive int, got a "
+                             f"kernel of shape {tuple(kernel_shape)} (features and kernel size)")
         self.dtype = dtype
         init = kernel_init or rules.get(rule).kernel_init()
         self.kernel = nnx.Param(init(rngs.params(), kernel_shape, param_dtype))

@@ -134,9 +134,11 @@ def _dfa_bwd(op, grid, signal, residuals, cotangents):
     if isinstance(e, SymbolicZero):
         raise MissingTapError(
             "a DFA layer was differentiated but its error tap does not reach the loss, so no output "
-            "error would reach it (its gradients would be zero): apply the model with 'error_taps' "
-            "mutable (mutable=['error_taps', ...]) and end its __call__ with "
-            "pfa_jax.nn.add_taps(self, logits), as every pfa_jax.models model does")
+            "error would reach it (its gradients would be zero). Linen: apply the model with "
+            "'error_taps' mutable (mutable=['error_taps', ...]) and end its __call__ with "
+            "pfa_jax.nn.add_taps(self, logits), as every pfa_jax.models model does. NNX: end the "
+            "model's __call__ with pfa_jax.nnx.add_taps(self, logits), or wrap an unchanged model "
+            "with pfa_jax.nnx.with_rule(model, rule, num_classes=..., rngs=...)")
     if isinstance(g, SymbolicZero):
         g = jnp.zeros(g.shape, g.dtype)
     return (project_error(_projected(e, signal), b, x.shape, op, g.shape, grid),
