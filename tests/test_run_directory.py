@@ -194,3 +194,14 @@ def test_a_resume_may_change_the_epochs_and_the_measurements(run_copy):
                      "--set", "sharpness.examples=32", "--set", "sharpness.iterations=2",
                      "--set", "sharpness.probes=2"]) == 0
     assert "sharpness" in json.loads((run_copy / "summary.json").read_text())
+
+
+def test_a_damaged_checkpoint_is_named_in_one_line_without_the_storage_dump(run_copy, capfd):
+    data = max((p for p in (run_copy / "checkpoints" / "2").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # a truncated array file
+    assert cli.main(["train", "--resume", "--out", str(run_copy), "--quiet", "--epochs", "3"]) == 0
+    error = capfd.readouterr().err
+    warning = [line for line in error.splitlines() if "checkpoints/2" in line]
+    assert len(warning) == 1 and "cannot be read" in warning[0], error
+    assert "Exception ignored" not in error and "TensorStore" not in error, error

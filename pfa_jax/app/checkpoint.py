@@ -26,7 +26,9 @@ are migrated on restore (``migrate_opt_state``): the same transformation's state
 today's ``{'params': ..., 'feedback': ...}`` layout, so a run directory of that time resumes exactly.
 """
 
+import gc
 import logging
+import sys
 import zlib
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -120,22 +122,32 @@ def _unreadable(path: epath.Path, error: Exception) -> CheckpointDamagedError:
     """The error for an unreadable checkpoint: the storage library's message cut to its first
     line, without the storage spec it appends."""
     message = str(error).splitlines()[0] if str(error) else ""
-    message = message.split(" [tensorstore_spec")[0]
+    message = message.split(" [tensorstore_spec")[0].split(" See full TensorStore details")[0]
     message = message if len(message) <= 300 else message[:300] + " ..."
     return CheckpointDamagedError(f"checkpoint {path} cannot be read ({type(error).__name__}: "
                                   f"{message})")
 
 
 class _Quiet:
-    """Silences orbax's and absl's error logging (a restore failure is reported by the raised
-    error, in one line, instead of the storage library's dump)."""
+    """Silences orbax's and absl's error logging and the "Exception ignored in" dumps of orbax's
+    abandoned read coroutines (collected before leaving), so a restore failure is reported by the
+    raised error, in one line, instead of the storage library's dump."""
 
     def __enter__(self):
         self.levels = {name: logging.getLogger(name).level for name in ("absl", "orbax")}
         for name in self.levels:
             logging.getLogger(name).setLevel(logging.CRITICAL)
+        self.hook = sys.unraisablehook
+        sys.unraisablehook = self._unless_orbax
+
+    def _unless_orbax(self, unraisable) -> None:
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is None or "orbax" not in code.co_filename:
+            self.hook(unraisable)
 
     def __exit__(self, *exc):
+        gc.collect()  # the coroutines of a failed read, while their dumps are silenced
+        sys.unraisablehook = self.hook
         for name, level in self.levels.items():
             logging.getLogger(name).setLevel(level)
 

@@ -209,8 +209,9 @@ def _metrics_lines(path: epath.Path, epochs: int, crcs: np.ndarray | None) -> li
                                 f"{epochs} needs its first {epochs} records") from None
     if len(lines) > epochs and placement.writer():
         print(f"pfa-jax: warning: {path.name} has {len(lines) - epochs} record(s) past the "
-              f"checkpoint after epoch {epochs} (written before an interruption, or added by "
-              "hand); the resumed run replaces them with its own", file=sys.stderr)
+              f"checkpoint after epoch {epochs} (their checkpoint damaged or not written before an "
+              "interruption, or added by hand); the resumed run replaces them with its own",
+              file=sys.stderr)
     lines = lines[:epochs]
     if len(lines) < epochs:
         raise ValueError(f"{path} has {len(lines)} records; the checkpoint after epoch {epochs} "
