@@ -205,3 +205,19 @@ def test_a_damaged_checkpoint_is_named_in_one_line_without_the_storage_dump(run_
     warning = [line for line in error.splitlines() if "checkpoints/2" in line]
     assert len(warning) == 1 and "cannot be read" in warning[0], error
     assert "Exception ignored" not in error and "TensorStore" not in error, error
+
+
+def test_a_checkpoint_the_disk_cannot_take_is_one_line_and_changes_nothing(run_copy, monkeypatch,
+                                                                           capfd):
+    import orbax.checkpoint as ocp
+    before = snapshot(run_copy)
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+    assert cli.main(["train", "--resume", "--out", str(run_copy), "--quiet", "--epochs", "4"]) == 2
+    error = capfd.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "checkpoints/3 could not be written (OSError: [Errno 28] No space" \
+        in error[0], error
+    assert snapshot(run_copy) == before

@@ -178,8 +178,14 @@ class Checkpoints:
             integrity["records"] = np.array([crc32(line) for line in records], np.uint32)
         if config:
             integrity["config"] = np.frombuffer(config.encode(), np.uint8)
-        self.manager.save(key, args=ocp.args.StandardSave({**arrays, INTEGRITY: integrity}))
-        self.manager.wait_until_finished()
+        try:
+            with _Quiet():
+                self.manager.save(key, args=ocp.args.StandardSave({**arrays, INTEGRITY: integrity}))
+                self.manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001 - a full disk, a lost mount: one clear line
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise CheckpointError(f"checkpoint {self.path(key)} could not be written "
+                                  f"({type(error).__name__}: {message[:300]})") from error
 
     def steps(self) -> list[int]:
         """The keys of every checkpoint, newest first."""
