@@ -145,8 +145,9 @@ class _Quiet:
         if code is None or "orbax" not in code.co_filename:
             self.hook(unraisable)
 
-    def __exit__(self, *exc):
-        gc.collect()  # the coroutines of a failed read, while their dumps are silenced
+    def __exit__(self, kind, error, traceback):
+        if kind is not None:
+            gc.collect()  # the coroutines of a failed read, while their dumps are silenced
         sys.unraisablehook = self.hook
         for name, level in self.levels.items():
             logging.getLogger(name).setLevel(level)
