@@ -55,10 +55,10 @@ def test_a_finished_run_leaves_no_lock(finished):
     assert not (finished / rundir.PREVIOUS).exists()
 
 
-@pytest.mark.parametrize("second", [["--overwrite"], ["--resume", "--epochs", "5"], []],
-                         ids=["overwrite", "resume", "new-run"])
 def test_a_second_writer_is_refused_naming_the_first_and_changes_nothing(fashion_dir, tmp_path,
-                                                                         capsys, second):
+                                                                         capsys):
+    """While a real training process holds the directory (stopped with SIGSTOP so its files stay
+    still), ``--overwrite``, ``--resume`` and a plain new run on it are each refused."""
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "pfa_jax.app.cli",
                               *args(fashion_dir, out, "--epochs", "4")],
@@ -68,15 +68,14 @@ def test_a_second_writer_is_refused_naming_the_first_and_changes_nothing(fashion
         while not (out / "checkpoints" / "1").exists():
             assert first.poll() is None and time.monotonic() < deadline, "the first run never saved"
             time.sleep(0.05)
-        os.kill(first.pid, signal.SIGSTOP)  # hold the first writer still while the second tries
+        os.kill(first.pid, signal.SIGSTOP)
         before = snapshot(out)
-        extra = second if second[:1] == ["--resume"] else args(fashion_dir, out, *second)
-        argv = ["train", "--out", str(out), "--quiet", *second] if second[:1] == ["--resume"] \
-            else extra
-        assert cli.main(argv) == 2
-        error = capsys.readouterr().err
-        assert f"is being written by process {first.pid}" in error and "Nothing was changed" in error
-        assert snapshot(out) == before
+        for argv in (args(fashion_dir, out, "--overwrite"), args(fashion_dir, out),
+                     ["train", "--resume", "--out", str(out), "--quiet", "--epochs", "5"]):
+            assert cli.main(argv) == 2
+            error = capsys.readouterr().err
+            assert f"is being written by process {first.pid}" in error, argv
+            assert "Nothing was changed" in error and snapshot(out) == before, argv
     finally:
         os.kill(first.pid, signal.SIGCONT)
     assert first.wait(timeout=300) == 0
