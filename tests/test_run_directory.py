@@ -35,6 +35,11 @@ def snapshot(directory) -> dict:
             for p in sorted(directory.rglob("*"))}
 
 
+def full_disk(*args, **kwargs):
+    """A checkpoint write on a full disk."""
+    raise OSError(28, "No space left on device")
+
+
 @pytest.fixture(scope="module")
 def finished(fashion_dir, tmp_path_factory):
     """A finished two-epoch run, copied fresh for each test by ``run_copy``."""
@@ -112,10 +117,6 @@ def test_overwrite_replaces_the_old_run_once_the_new_one_checkpoints(fashion_dir
 def test_a_resume_whose_checkpoint_cannot_be_written_changes_nothing(run_copy, monkeypatch,
                                                                      capsys):
     before = snapshot(run_copy)
-
-    def full_disk(self, *args, **kwargs):
-        raise OSError(28, "No space left on device")
-
     monkeypatch.setattr(checkpoint.Checkpoints, "save", full_disk)
     with pytest.raises(OSError, match="No space left"):
         cli.main(["train", "--resume", "--out", str(run_copy), "--quiet", "--epochs", "4"])
@@ -210,11 +211,7 @@ def test_a_checkpoint_the_disk_cannot_take_is_one_line_and_changes_nothing(run_c
                                                                            capfd):
     import orbax.checkpoint as ocp
     before = snapshot(run_copy)
-
-    def full(self, *args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
     assert cli.main(["train", "--resume", "--out", str(run_copy), "--quiet", "--epochs", "4"]) == 2
     error = capfd.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "checkpoints/3 could not be written (OSError: [Errno 28] No space" \

@@ -116,8 +116,9 @@ def _check_finite(state, losses, epoch: int, start: _Start) -> None:
     found = _found(start.checkpoints, start.midway, start.steps_per_epoch)
     kept = (f"The last good checkpoint ({_when(found[0][0], start.steps_per_epoch)}) is kept in "
             f"{found[0][1].directory}; lower the learning rate and start again (--overwrite "
-            "keeps this run until the new one checkpoints)") if found else ("No epoch completed, so no checkpoint was written; "
-                                               "lower the learning rate and start again (--overwrite)")
+            "keeps this run until the new one checkpoints)") if found else (
+        "No epoch completed, so no checkpoint was written; lower the learning rate and start "
+        "again (--overwrite)")
     raise DivergenceError(f"training diverged in epoch {epoch + 1} at {where}: non-finite values",
                           kept)
 
@@ -129,7 +130,7 @@ def _floats(tree):
 def check_fits(model, name: str, dataset: data.Dataset | streaming.StreamedDataset) -> None:
     """Raises if the model cannot take the dataset's images (traced with shapes only, no compile),
     or if ``rule.layers`` names a layer the model does not have."""
-    dtype = getattr(dataset, "train_images", np.zeros((), np.float32)).dtype
+    dtype = dataset.train_images.dtype if isinstance(dataset, data.Dataset) else jnp.float32
     try:
         jax.eval_shape(model.init, {"params": jax.random.key(0)},
                        jax.ShapeDtypeStruct((1,) + dataset.image_shape, dtype))
@@ -255,8 +256,8 @@ def _check_resumable(out: epath.Path, text: str | None, config, when: str) -> No
     checkpoint was trained under, naming every such key."""
     if text is None:
         return
-    saved, _ = _trained_under(out, text)
-    changed = [c for c in _changes(saved, config) if not c.startswith(RESUMABLE)]
+    changed = [c for c in _changes(config_lib.from_json(text), config)
+               if not c.startswith(RESUMABLE)]
     if changed:
         raise ValueError(
             f"the checkpoint {when} in {out} was trained under another config: "
@@ -399,11 +400,12 @@ class _Start:
 def _claim(directory: rundir.RunDirectory, overwrite: bool) -> None:
     """A new run's directory: refused if it holds a run and ``overwrite`` is not set, else that
     run set aside (``rundir``); every process checks it before process 0 moves anything."""
-    if directory.holds_a_run() and not overwrite:
+    held = directory.holds_a_run()
+    if held and not overwrite:
         raise FileExistsError(f"run directory {directory.out} already exists; pass --resume to "
                               "continue it, --overwrite to replace it, or choose another --out")
     placement.barrier("pfa_jax: run directory checked")
-    if directory.holds_a_run():
+    if held:
         directory.set_aside()
     placement.barrier("pfa_jax: run directory emptied")
 

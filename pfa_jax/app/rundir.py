@@ -61,7 +61,10 @@ class RunDirectory:
 
     # -- lock ------------------------------------------------------------------------------------
     def __enter__(self) -> RunDirectory:
-        if not (self.writer and self.local):
+        if not self.writer:
+            return self
+        if not self.local:  # object storage: no lock, the directory made as before
+            self.out.mkdir(parents=True, exist_ok=True)
             return self
         if self.out.exists() and not self.out.is_dir():
             raise FileExistsError(f"{self.out} is a file, not a run directory; choose another --out")
