@@ -126,8 +126,8 @@ def _conv(module, spec, call):
                                   "conv (shared_weights=False), which no rule reaches")
 
     def conv(x, kernel, strides, padding, *, lhs_dilation=None, rhs_dilation=None,
-             feature_group_count=1, **_):
-        products.refuse_input_dilation(_path(module), lhs_dilation)
+             dimension_numbers=None, feature_group_count=1, **_):
+        products.check_conv(_path(module), x, kernel, lhs_dilation, dimension_numbers)
         stored = module.get_variable("params", "kernel")
         return pnn.rule_product(module, spec, stored, kernel.dtype, lambda rule, fb, key: rule.conv(
             x, kernel, fb, key, strides=tuple(strides), padding=padding,

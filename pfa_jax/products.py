@@ -19,8 +19,9 @@ import dataclasses
 import math
 
 import jax.numpy as jnp
+from jax import lax
 
-__all__ = ["einsum_axes", "matrix_product", "MatrixView", "refuse_input_dilation", "view_of"]
+__all__ = ["einsum_axes", "matrix_product", "MatrixView", "check_conv", "view_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +89,21 @@ def einsum_axes(where: str, equation: str, x_ndim: int):
             [free.index(c) for c in out])
 
 
-def refuse_input_dilation(where: str, lhs_dilation) -> None:
-    """The rules' conv takes strides, padding, kernel dilation and groups, not input dilation."""
+def check_conv(where: str, x, kernel, lhs_dilation, dimension_numbers) -> None:
+    """Refuses a Flax conv call the rules' conv would read differently: input dilation (the rules'
+    conv takes strides, padding, kernel dilation and groups), or a layout other than channels-last
+    inputs and outputs with a ``(*window, in, out)`` kernel (Flax's layers always pass that one;
+    ``None`` means lax's ``NCHW`` / ``OIHW``)."""
     if lhs_dilation is not None and any(d != 1 for d in lhs_dilation):
         raise ValueError(f"with_rule: layer {where!r} has input_dilation={tuple(lhs_dilation)}, "
                          "which the rules' conv does not take; give it 'bp' in the rule map")
+    n = x.ndim
+    channels_last = lax.ConvDimensionNumbers((0, n - 1, *range(1, n - 1)),
+                                             (n - 1, n - 2, *range(n - 2)),
+                                             (0, n - 1, *range(1, n - 1)))
+    given = lax.conv_dimension_numbers(x.shape, kernel.shape, dimension_numbers)
+    if given != channels_last:
+        raise ValueError(f"with_rule: layer {where!r} calls its conv with dimension_numbers="
+                         f"{dimension_numbers!r}; the rules' conv takes channels-last inputs and "
+                         "outputs with a (*window, in, out) kernel (flax's own layout); give the "
+                         "layer that layout, or 'bp' in the rule map")

@@ -59,7 +59,7 @@ def _routed_einsum(layer, equation, x, kernel, precision=None, **_):
 
 def _routed_conv(layer, x, kernel, strides, padding, lhs_dilation=None, rhs_dilation=None,
                  dimension_numbers=None, feature_group_count=1, precision=None, **_):
-    products.refuse_input_dilation(layer.path, lhs_dilation)
+    products.check_conv(layer.path, x, kernel, lhs_dilation, dimension_numbers)
     return layer.rule_product(lambda rule, fb, key: rule.conv(
         x, kernel, fb, key, strides=tuple(strides), padding=padding,
         kernel_dilation=tuple(rhs_dilation or (1,) * (kernel.ndim - 2)),

@@ -188,8 +188,20 @@ class Rule:
         del key, kernel, warmup
         return feedback
 
-    def init_feedback(self, key: jax.Array, kernel: jax.Array) -> Feedback:
-        """The layer's feedback arrays (a dict, possibly empty) for a kernel in flax layout."""
+    def init_feedback(self, key: jax.Array, kernel: jax.Array, *,
+                      kernel_layout: str = "HWIO") -> Feedback:
+        """The layer's feedback arrays (a dict, possibly empty) for ``kernel``.
+
+        ``kernel_layout`` (``ops.KERNEL_LAYOUTS``): ``'HWIO'``, flax's ``(*window, in, out)`` (and a
+        dense ``(in, out)``), or ``'OIHW'``, PyTorch's ``(out, in, *window)``. The feedback arrays are
+        always in the library's layout, whatever the kernel's; pass the same ``kernel_layout`` to
+        ``conv``.
+        """
+        return self.draw_feedback(key, ops.flax_kernel(kernel, kernel_layout))
+
+    def draw_feedback(self, key: jax.Array, kernel: jax.Array) -> Feedback:
+        """The rule's feedback arrays for a kernel in the library's layout (what subclasses
+        implement; users call ``init_feedback``)."""
         del key, kernel
         return {}
 
@@ -201,8 +213,15 @@ class Rule:
         return self.apply(op, x, kernel, feedback, key)
 
     def conv(self, x, kernel, feedback: Feedback, key: jax.Array | None = None, *, strides=1,
-             padding="SAME", kernel_dilation=1, feature_group_count: int = 1):
-        """Channels-last convolution with a flax-layout kernel, with the rule's backward."""
+             padding="SAME", kernel_dilation=1, feature_group_count: int = 1,
+             kernel_layout: str = "HWIO"):
+        """Channels-last convolution ``x: (batch, *spatial, channels)`` with the rule's backward.
+
+        The kernel is flax's ``(*window, in, out)`` unless ``kernel_layout='OIHW'`` says it is
+        PyTorch's ``(out, in, *window)``: shapes cannot tell the two apart, so nothing is guessed.
+        ``feedback`` comes from ``init_feedback`` given the same ``kernel_layout``.
+        """
+        kernel = ops.flax_kernel(kernel, kernel_layout)
         op = ops.conv_op(kernel.ndim - 2, strides, padding, kernel_dilation, feature_group_count)
         op.check(x, kernel)
         return self.apply(op, x, kernel, feedback, key)
@@ -244,7 +263,7 @@ class DrawnFeedbackRule(KernelFeedbackRule):
             raise ValueError(f"{self.name}: rho={self.rho!r} must lie in [-1, 1] (or be None for an "
                              "independent draw)")
 
-    def init_feedback(self, key, kernel):
+    def draw_feedback(self, key, kernel):
         draw = self.kernel_init()(key, kernel.shape, kernel.dtype)
         if self.rho is not None:
             draw = soft_align(kernel, draw, self.rho)

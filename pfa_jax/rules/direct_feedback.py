@@ -174,7 +174,7 @@ class DFA(SparseFeedback, Rule):
                              "outputs; leave classes unset (the model sets it) or make them equal")
         return self
 
-    def init_feedback(self, key, kernel):
+    def draw_feedback(self, key, kernel):
         if self.classes is None:
             raise ValueError("dfa needs the number of classes: pfa_jax.rules.get('dfa', classes=N) "
                              "(pfa_jax.models.get sets it from num_classes)")

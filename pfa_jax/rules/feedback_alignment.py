@@ -29,8 +29,8 @@ __all__ = ["FA", "KP"]
 class FA(SparseFeedback, DrawnFeedbackRule):
     name = "fa"
 
-    def init_feedback(self, key, kernel):
-        return {"B": self.sparsify(key, super().init_feedback(key, kernel)["B"])}
+    def draw_feedback(self, key, kernel):
+        return {"B": self.sparsify(key, super().draw_feedback(key, kernel)["B"])}
 
     def feedback_kernel(self, kernel, feedback, key):
         return lax.stop_gradient(feedback["B"])

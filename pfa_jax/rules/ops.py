@@ -22,10 +22,28 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["conv_op", "ConvOp", "DenseOp", "input_grad", "kernel_grad", "PADDING_CHOICES",
-           "window_size"]
+__all__ = ["conv_op", "ConvOp", "DenseOp", "flax_kernel", "input_grad", "kernel_grad",
+           "KERNEL_LAYOUTS", "PADDING_CHOICES", "window_size"]
 
 PADDING_CHOICES = "'SAME', 'VALID', an int, or one (low, high) pair per spatial dimension"
+# name -> what the name means, for any number of spatial dims (H, W stand for all of them).
+KERNEL_LAYOUTS = {"HWIO": "(*window, in, out): flax's and lax's channels-last layout",
+                  "OIHW": "(out, in, *window): PyTorch's layout"}
+
+
+def flax_kernel(kernel, layout: str = "HWIO"):
+    """``kernel`` in the library's layout ``(*window, in, out)``, from ``layout`` (``KERNEL_LAYOUTS``).
+
+    A layout cannot be told from shapes (a ``(3, 3, 3, 3)`` kernel fits both), so it is never
+    guessed: a PyTorch kernel must be named ``'OIHW'``. The transpose is differentiable, so the
+    gradient with respect to the given kernel comes back in its own layout.
+    """
+    if layout not in KERNEL_LAYOUTS:
+        raise ValueError(f"kernel_layout={layout!r} is unknown; valid layouts: " + "; ".join(
+            f"{name!r} {meaning}" for name, meaning in KERNEL_LAYOUTS.items()))
+    if layout == "HWIO":
+        return kernel
+    return jnp.transpose(kernel, tuple(range(2, kernel.ndim)) + (1, 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +83,13 @@ class ConvOp:
     def check(self, x, kernel):
         spatial = kernel.ndim - 2
         if x.ndim != kernel.ndim or x.shape[-1] != kernel.shape[-2] * self.groups:
+            torch = x.ndim == kernel.ndim and x.shape[-1] == kernel.shape[1] * self.groups
             raise ValueError(
                 f"conv: input of shape {x.shape} does not match kernel of shape {kernel.shape} with "
                 f"feature_group_count={self.groups}; expected input (batch, *spatial, channels) with "
-                f"{spatial} spatial dims and channels == kernel.shape[-2] * feature_group_count")
+                f"{spatial} spatial dims, a kernel (*window, in, out) and channels == in * "
+                "feature_group_count" + ("; this kernel fits PyTorch's (out, in, *window): pass "
+                                         "kernel_layout='OIHW'" if torch else ""))
         if kernel.shape[-1] % self.groups:
             raise ValueError(f"conv: {kernel.shape[-1]} output features are not divisible by "
                              f"feature_group_count={self.groups}")

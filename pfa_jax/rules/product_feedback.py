@@ -246,7 +246,7 @@ class PFA(Rule):
         limit = math.sqrt(3.0 / (self.density * mid))
         return jax.random.uniform(key, (out, mid), dtype, -limit, limit)
 
-    def init_feedback(self, key, kernel):
+    def draw_feedback(self, key, kernel):
         out = kernel.shape[-1]
         mid = self.mid(out)
         k_bp, k_r, k_mask_bp, k_mask_r = jax.random.split(key, 4)

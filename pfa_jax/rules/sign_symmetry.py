@@ -35,7 +35,7 @@ __all__ = ["BRSF", "FRSF", "USF"]
 class USF(SparseFeedback, KernelFeedbackRule):
     name = "usf"
 
-    def init_feedback(self, key, kernel):
+    def draw_feedback(self, key, kernel):
         if self.density == 1.0:
             return {}
         return {"mask": self.feedback_mask(key, kernel.shape).astype(kernel.dtype)}
