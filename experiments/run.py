@@ -51,7 +51,7 @@ import ml_collections  # noqa: E402
 from experiments import configs  # noqa: E402
 from experiments.configs import common  # noqa: E402
 from pfa_jax.app import config as config_lib  # noqa: E402
-from pfa_jax.app import experiment, placement, rundir, spec  # noqa: E402
+from pfa_jax.app import experiment, placement, population_run, rundir, spec  # noqa: E402
 
 DEFAULT_OUT = epath.Path(__file__).parent / "results"
 
@@ -123,11 +123,49 @@ def train_one(config_json: str, run_dir: str, progress: bool) -> dict:
     except rundir.RunDirectoryBusyError as error:
         return {"busy": str(error)}
     except experiment.DivergenceError as error:
-        if placement.writer():  # a new run that diverged before its first checkpoint left nothing
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "diverged.json").write_text(json.dumps(
-                {"error": str(error), "diagnosis": error.diagnosis}, indent=2) + "\n")
-        return {"diverged": str(error)}
+        return _diverged(run_dir, error)
+
+
+def _diverged(run_dir: epath.Path, error: experiment.DivergenceError) -> dict:
+    """Writes ``diverged.json`` (a new run that diverged before its first checkpoint left
+    nothing, so the directory may have to be made again)."""
+    if placement.writer():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "diverged.json").write_text(json.dumps(
+            {"error": str(error), "diagnosis": error.diagnosis}, indent=2) + "\n")
+    return {"diverged": str(error)}
+
+
+def train_group(config_jsons: list[str], run_dirs: list[str], progress: bool) -> list[dict]:
+    """Trains one job: a single run (``train_one``), or new runs that differ only in seed as one
+    population (``pfa_jax.app.population_run``); returns each run's outcome as ``train_one``
+    does."""
+    if len(config_jsons) == 1:
+        return [train_one(config_jsons[0], run_dirs[0], progress)]
+    specs = [spec.resolve(config_lib.from_json(text)) for text in config_jsons]
+    try:
+        outcomes = population_run.run(specs, run_dirs, progress)
+    except rundir.RunDirectoryBusyError:  # another process holds a member: train them one by one
+        return [train_one(text, path, progress) for text, path in zip(config_jsons, run_dirs)]
+    return [_diverged(epath.Path(path), outcome)
+            if isinstance(outcome, experiment.DivergenceError) else outcome
+            for path, outcome in zip(run_dirs, outcomes)]
+
+
+def populations(todo: list, out: epath.Path) -> list[list]:
+    """``todo``'s runs as jobs: the new runs whose configs differ only in ``seed`` (and that
+    ``population_run.refusal`` accepts) one job each group, every other run a job of its own."""
+    groups: dict[str, list] = {}
+    for job in todo:
+        name, run, config = job
+        key = None
+        if state(run_dir(out, name, run)) == "new" and not population_run.refusal(
+                spec.resolve(config)):
+            unseeded = ml_collections.ConfigDict(config.to_dict())
+            unseeded.seed = 0
+            key = unseeded.to_json(sort_keys=True)
+        groups.setdefault(key or f"single {len(groups)}", []).append(job)
+    return list(groups.values())
 
 
 def _record_invocation(exp_dir: epath.Path, name: str, started: float, info: dict) -> None:
@@ -181,21 +219,27 @@ def _follow_parent(parent: int, every: float = 1.0) -> None:
     threading.Thread(target=watch, name="pfa_jax-follow-parent", daemon=True).start()
 
 
-def _train_all(todo, out: epath.Path, workers: int, progress: bool):
-    """Yields ``((experiment, run), summary)`` as runs finish: in this process with one worker,
-    else in ``workers`` spawned processes."""
+def _train_all(jobs: list[list], out: epath.Path, workers: int, progress: bool):
+    """Yields ``((experiment, run), summary)`` as runs finish (``jobs``: lists of runs, each list
+    trained by one ``train_group``): in this process with one worker, else in ``workers`` spawned
+    processes."""
+    def arguments(job):
+        return ([config.to_json() for _, _, config in job],
+                [str(run_dir(out, name, run)) for name, run, _ in job])
+
     if workers == 1:
-        for name, run, config in todo:
-            yield (name, run), train_one(config.to_json(), str(run_dir(out, name, run)), progress)
+        for job in jobs:
+            for (name, run, _), summary in zip(job, train_group(*arguments(job), progress)):
+                yield (name, run), summary
         return
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
                                                 initializer=_follow_parent,
                                                 initargs=(os.getpid(),)) as pool:
-        futures = {pool.submit(train_one, config.to_json(), str(run_dir(out, name, run)), False):
-                   (name, run) for name, run, config in todo}
+        futures = {pool.submit(train_group, *arguments(job), False): job for job in jobs}
         for future in concurrent.futures.as_completed(futures):
-            yield futures[future], future.result()
+            for (name, run, _), summary in zip(futures[future], future.result()):
+                yield (name, run), summary
 
 
 def _cost(config: ml_collections.ConfigDict) -> float:
@@ -217,6 +261,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="runs trained at once")
     parser.add_argument("--list", action="store_true", help="list the runs and their state")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch output")
+    parser.add_argument("--population", action="store_true",
+                        help="train the new runs that differ only in seed as one population each "
+                             "(one compiled program; every run directory as a single run's)")
     placement.add_arguments(parser)
     args = parser.parse_args(argv)
     if not args.experiments:
@@ -260,14 +307,18 @@ def main(argv=None) -> int:
         return 0
     info = {"id": uuid.uuid4().hex[:12],
             "started": datetime.datetime.now().isoformat(timespec="seconds"), **hardware(),
-            "workers": args.workers, "overrides": args.set}
+            "workers": args.workers, "population": args.population, "overrides": args.set}
     started = time.time()
     stored = {}  # run directory -> its first job: a run shared by two sweeps trains once
     for name, run, config in jobs:
         stored.setdefault(run_dir(args.out, name, run), (name, run, config))
     todo = sorted([job for path, job in stored.items() if state(path) in ("new", "partial")],
                   key=lambda job: -_cost(job[2]))
-    print(f"{len(todo)} of {len(stored)} runs to train ({len(stored) - len(todo)} finished before)")
+    groups = populations(todo, args.out) if args.population else [[job] for job in todo]
+    pooled = [group for group in groups if len(group) > 1]
+    print(f"{len(todo)} of {len(stored)} runs to train ({len(stored) - len(todo)} finished before)"
+          + (f"; {sum(map(len, pooled))} of them in {len(pooled)} population(s)"
+             if args.population else ""))
     placement.barrier("experiments.run: runs listed")  # before process 0 writes into any of them
     lock = threading.Lock()
 
@@ -279,7 +330,7 @@ def main(argv=None) -> int:
     record()
     stop = _keep_recording(record)
     try:
-        for (name, run), summary in _train_all(todo, args.out, args.workers, not args.quiet):
+        for (name, run), summary in _train_all(groups, args.out, args.workers, not args.quiet):
             outcome = (f"diverged: {summary['diverged']}" if "diverged" in summary else
                        f"skipped: {summary['busy']}" if "busy" in summary else
                        f"test accuracy {100 * summary['test_accuracy']:.2f}% "

@@ -39,7 +39,7 @@ import optax
 
 from pfa_jax import fields
 
-__all__ = ["build", "hyperparameters", "multistep", "OptimizerConfig", "OPTIMIZERS", "Schedule"]
+__all__ = ["build", "coupled_sgd", "hyperparameters", "multistep", "OptimizerConfig", "OPTIMIZERS", "Schedule"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # field -> (whether a value is valid, the valid values in words)
@@ -166,10 +166,10 @@ class OptimizerConfig:
         parameters it steps, so float64 parameters get float64 rates and float32 ones are never
         promoted)."""
         def make(learning_rate, weight_decay):
-            decay = optax.add_decayed_weights(weight_decay)
             if self.name == "sgd":
-                body = [decay, optax.trace(decay=self.momentum, nesterov=self.nesterov)]
-            elif self.name == "adam":
+                return coupled_sgd(learning_rate, self.momentum, weight_decay, self.nesterov)
+            decay = optax.add_decayed_weights(weight_decay)
+            if self.name == "adam":
                 body = [decay, optax.scale_by_adam(self.b1, self.b2, self.eps)]
             else:
                 body = [optax.scale_by_adam(self.b1, self.b2, self.eps), decay]
@@ -177,6 +177,28 @@ class OptimizerConfig:
 
         lr, wd = self.schedules(dtype)
         return optax.inject_hyperparams(make)(learning_rate=lr, weight_decay=wd)
+
+
+def coupled_sgd(learning_rate, momentum: float = 0.9, weight_decay=0.0, nesterov: bool = False
+                ) -> optax.GradientTransformation:
+    """The papers' SGD with *coupled* weight decay (PyTorch's ``weight_decay``), as an optax alias:
+    ``u = g + wd w;  m <- mu m + u;  w <- w - lr m`` (``nesterov``: ``w <- w - lr (u + mu m)``).
+
+    ``learning_rate`` and ``weight_decay``: numbers (traced scalars too, so it serves as a
+    ``pfa_jax.population`` factory) or optax schedules of the step (``multistep``).
+
+    Example:
+
+    >>> import jax.numpy as jnp
+    >>> tx = coupled_sgd(0.1, momentum=0.9, weight_decay=0.5)
+    >>> w = {"w": jnp.array([2.0])}
+    >>> steps, _ = tx.update({"w": jnp.array([1.0])}, tx.init(w), w)
+    >>> steps["w"]  # -lr (g + wd w) = -0.1 (1 + 0.5 * 2)
+    Array([-0.2], dtype=float32)
+    """
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.trace(decay=momentum, nesterov=nesterov),
+                       optax.scale_by_learning_rate(learning_rate))
 
 
 def build(optimizer=None, feedback=None, dtype=jnp.float32, **overrides

@@ -302,7 +302,7 @@ def test_fa_feedback_on_every_layer(name):
 
 
 @pytest.mark.parametrize("rule", rules.names())
-@pytest.mark.parametrize("name", ["lenet", "resnet20"])
+@pytest.mark.parametrize("name", ["lenet", pytest.param("resnet20", marks=pytest.mark.slow)])
 def test_every_rule_trains(name, rule):
     model, x = models.get(name, rule=rule), images(SHAPES[name])
     rule_variables = initialised(name, rule)

@@ -100,7 +100,7 @@ def twins(name, rule, shape, **options):
     ("ffn2", "kp", (4, 4, 1), {"widths": (8, 8)}),
     ("ffn2", "dfa", (4, 4, 1), {"widths": (8, 8)}),
     ("ffn2", "fa", (4, 4, 1), {"widths": (8, 8), "activation": "tanh"}),
-    ("resnet20", "pfa", (8, 8, 1), {"blocks_per_stage": 1}),
+    pytest.param("resnet20", "pfa", (8, 8, 1), {"blocks_per_stage": 1}, marks=pytest.mark.slow),
     pytest.param("resnet20", "dfa", (8, 8, 1), {"blocks_per_stage": 1}, marks=pytest.mark.slow),
 ])
 def test_nnx_training_steps_equal_linen_steps(name, rule, shape, options):

@@ -52,6 +52,7 @@ def fashion_dir(tmp_path_factory):
     return make_fashion_dir(tmp_path_factory.mktemp("fashion"), 512, 128)
 
 
+@pytest.mark.slow  # 50 s; the committed executed notebook's outputs are checked in the default tier
 def test_colab_notebook_installs_from_the_checkout_trains_and_plots(fashion_dir, tmp_path,
                                                                      monkeypatch):
     monkeypatch.setenv("PFA_JAX_NOTEBOOK_SMOKE", "1")  # 512 images, 32-unit layers, 2 epochs

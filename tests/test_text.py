@@ -117,6 +117,7 @@ def fortunes_dir(tmp_path_factory):
     return str(write_fortunes(tmp_path_factory.mktemp("corpus") / "fortunes", cookies))
 
 
+@pytest.mark.slow  # 35 s; the corpus, windows and next-token loss are tested in the default tier
 def test_train_a_character_model_from_the_command(fortunes_dir, tmp_path):
     out = tmp_path / "lm"
     code = cli.main(["train", "--model", "transformer_lm", "--dataset", "fortunes", "--rule",

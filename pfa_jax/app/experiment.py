@@ -570,24 +570,32 @@ def _train(spec: RunSpec, start: _Start, state, key, records: _Records, saved: C
             within["save"] = _midway_save(start, records, epoch, epoch_start, saved)
         state, steps = start.source.train_epoch(state, jax.random.fold_in(key, epoch), epoch,
                                                 progress, **within)
-        steps = jax.device_get(steps)
-        records.steps(epoch, steps)
-        _check_finite(state, steps["loss"], epoch, start)
-        record = _epoch_record(state, steps, start.source.evaluate(state), start.heldout, epoch,
-                               time.perf_counter() - epoch_start)
-        records.epoch(record)
-        try:
-            start.checkpoints.save(epoch + 1, state, records.lines, config=start.config)
-        except BaseException:
-            records.drop_last()  # metrics.jsonl describes exactly the checkpoints on disk
-            raise
-        saved()
+        record = finish_epoch(start, state, steps, records, epoch, epoch_start, saved)
         bar.set_postfix(loss=f"{record['train_loss']:.4f}",
                         acc=f"{100 * record['train_accuracy']:.2f}%",
                         test_acc=f"{100 * record['test_accuracy']:.2f}%")
         if progress:
             tqdm.write(format_record(record, spec.epochs))
     return state
+
+
+def finish_epoch(start: _Start, state, steps: dict, records: _Records, epoch: int,
+                 epoch_start: float, saved: Callable[[], None]) -> dict:
+    """What follows an epoch's steps: its step records, the divergence check, evaluation, the
+    epoch's record and its checkpoint (then ``saved()``); returns the record."""
+    steps = jax.device_get(steps)
+    records.steps(epoch, steps)
+    _check_finite(state, steps["loss"], epoch, start)
+    record = _epoch_record(state, steps, start.source.evaluate(state), start.heldout, epoch,
+                           time.perf_counter() - epoch_start)
+    records.epoch(record)
+    try:
+        start.checkpoints.save(epoch + 1, state, records.lines, config=start.config)
+    except BaseException:
+        records.drop_last()  # metrics.jsonl describes exactly the checkpoints on disk
+        raise
+    saved()
+    return record
 
 
 def _summary(spec: RunSpec, start: _Start, state, key, records: _Records,

@@ -1,0 +1,142 @@
+"""Runs that differ only in their seed, trained as one population (``pfa_jax.population``) and
+written as their single runs write them.
+
+Each member gets its own run directory, locked and prepared exactly as ``experiment.run`` prepares a
+new run (``config.json``, the same initial state from its seed); then every epoch is one
+``pfa_jax.population.train_epoch`` of all members, each with its single run's epoch key
+``fold_in(key, epoch)``, and each member's epoch is finished as a single run finishes it
+(``experiment.finish_epoch``: its records in ``metrics.jsonl`` and TensorBoard, evaluation, its
+checkpoint), and its ``summary.json`` written as a single run's. A member whose training diverges
+is closed as a single run that diverged is (its directory as the failed run leaves it) and
+reported, while the others go on. Only ``epoch_time`` and ``wall_time`` differ from the single
+runs: the members share the population's epochs.
+
+Which runs can be members (``refusal``): new runs (a partial one resumes as a single run), on one
+device of one process, with in-memory data and no mid-epoch checkpoints; members differ only in
+``seed``, so they share model, rule, optimizer and data (the caller groups them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import jax
+from etils import epath
+
+from pfa_jax import population
+from pfa_jax.app import experiment, placement, pretrain, rundir
+from pfa_jax.app.spec import RunSpec
+
+__all__ = ["refusal", "run"]
+
+
+def refusal(spec: RunSpec) -> str | None:
+    """Why the run ``spec`` cannot be a population member, or None."""
+    if jax.process_count() > 1 or (spec.devices or jax.device_count()) > 1:
+        return "it trains on several devices"
+    if spec.data.streamed:
+        return "its data are streamed"
+    if spec.checkpoint_every_steps:
+        return "it checkpoints within epochs"
+    return None
+
+
+@dataclasses.dataclass
+class _Member:
+    spec: RunSpec
+    directory: rundir.RunDirectory
+    start: experiment._Start
+    records: experiment._Records
+    key: jax.Array
+    state: object
+    begun: float
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Closes the records and the run directory (with ``error``: as a failed single run)."""
+        self.records.close()
+        self.directory.__exit__(None if error is None else type(error), error,
+                                None if error is None else error.__traceback__)
+
+
+def _open(spec: RunSpec, out: epath.Path) -> _Member:
+    """A member's run directory, claimed and prepared as a new single run's."""
+    init_key, key = jax.random.split(jax.random.key(spec.seed))
+    directory = rundir.RunDirectory(out, writer=placement.writer()).__enter__()
+    try:
+        start = experiment._prepare(spec, directory, True, False, init_key)
+        state = start.resumed.state
+        if spec.noise_pretrain_steps:
+            state, _ = pretrain.noise_pretrain(state, jax.random.fold_in(key, 2**31),
+                                               spec.noise_pretrain_steps, spec.data.batch_size,
+                                               start.source.dataset.num_classes)
+        records = experiment._Records(start.out, [], spec, start.steps_per_epoch, 0)
+    except BaseException as error:
+        directory.__exit__(type(error), error, error.__traceback__)
+        raise
+    return _Member(spec, directory, start, records, key, state, time.perf_counter())
+
+
+def _stacked(members: Sequence[_Member]) -> population.Population:
+    """The members' states as one population: their optimizers are equal (the members differ only
+    in seed), so member 0's transformation serves all."""
+    first = members[0].state
+    return population.stack([m.state.replace(tx=first.tx, feedback_tx=first.feedback_tx)
+                             for m in members])
+
+
+def _epoch(members: list[_Member], epoch: int) -> dict[int, BaseException]:
+    """One epoch of every member; returns the members (by index) whose epoch failed."""
+    spec, dataset = members[0].spec, members[0].start.source.dataset
+    epoch_start = time.perf_counter()
+    pop, steps = population.train_epoch(
+        _stacked(members), dataset.train_images, dataset.train_labels,
+        jax.numpy.stack([jax.random.fold_in(m.key, epoch) for m in members]), spec.data.batch_size,
+        spec.data.augment)
+    failed = {}
+    for i, m in enumerate(members):
+        m.state = population.member(pop, i)
+        try:
+            experiment.finish_epoch(m.start, m.state, jax.tree.map(lambda a, i=i: a[i], steps),
+                                    m.records, epoch, epoch_start, m.directory.commit)
+        except experiment.DivergenceError as error:
+            failed[i] = error
+    return failed
+
+
+def run(specs: Sequence[RunSpec], outs: Sequence[str | epath.Path], progress: bool = True
+        ) -> list[dict | experiment.DivergenceError]:
+    """Trains the new runs ``specs`` (differing only in seed) as one population into ``outs``;
+    returns each member's summary, or the ``DivergenceError`` that stopped it."""
+    for i, other in enumerate(specs[1:], 1):
+        changes = [c for c in experiment._changes(specs[0].config, other.config)
+                   if not c.startswith("seed:")]
+        if changes:
+            raise ValueError(f"population: run {i} differs from run 0 in more than its seed: "
+                             + "; ".join(changes))
+    results: list = [None] * len(specs)
+    members, index = [], []
+    try:
+        for i, (spec, out) in enumerate(zip(specs, outs)):
+            members.append(_open(spec, epath.Path(out)))
+            index.append(i)
+        for epoch in range(specs[0].epochs):
+            for i, error in sorted(_epoch(members, epoch).items(), reverse=True):
+                members.pop(i).close(error)
+                results[index.pop(i)] = error
+            if progress:
+                print(f"population of {len(members)}: epoch {epoch + 1}/{specs[0].epochs}",
+                      flush=True)
+            if not members:
+                break
+        for i, m in zip(index, members):
+            results[i] = experiment._summary(m.spec, m.start, m.state, m.key, m.records,
+                                             time.perf_counter() - m.begun)
+            m.directory.commit()
+    except BaseException as error:
+        while members:
+            members.pop().close(error)
+        raise
+    while members:
+        members.pop().close()
+    return results

@@ -1,0 +1,269 @@
+"""Populations: ``P`` members of one model, rule and optimizer trained as one compiled program.
+
+A sweep over seeds and scalar hyper-parameters trains each member as its own program; on an
+accelerator a small network then uses a sliver of the device per step. A ``Population`` is the
+members' ``TrainState``s stacked on a leading member axis, stepped by ``jax.vmap`` of
+``pfa_jax.train``'s own step inside one ``jit``, so every member takes exactly the steps of its single
+run (equal to float32 rounding; tests/test_population.py checks it for every rule).
+
+What members may differ in:
+
+* their key (``create``'s ``keys``): parameters, feedback draws, per-step RNG streams;
+* the scalar hyper-parameters of the optimizer: ``tx`` is then a factory
+  ``tx(**hyperparams) -> optax.GradientTransformation`` (``optax.sgd``, ``optax.adamw``,
+  ``pfa_jax.optim.coupled_sgd``, or your own), called with each member's values when the member is
+  created and again, with the member's values as traced scalars, inside every compiled step, so it
+  must build the transformation with ``jnp`` arithmetic only (optax's aliases do);
+* each epoch's shuffle: ``train_epoch`` takes one epoch key per member.
+
+Everything else, the model (widths, PFA's ``expansion``), the rule and its options, the loss, is one
+program for all members: members that differ there are different populations (``stack`` refuses
+states whose models differ).
+
+Results carry the member axis first: ``train_step``'s metrics ``(P,)``, ``train_epoch``'s ``(P,
+steps)``, ``evaluate``'s ``(P,)``; ``apply(fn, population, ...)`` runs any function of one state
+(every metric of ``pfa_jax.metrics``) per member and stacks its results. ``member(population, i)`` is
+member ``i`` as the ``TrainState`` its single run would have (checkpoint it as one).
+
+Donation is explicit: ``train_step`` and ``train_epoch`` take ``donate=True`` by default (as
+``pfa_jax.train.train_epoch`` does its state), which deletes the population passed in and returns
+the new one: keep only the returned population, or pass ``donate=False``.
+
+Sharding: ``shard(population, mesh)`` lays the member axis over the mesh's ``"member"`` axis
+(``mesh(members_axis, batch_axis)`` builds one), so a population of 16 fills 4 devices with 4
+members each; a ``"batch"`` axis of the mesh splits each member's batch inside it.
+
+Example:
+
+>>> import jax, optax, pfa_jax as pj
+>>> model = pj.models.get("ffn2", rule="pfa", widths=(16,))
+>>> images, labels = jax.numpy.ones((8, 28, 28, 1)), jax.numpy.arange(8) % 10
+>>> pop = pj.population.create(jax.random.split(jax.random.key(0), 3), model, images[:1],
+...                            optax.sgd, learning_rate=[0.1, 0.05, 0.01], momentum=0.9)
+>>> pop.size
+3
+>>> pop, metrics = pj.population.train_step(pop, {"image": images, "label": labels})
+>>> metrics["loss"].shape
+(3,)
+>>> pj.population.evaluate(pop, images, labels)["accuracy"].shape
+(3,)
+>>> pop.hyperparams["learning_rate"]
+Array([0.1 , 0.05, 0.01], dtype=float32)
+>>> pj.population.member(pop, 2).step  # a single run's TrainState
+Array(1, dtype=int32)
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec
+
+from pfa_jax import augment as pfa_augment
+from pfa_jax import loops, train
+
+__all__ = ["apply", "create", "evaluate", "member", "mesh", "MEMBER", "Population", "shard", "stack",
+           "train_epoch", "train_step"]
+
+MEMBER = "member"  # the mesh axis the member axis is laid over
+
+
+class Population(struct.PyTreeNode):
+    """Members' ``TrainState``s stacked on a leading axis, with their optimizer hyper-parameters.
+
+    ``state``: one ``TrainState`` whose array leaves have the member axis first (its static fields,
+    the model and the first member's ``tx``, are shared); ``hyperparams``: name -> ``(P,)`` array of
+    each member's value; ``make_tx``: the factory the members' transformations come from (None:
+    one ``tx`` for all, the one in ``state``).
+    """
+
+    state: train.TrainState
+    hyperparams: dict
+    make_tx: Callable[..., optax.GradientTransformation] | None = struct.field(
+        pytree_node=False, default=None)
+
+    @property
+    def size(self) -> int:
+        return int(jax.tree.leaves(self.state.params)[0].shape[0])
+
+
+def _members(hyperparams: dict, size: int) -> list[dict]:
+    """Each member's hyper-parameters: a sequence gives one value per member, a scalar all of them."""
+    values = {}
+    for name, value in hyperparams.items():
+        column = np.asarray(value)
+        if column.ndim > 1 or (column.ndim == 1 and len(column) != size):
+            raise ValueError(f"population: {name}={value!r} must be a scalar or one value per "
+                             f"member ({size})")
+        values[name] = np.broadcast_to(column, (size,))
+    return [{name: column[i].item() for name, column in values.items()} for i in range(size)]
+
+
+def create(keys: jax.Array, model, sample_batch, tx=None, *, feedback_tx=None, rng_streams=None,
+           loss=None, **hyperparams) -> Population:
+    """``len(keys)`` members, member ``i`` exactly ``pfa_jax.train.create_train_state(keys[i],
+    model, sample_batch, tx_i, ...)`` with ``tx_i = tx(**hyperparams_i)``.
+
+    ``hyperparams``: each a scalar (every member) or a sequence with one value per member; given any,
+    ``tx`` must be a factory of them (module docstring). Without any, ``tx`` is what
+    ``create_train_state`` takes, shared by every member.
+    """
+    keys = jnp.asarray(keys)
+    if keys.ndim != 1 or not keys.shape[0]:
+        raise ValueError(f"population: keys of shape {keys.shape}; give one key per member, e.g. "
+                         "jax.random.split(key, P)")
+    per_member = _members(hyperparams, keys.shape[0])
+    if hyperparams and (isinstance(tx, optax.GradientTransformation) or not callable(tx)):
+        raise ValueError(f"population: hyper-parameters {sorted(hyperparams)} are given per "
+                         "member, so tx must be a factory tx(**hyperparams) such as optax.sgd, "
+                         f"not {tx!r}")
+    make = tx if hyperparams else (lambda: tx)
+    states = [train.create_train_state(key, model, sample_batch, make(**h), feedback_tx=feedback_tx,
+                                       rng_streams=rng_streams, loss=loss)
+              for key, h in zip(keys, per_member)]
+    return stack(states, hyperparams={name: [h[name] for h in per_member] for name in hyperparams},
+                 make_tx=tx if hyperparams else None)
+
+
+def stack(states: Sequence[train.TrainState], hyperparams: dict | None = None,
+          make_tx: Callable | None = None) -> Population:
+    """The population of single ``states`` (of one model; their ``tx`` built by ``make_tx`` from
+    each member's ``hyperparams``, or all one ``tx``): ``create`` without the creation, for states
+    made elsewhere (restored from checkpoints, say)."""
+    first = states[0]
+    for i, state in enumerate(states[1:], 1):
+        if state.model != first.model or state.loss is not first.loss:
+            raise ValueError(f"population: member {i}'s model or loss differs from member 0's; "
+                             "members of one population share the model, its rule and the loss")
+        if make_tx is None and state.tx is not first.tx:
+            raise ValueError(f"population: member {i} has another optimizer than member 0; give "
+                             "per-member hyper-parameters with make_tx, or one tx to all")
+    shared = [s.replace(tx=first.tx, feedback_tx=first.tx if s.feedback_tx is s.tx
+                        else s.feedback_tx) for s in states]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *shared)
+    columns = {name: jnp.asarray(values) for name, values in (hyperparams or {}).items()}
+    return Population(state=stacked, hyperparams=columns, make_tx=make_tx)
+
+
+def _as_member(population: Population, state: train.TrainState, hyperparams: dict):
+    """One member's state with its own ``tx`` (traced hyper-parameters inside a vmapped step)."""
+    if population.make_tx is None:
+        return state
+    tx = population.make_tx(**hyperparams)
+    own = state.feedback_tx is state.tx
+    return state.replace(tx=tx, feedback_tx=tx if own else state.feedback_tx)
+
+
+def _shared_static(population: Population, state: train.TrainState) -> train.TrainState:
+    """``state`` with the population's static ``tx`` back (no traced transformation leaves a step)."""
+    return state.replace(tx=population.state.tx, feedback_tx=population.state.feedback_tx)
+
+
+def member(population: Population, i: int) -> train.TrainState:
+    """Member ``i`` as the ``TrainState`` of its single run (its own ``tx``)."""
+    state = jax.tree.map(lambda x: x[i], population.state)
+    return _as_member(population, state, {k: v[i].item() for k, v in population.hyperparams.items()})
+
+
+def _vmapped_step(population: Population, batch, batch_axis):
+    def one(state, hyperparams, batch):
+        new, metrics = train.train_step(_as_member(population, state, hyperparams), batch)
+        return _shared_static(population, new), metrics
+
+    states, metrics = jax.vmap(one, in_axes=(0, 0, batch_axis))(
+        population.state, population.hyperparams, batch)
+    return population.replace(state=states), metrics
+
+
+_step = {donate: jax.jit(_vmapped_step, static_argnums=2, donate_argnums=(0,) if donate else ())
+         for donate in (True, False)}
+
+
+def train_step(population: Population, batch: dict, *, per_member: bool = False,
+               donate: bool = True):
+    """One ``pfa_jax.train.train_step`` of every member; returns ``(population, metrics)`` with
+    metrics ``(P,)``. ``batch``: one batch for all members, or (``per_member``) arrays with the
+    member axis first. ``donate``: the population passed in is deleted (module docstring)."""
+    return _step[donate](population, batch, 0 if per_member else None)
+
+
+def _epoch_body(population: Population, step, images, labels, augment_key, *, augment: str):
+    """Every member's step ``i`` of its own shuffle (``step = (i, indices)``, ``indices: (P,
+    batch)``, ``augment_key: (P,)``)."""
+    i, indices = step
+
+    def one(state, hyperparams, indices, key):
+        new, metrics = train._epoch_batch_step(_as_member(population, state, hyperparams),
+                                               (i, indices), images, labels, key, augment=augment)
+        return _shared_static(population, new), metrics
+
+    states, metrics = jax.vmap(one)(population.state, population.hyperparams, indices, augment_key)
+    return population.replace(state=states), metrics
+
+
+_epochs = {donate: loops.Loop(_epoch_body, static_argnames=("augment",), donate_carry=donate)
+           for donate in (True, False)}
+
+
+def train_epoch(population: Population, images, labels, keys: jax.Array, batch_size: int,
+                augment: str = "none", loop: str = "auto", donate: bool = True):
+    """One epoch of every member, member ``i`` exactly ``pfa_jax.train.train_epoch(member_i,
+    images, labels, keys[i], batch_size, augment)``: its own shuffle and augmentation from its
+    epoch key. Returns ``(population, metrics)``, metrics ``(steps, P)`` arrays transposed to ``(P,
+    steps)``. ``donate`` as in ``train_step``."""
+    pfa_augment.check(augment)
+    population.state.check(images, labels, "population.train_epoch")
+    keys = jnp.asarray(keys)
+    if keys.shape[:1] != (population.size,):
+        raise ValueError(f"population.train_epoch: {keys.shape[:1]} epoch keys for "
+                         f"{population.size} members; give one key per member")
+    steps = images.shape[0] // batch_size
+    if steps == 0:
+        raise ValueError(f"batch_size={batch_size} exceeds the {images.shape[0]} training examples")
+    images, labels = jnp.asarray(images), jax.tree.map(jnp.asarray, labels)
+    order = jax.vmap(lambda k: jax.random.permutation(k, images.shape[0])[:steps * batch_size]
+                     .reshape(steps, batch_size))(keys)
+    population, metrics = _epochs[donate](
+        population, (jnp.arange(steps), jnp.swapaxes(order, 0, 1)), images, labels,
+        jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys),
+        loop=loops.resolve(loop, population.state.params), augment=augment)
+    return population, jax.tree.map(lambda m: jnp.swapaxes(m, 0, 1), metrics)
+
+
+def evaluate(population: Population, images, labels, batch_size: int = 1000,
+             loop: str = "auto") -> dict:
+    """``pfa_jax.train.evaluate`` of every member: each metric a ``(P,)`` array."""
+    return jax.vmap(lambda state: train.evaluate(state, images, labels, batch_size, loop))(
+        population.state)
+
+
+def apply(fn: Callable[..., Any], population: Population, *args, **kwargs):
+    """``fn(member_i, *args, **kwargs)`` for every member, results stacked on a leading member axis
+    (any metric of ``pfa_jax.metrics``, a checkpoint writer, ...)."""
+    results = [fn(member(population, i), *args, **kwargs) for i in range(population.size)]
+    return jax.tree.map(lambda *values: jnp.stack([jnp.asarray(v) for v in values]), *results)
+
+
+def mesh(members: int, batch: int = 1, devices=None) -> jax.sharding.Mesh:
+    """A mesh of ``members x batch`` devices with axes ``("member", "batch")``."""
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    if devices.size != members * batch:
+        raise ValueError(f"population.mesh: {members} x {batch} does not use the {devices.size} "
+                         "devices; give members * batch == the number of devices")
+    return jax.sharding.Mesh(devices.reshape(members, batch), (MEMBER, train.AXIS))
+
+
+def shard(population: Population, mesh: jax.sharding.Mesh) -> Population:
+    """``population`` with its member axis laid over ``mesh``'s ``"member"`` axis (the member count
+    a multiple of that axis's size)."""
+    ways = mesh.shape[MEMBER]
+    if population.size % ways:
+        raise ValueError(f"population.shard: {population.size} members do not split over "
+                         f"{ways} devices of the mesh's {MEMBER!r} axis")
+    return jax.device_put(population, NamedSharding(mesh, PartitionSpec(MEMBER)))
