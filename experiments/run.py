@@ -3,6 +3,7 @@
     python -m experiments.run fig2_fashion_mnist                 # 30 runs, one after another
     python -m experiments.run soft_alignment_mlp --only 'fa*' --set epochs=5 --out /tmp/results
     python -m experiments.run fig2_fashion_mnist expansion_fashion_mnist --workers 8   # a GPU
+    python -m experiments.run fig2_fashion_mnist --population    # seeds as one program each
     python -m experiments.run fig2_fashion_mnist --list          # the runs and their state
     python -m experiments.run --list                             # every experiment
 
@@ -16,6 +17,10 @@ records the runs, their labels, the hardware and each invocation's wall time (up
 minute, so a killed invocation's is short by at most that). A run that another
 experiment shares (``common.Run.source``: the same config, checked before anything trains) lives in
 that experiment's directory: listed, trained if missing, and reported from there.
+
+``--population`` trains the new runs that differ only in ``seed`` as one population each
+(``pfa_jax.app.population_run``; the repository's ``docs/populations.md``), writing every run
+directory as its single run would.
 
 Every run's config is validated before the first one starts. ``--workers N`` runs N runs at once in
 separate processes (useful on a GPU, which small models leave mostly idle); GPU memory is then
