@@ -3,23 +3,25 @@ after another.
 
 For each model (``ffn2`` at batch 64 on 28x28x1 with P = 1, 4, 16, 64; ResNet-20 at batch 128 on
 32x32x3 with P = 1, 4) and rule (``bp``, ``pfa``), with SGD (momentum 0.9, each member its own
-learning rate) and random images, each member its own batch, two variants are timed interleaved
-(``common.interleaved_ms``):
+learning rate), one epoch of ``STEPS`` batches of random images (each member its own shuffle), three
+variants are timed interleaved (``common.interleaved_ms``):
 
-* ``sequential``: one jitted ``pfa_jax.train.train_step`` of a single member; P members run one
-  after another take P times its median;
-* ``population``: one ``pfa_jax.population.train_step`` of all P members (one compiled program).
+* ``single``: ``pfa_jax.train.train_epoch`` of a single member (on a fresh copy of its state, as the
+  epoch donates it); P members run one after another take P times its median;
+* ``vmap`` and ``sequential``: ``pfa_jax.population.train_epoch`` of all P members with that
+  strategy (``pfa_jax.population``; ``auto`` picks ``sequential`` on CPU, ``vmap`` elsewhere).
 
-``speedup`` = member-steps per second of the population over those of sequential runs, ``P *
-sequential_ms / population_ms``. Targets: on a GPU, at least 8 for ffn2 at P = 16; on CPU, at
-least 1.0 (no slower than sequential) for every P > 1. Prints JSON (also to ``--json PATH``), then
-a markdown table.
+``speedup`` = member-epochs per second of a population over those of single runs one after
+another, ``P * single_ms / population_ms``. Targets, for the strategy ``auto`` picks on the device:
+on a GPU, at least 8 for ffn2 at P = 16; on CPU, at least 1.0 (no slower than single runs) for every
+P > 1. Prints JSON (also to ``--json PATH``), then a markdown table.
 
     .venv/bin/python benchmarks/population.py [--repeats 10] [--quick] [--json PATH]
 """
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import pfa_jax as pj
@@ -29,6 +31,8 @@ CASES = {"ffn2": ((28, 28, 1), 64, (1, 4, 16, 64)), "resnet20": ((32, 32, 3), 12
 RULES = ("bp", "pfa")
 GPU_TARGET = {"ffn2": {16: 8.0}}  # P -> least speedup on a GPU
 CPU_TARGET = 1.0                  # least speedup on CPU, every P > 1
+STRATEGIES = ("vmap", "sequential")
+STEPS = 20  # batches per timed epoch
 
 
 def target(name: str, members: int) -> float | None:
@@ -39,17 +43,18 @@ def target(name: str, members: int) -> float | None:
 
 def variants(name: str, rule: str, shape, batch_size: int, members: int) -> dict:
     model = pj.models.get(name, rule=rule)
-    batches = random_batch((members * batch_size, *shape))
-    per_member = jax.tree.map(lambda a: a.reshape((members, batch_size) + a.shape[1:]), batches)
+    data = random_batch((STEPS * batch_size, *shape))
+    images, labels = data["image"], data["label"]
     rates = [0.01 * (1 + i % 4) for i in range(members)]
-    pop = pj.population.create(jax.random.split(jax.random.key(0), members), model,
-                               batches["image"][:1], optax.sgd, learning_rate=rates, momentum=0.9)
+    pop = pj.population.create(jax.random.split(jax.random.key(0), members), model, images[:1],
+                               optax.sgd, learning_rate=rates, momentum=0.9)
+    keys = jax.random.split(jax.random.key(1), members)
     single = pj.population.member(pop, 0)
-    first = jax.tree.map(lambda a: a[0], per_member)
-    step = jax.jit(pj.train.train_step)
-    return {"sequential": lambda: step(single, first),
-            "population": lambda: pj.population.train_step(pop, per_member, per_member=True,
-                                                           donate=False)}
+    return {"single": lambda: pj.train.train_epoch(jax.tree.map(jnp.copy, single), images, labels,
+                                                   keys[0], batch_size),
+            **{strategy: lambda strategy=strategy: pj.population.train_epoch(
+                pop, images, labels, keys, batch_size, donate=False, strategy=strategy)
+               for strategy in STRATEGIES}}
 
 
 def main(argv=None):
@@ -61,17 +66,21 @@ def main(argv=None):
         for rule in RULES:
             for members in sizes[:2] if args.quick else sizes:
                 times = interleaved_ms(variants(name, rule, shape, batch_size, members), repeats)
-                sequential, population = (times[k]["median_ms"] for k in ("sequential", "population"))
-                speedup = members * sequential / population
-                goal = target(name, members)
+                single = times["single"]["median_ms"]
+                speedup = {s: members * single / times[s]["median_ms"] for s in STRATEGIES}
+                goal, auto = target(name, members), pj.population.resolve("auto")
                 results[f"{name}/{rule}/P{members}"] = {
-                    "batch": batch_size, "members": members, "times": times, "speedup": speedup,
-                    "members_per_s_population": 1000 * members / population,
-                    "members_per_s_sequential": 1000 / sequential, "target": goal}
-                rows.append([name, rule, members, batch_size, sequential, population, speedup, goal,
-                             "" if goal is None else verdict(-speedup, -goal)])
-    table = markdown_table(["model", "rule", "P", "batch", "single step ms", "population step ms",
-                            "speedup", "target", "verdict"], rows)
+                    "batch": batch_size, "steps_per_epoch": STEPS, "members": members, "times": times, "speedup": speedup,
+                    "auto": auto, "members_per_s_single": 1000 / single,
+                    **{f"members_per_s_{s}": 1000 * members / times[s]["median_ms"]
+                       for s in STRATEGIES}, "target": goal}
+                rows.append([name, rule, members, batch_size, single,
+                             *[times[s]["median_ms"] for s in STRATEGIES],
+                             *[speedup[s] for s in STRATEGIES], auto, goal,
+                             "" if goal is None else verdict(-speedup[auto], -goal)])
+    table = markdown_table(["model", "rule", "P", "batch", "single epoch ms", "vmap ms",
+                            "sequential ms", "vmap speedup", "sequential speedup", "auto",
+                            "target", "verdict (auto)"], rows)
     report({"machine": machine(), "results": results,
             "targets": {"gpu": GPU_TARGET, "cpu_every_p_above_1": CPU_TARGET}},
            {"Population against sequential members": table}, args.json)

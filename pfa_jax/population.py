@@ -2,9 +2,17 @@
 
 A sweep over seeds and scalar hyper-parameters trains each member as its own program; on an
 accelerator a small network then uses a sliver of the device per step. A ``Population`` is the
-members' ``TrainState``s stacked on a leading member axis, stepped by ``jax.vmap`` of
-``pfa_jax.train``'s own step inside one ``jit``, so every member takes exactly the steps of its single
-run (equal to float32 rounding; tests/test_population.py checks it for every rule).
+members' ``TrainState``s stacked on a leading member axis, stepped by ``pfa_jax.train``'s own step,
+so every member takes exactly the steps of its single run (equal to float32 rounding;
+tests/test_population.py checks it for every rule), in one of two ways (``strategy``):
+
+* ``"vmap"``: ``jax.vmap`` of the step over the member axis inside one ``jit``: one program for all
+  members, which fills an accelerator;
+* ``"sequential"``: the members one after another through one compiled single-member step (the
+  hyper-parameters are its traced arguments, so all members share one compilation). On CPU, where
+  one member already keeps the cores busy, batching members gains nothing and costs layout copies
+  (``benchmarks/population.py``: vmap at 0.25 to 0.98x the member throughput of sequential runs
+  on 2 cores), so ``"auto"`` (``resolve``) is ``"sequential"`` on CPU and ``"vmap"`` elsewhere.
 
 What members may differ in:
 
@@ -69,9 +77,10 @@ from pfa_jax import augment as pfa_augment
 from pfa_jax import loops, train
 
 __all__ = ["apply", "create", "evaluate", "member", "mesh", "MEMBER", "Population", "shard", "stack",
-           "train_epoch", "train_step"]
+           "resolve", "STRATEGIES", "train_epoch", "train_step"]
 
 MEMBER = "member"  # the mesh axis the member axis is laid over
+STRATEGIES = ("auto", "vmap", "sequential")
 
 
 class Population(struct.PyTreeNode):
@@ -151,72 +160,118 @@ def stack(states: Sequence[train.TrainState], hyperparams: dict | None = None,
     return Population(state=stacked, hyperparams=columns, make_tx=make_tx)
 
 
-def _as_member(population: Population, state: train.TrainState, hyperparams: dict):
-    """One member's state with its own ``tx`` (traced hyper-parameters inside a vmapped step)."""
-    if population.make_tx is None:
+def _with_tx(make_tx, state: train.TrainState, hyperparams: dict) -> train.TrainState:
+    """One member's state with its own ``tx`` (traced hyper-parameters inside a compiled step)."""
+    if make_tx is None:
         return state
-    tx = population.make_tx(**hyperparams)
+    tx = make_tx(**hyperparams)
     own = state.feedback_tx is state.tx
     return state.replace(tx=tx, feedback_tx=tx if own else state.feedback_tx)
 
 
-def _shared_static(population: Population, state: train.TrainState) -> train.TrainState:
-    """``state`` with the population's static ``tx`` back (no traced transformation leaves a step)."""
-    return state.replace(tx=population.state.tx, feedback_tx=population.state.feedback_tx)
-
-
 def member(population: Population, i: int) -> train.TrainState:
     """Member ``i`` as the ``TrainState`` of its single run (its own ``tx``)."""
-    state = jax.tree.map(lambda x: x[i], population.state)
-    return _as_member(population, state, {k: v[i].item() for k, v in population.hyperparams.items()})
+    state = _sliced(population.state, i)
+    return _with_tx(population.make_tx, state,
+                    {k: v[i].item() for k, v in population.hyperparams.items()})
+
+
+def _member_step(make_tx, state, hyperparams, batch):
+    """``train.train_step`` of one member under its own ``tx``; the result carries the shared
+    static ``tx`` back (no traced transformation leaves a compiled step)."""
+    new, metrics = train.train_step(_with_tx(make_tx, state, hyperparams), batch)
+    return new.replace(tx=state.tx, feedback_tx=state.feedback_tx), metrics
+
+
+def _member_epoch_step(state, step, images, labels, augment_key, hyperparams, *, make_tx,
+                       augment: str):
+    """One member's step ``step = (i, indices)`` of its epoch (``train_epoch``'s own body)."""
+    new, metrics = train._epoch_batch_step(_with_tx(make_tx, state, hyperparams), step, images,
+                                           labels, augment_key, augment=augment)
+    return new.replace(tx=state.tx, feedback_tx=state.feedback_tx), metrics
+
+
+def resolve(name: str = "auto") -> str:
+    """``"vmap"`` or ``"sequential"`` for ``name`` (module docstring): ``"auto"`` is
+    ``"sequential"`` on CPU, ``"vmap"`` on accelerators."""
+    if name not in STRATEGIES:
+        raise ValueError(f"population: strategy={name!r} is unknown; valid: {', '.join(STRATEGIES)}")
+    if name != "auto":
+        return name
+    return "sequential" if jax.default_backend() == "cpu" else "vmap"
 
 
 def _vmapped_step(population: Population, batch, batch_axis):
-    def one(state, hyperparams, batch):
-        new, metrics = train.train_step(_as_member(population, state, hyperparams), batch)
-        return _shared_static(population, new), metrics
-
-    states, metrics = jax.vmap(one, in_axes=(0, 0, batch_axis))(
-        population.state, population.hyperparams, batch)
+    states, metrics = jax.vmap(functools.partial(_member_step, population.make_tx),
+                               in_axes=(0, 0, batch_axis))(population.state,
+                                                           population.hyperparams, batch)
     return population.replace(state=states), metrics
 
 
 _step = {donate: jax.jit(_vmapped_step, static_argnums=2, donate_argnums=(0,) if donate else ())
          for donate in (True, False)}
+_one_step = jax.jit(_member_step, static_argnums=0)
+
+
+@jax.jit
+def _stacked(results: list):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *results)
+
+
+def _restacked(population: Population, results: list, donate: bool):
+    """The members' ``(state, metrics)`` stacked again; with ``donate`` the old population's
+    buffers are deleted (as a donating compiled call would)."""
+    states, metrics = _stacked(results)
+    if donate:
+        for leaf in jax.tree.leaves(population.state):
+            leaf.delete()
+    return population.replace(state=states), metrics
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _sliced(tree, i: int):
+    """Member ``i`` of every array of ``tree`` (one compiled call for the whole tree)."""
+    return jax.tree.map(lambda x: x[i], tree)
 
 
 def train_step(population: Population, batch: dict, *, per_member: bool = False,
-               donate: bool = True):
+               donate: bool = True, strategy: str = "auto"):
     """One ``pfa_jax.train.train_step`` of every member; returns ``(population, metrics)`` with
     metrics ``(P,)``. ``batch``: one batch for all members, or (``per_member``) arrays with the
-    member axis first. ``donate``: the population passed in is deleted (module docstring)."""
-    return _step[donate](population, batch, 0 if per_member else None)
+    member axis first. ``donate``: the population passed in is deleted; ``strategy``: module
+    docstring."""
+    if resolve(strategy) == "vmap":
+        return _step[donate](population, batch, 0 if per_member else None)
+    return _restacked(population, [
+        _one_step(population.make_tx, _sliced(population.state, i),
+                  _sliced(population.hyperparams, i), _sliced(batch, i) if per_member else batch)
+        for i in range(population.size)], donate)
 
 
 def _epoch_body(population: Population, step, images, labels, augment_key, *, augment: str):
     """Every member's step ``i`` of its own shuffle (``step = (i, indices)``, ``indices: (P,
     batch)``, ``augment_key: (P,)``)."""
     i, indices = step
-
-    def one(state, hyperparams, indices, key):
-        new, metrics = train._epoch_batch_step(_as_member(population, state, hyperparams),
-                                               (i, indices), images, labels, key, augment=augment)
-        return _shared_static(population, new), metrics
-
-    states, metrics = jax.vmap(one)(population.state, population.hyperparams, indices, augment_key)
+    one = functools.partial(_member_epoch_step, make_tx=population.make_tx, augment=augment)
+    states, metrics = jax.vmap(lambda state, indices, key, h: one(
+        state, (i, indices), images, labels, key, h))(population.state, indices, augment_key,
+                                                      population.hyperparams)
     return population.replace(state=states), metrics
 
 
 _epochs = {donate: loops.Loop(_epoch_body, static_argnames=("augment",), donate_carry=donate)
            for donate in (True, False)}
+_member_epoch = loops.Loop(_member_epoch_step, static_argnames=("make_tx", "augment"),
+                           donate_carry=True)
 
 
 def train_epoch(population: Population, images, labels, keys: jax.Array, batch_size: int,
-                augment: str = "none", loop: str = "auto", donate: bool = True):
+                augment: str = "none", loop: str = "auto", donate: bool = True,
+                strategy: str = "auto"):
     """One epoch of every member, member ``i`` exactly ``pfa_jax.train.train_epoch(member_i,
     images, labels, keys[i], batch_size, augment)``: its own shuffle and augmentation from its
-    epoch key. Returns ``(population, metrics)``, metrics ``(steps, P)`` arrays transposed to ``(P,
-    steps)``. ``donate`` as in ``train_step``."""
+    epoch key. Returns ``(population, metrics)``, metrics ``(P, steps)`` arrays. ``donate`` and
+    ``strategy`` as in ``train_step``."""
     pfa_augment.check(augment)
     population.state.check(images, labels, "population.train_epoch")
     keys = jnp.asarray(keys)
@@ -229,18 +284,29 @@ def train_epoch(population: Population, images, labels, keys: jax.Array, batch_s
     images, labels = jnp.asarray(images), jax.tree.map(jnp.asarray, labels)
     order = jax.vmap(lambda k: jax.random.permutation(k, images.shape[0])[:steps * batch_size]
                      .reshape(steps, batch_size))(keys)
+    augment_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+    loop = loops.resolve(loop, _sliced(population.state.params, 0))  # a member's kernels
+    if resolve(strategy) == "sequential":
+        return _restacked(population, [_member_epoch(
+            _sliced(population.state, i), (jnp.arange(steps), order[i]),
+            images, labels, augment_keys[i], _sliced(population.hyperparams, i), loop=loop,
+            make_tx=population.make_tx, augment=augment) for i in range(population.size)], donate)
     population, metrics = _epochs[donate](
-        population, (jnp.arange(steps), jnp.swapaxes(order, 0, 1)), images, labels,
-        jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys),
-        loop=loops.resolve(loop, population.state.params), augment=augment)
+        population, (jnp.arange(steps), jnp.swapaxes(order, 0, 1)), images, labels, augment_keys,
+        loop=loop, augment=augment)
     return population, jax.tree.map(lambda m: jnp.swapaxes(m, 0, 1), metrics)
 
 
 def evaluate(population: Population, images, labels, batch_size: int = 1000,
-             loop: str = "auto") -> dict:
+             loop: str = "auto", strategy: str = "auto") -> dict:
     """``pfa_jax.train.evaluate`` of every member: each metric a ``(P,)`` array."""
-    return jax.vmap(lambda state: train.evaluate(state, images, labels, batch_size, loop))(
-        population.state)
+    def one(state):
+        return train.evaluate(state, images, labels, batch_size, loop)
+
+    if resolve(strategy) == "vmap":
+        return jax.vmap(one)(population.state)
+    results = [one(_sliced(population.state, i)) for i in range(population.size)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *results)
 
 
 def apply(fn: Callable[..., Any], population: Population, *args, **kwargs):

@@ -41,22 +41,27 @@ def test_each_member_equals_its_single_run(case):
     keys = jax.random.split(jax.random.key(0), 4)
     epoch_keys = jax.random.split(jax.random.key(1), 4)
     net = model(case)
-    pop = pj.population.create(keys, net, images[:1], optax.sgd, learning_rate=LEARNING_RATES,
-                               momentum=0.9)
-    pop, metrics = pj.population.train_epoch(pop, images, labels, epoch_keys, 16, loop="scan")
-    assert metrics["loss"].shape == (4, 4)
+    trained = {}
+    for strategy in pj.population.STRATEGIES[1:]:
+        pop = pj.population.create(keys, net, images[:1], optax.sgd, learning_rate=LEARNING_RATES,
+                                   momentum=0.9)
+        trained[strategy] = pj.population.train_epoch(pop, images, labels, epoch_keys, 16,
+                                                      loop="scan", strategy=strategy)
+        assert trained[strategy][1]["loss"].shape == (4, 4)
     txs = {lr: optax.sgd(lr, momentum=0.9) for lr in set(LEARNING_RATES)}  # one program per lr
     for i, lr in enumerate(LEARNING_RATES):
         single = pj.train.create_train_state(keys[i], net, images[:1], txs[lr])
         single, steps = pj.train.train_epoch(single, images, labels, epoch_keys[i], 16, loop="scan")
-        got = pj.population.member(pop, i)
-        assert_trees_close((got.params, got.feedback, got.opt_state),
-                           (single.params, single.feedback, single.opt_state))
-        np.testing.assert_allclose(metrics["loss"][i], steps["loss"], rtol=2e-5)
-    evaluation = pj.population.evaluate(pop, images, labels, batch_size=32)
-    assert evaluation["accuracy"].shape == (4,)
-    np.testing.assert_allclose(evaluation["loss"][3], pj.train.evaluate(
-        pj.population.member(pop, 3), images, labels, batch_size=32)["loss"], rtol=2e-5)
+        for strategy, (pop, metrics) in trained.items():
+            got = pj.population.member(pop, i)
+            assert_trees_close((got.params, got.feedback, got.opt_state),
+                               (single.params, single.feedback, single.opt_state))
+            np.testing.assert_allclose(metrics["loss"][i], steps["loss"], rtol=2e-5)
+    for strategy, (pop, _) in trained.items():
+        evaluation = pj.population.evaluate(pop, images, labels, batch_size=32, strategy=strategy)
+        assert evaluation["accuracy"].shape == (4,)
+        np.testing.assert_allclose(evaluation["loss"][3], pj.train.evaluate(
+            pj.population.member(pop, 3), images, labels, batch_size=32)["loss"], rtol=2e-5)
 
 
 def test_the_member_axis_over_four_devices_gives_the_same_numbers():
@@ -64,7 +69,7 @@ def test_the_member_axis_over_four_devices_gives_the_same_numbers():
     pop = pj.population.create(jax.random.split(jax.random.key(0), 8), model("pfa-G"), images[:1],
                                optax.sgd, learning_rate=0.05, momentum=0.9)
     batch = {"image": images[:16], "label": labels[:16]}
-    plain, plain_metrics = pj.population.train_step(pop, batch, donate=False)
+    plain, plain_metrics = pj.population.train_step(pop, batch, donate=False, strategy="vmap")
     for members, rows in ((4, 1), (2, 2)):
         mesh = pj.population.mesh(members, rows, jax.devices()[:4])
         sharded = pj.population.shard(pop, mesh)
@@ -73,12 +78,13 @@ def test_the_member_axis_over_four_devices_gives_the_same_numbers():
         assert len(leaf.addressable_shards) == 4 and leaf.addressable_shards[0].data.shape[0] == 8 // members
         placed = jax.device_put(batch, jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec(pj.train.AXIS)))
-        stepped, metrics = pj.population.train_step(sharded, placed, donate=False)
+        stepped, metrics = pj.population.train_step(sharded, placed, donate=False, strategy="vmap")
         assert_trees_close(stepped.state.params, plain.state.params)
         np.testing.assert_allclose(metrics["loss"], plain_metrics["loss"], rtol=2e-5)
 
 
-def test_a_diverging_member_is_skipped_while_the_others_train():
+@pytest.mark.parametrize("strategy", ["vmap", "sequential"])
+def test_a_diverging_member_is_skipped_while_the_others_train(strategy):
     images, labels = data()
     images = images.at[0].set(jnp.nan)  # member 1 sees the NaN image in its first batch only
     pop = pj.population.create(jax.random.split(jax.random.key(0), 3), model("fa"), images[:1],
@@ -86,7 +92,7 @@ def test_a_diverging_member_is_skipped_while_the_others_train():
     before = jax.tree.map(np.asarray, pop.state.params)
     batches = {"image": jnp.stack([images[1:17], images[:16], images[17:33]]),
                "label": jnp.stack([labels[1:17], labels[:16], labels[17:33]])}
-    pop, metrics = pj.population.train_step(pop, batches, per_member=True)
+    pop, metrics = pj.population.train_step(pop, batches, per_member=True, strategy=strategy)
     np.testing.assert_array_equal(metrics["nonfinite"], [0.0, 1.0, 0.0])
     after = pop.state.params
     for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
@@ -94,15 +100,23 @@ def test_a_diverging_member_is_skipped_while_the_others_train():
         assert np.all(np.isfinite(new)) and not np.array_equal(new[0], old[0])
 
 
-def test_donation_is_explicit():
+@pytest.mark.parametrize("strategy", ["vmap", "sequential"])
+def test_donation_is_explicit(strategy):
     images, labels = data()
     pop = pj.population.create(jax.random.split(jax.random.key(0), 2), model("bp"), images[:1],
                                optax.sgd(0.1))
     batch = {"image": images[:8], "label": labels[:8]}
-    kept, _ = pj.population.train_step(pop, batch, donate=False)
+    kept, _ = pj.population.train_step(pop, batch, donate=False, strategy=strategy)
     assert not jax.tree.leaves(pop.state.params)[0].is_deleted()
-    pj.population.train_step(kept, batch)
+    pj.population.train_step(kept, batch, strategy=strategy)
     assert jax.tree.leaves(kept.state.params)[0].is_deleted()
+
+
+def test_auto_is_sequential_on_cpu_and_a_bad_strategy_is_named():
+    assert pj.population.resolve("auto") == ("sequential" if jax.default_backend() == "cpu"
+                                              else "vmap")
+    with pytest.raises(ValueError, match="strategy='pmap' is unknown; valid: auto, vmap, sequential"):
+        pj.population.resolve("pmap")
 
 
 def test_every_metric_runs_per_member():
