@@ -1,45 +1,20 @@
-"""Populations: ``P`` members of one model, rule and optimizer trained as one compiled program.
+"""Populations: ``P`` members of one model, rule and optimizer trained as one program.
 
-A sweep over seeds and scalar hyper-parameters trains each member as its own program; on an
-accelerator a small network then uses a sliver of the device per step. A ``Population`` is the
-members' ``TrainState``s stacked on a leading member axis, stepped by ``pfa_jax.train``'s own step,
-so every member takes exactly the steps of its single run (equal to float32 rounding;
-tests/test_population.py checks it for every rule), in one of two ways (``strategy``):
+A ``Population`` is the members' ``TrainState``s stacked on a leading member axis, stepped by
+``pfa_jax.train``'s own step, so every member takes exactly the steps of its single run (to float32
+rounding). Members differ in their key (parameters, feedback, RNG streams), in the optimizer's
+scalar hyper-parameters (``tx`` is then a factory ``tx(**hyperparams)``, called again with traced
+scalars inside every compiled step, so it must use ``jnp`` arithmetic only, as optax's aliases do)
+and in each epoch's shuffle (one epoch key each). The model, the rule and every rule option are one
+program: members that differ there are different populations (``stack`` refuses them).
 
-* ``"vmap"``: ``jax.vmap`` of the step over the member axis inside one ``jit``: one program for all
-  members, which fills an accelerator;
-* ``"sequential"``: the members one after another through one compiled single-member step (the
-  hyper-parameters are its traced arguments, so all members share one compilation). On CPU, where
-  one member already keeps the cores busy, batching members gains nothing and costs layout copies
-  (``benchmarks/population.py``: vmap at 0.25 to 0.98x the member throughput of sequential runs
-  on 2 cores), so ``"auto"`` (``resolve``) is ``"sequential"`` on CPU and ``"vmap"`` elsewhere.
-
-What members may differ in:
-
-* their key (``create``'s ``keys``): parameters, feedback draws, per-step RNG streams;
-* the scalar hyper-parameters of the optimizer: ``tx`` is then a factory
-  ``tx(**hyperparams) -> optax.GradientTransformation`` (``optax.sgd``, ``optax.adamw``,
-  ``pfa_jax.optim.coupled_sgd``, or your own), called with each member's values when the member is
-  created and again, with the member's values as traced scalars, inside every compiled step, so it
-  must build the transformation with ``jnp`` arithmetic only (optax's aliases do);
-* each epoch's shuffle: ``train_epoch`` takes one epoch key per member.
-
-Everything else, the model (widths, PFA's ``expansion``), the rule and its options, the loss, is one
-program for all members: members that differ there are different populations (``stack`` refuses
-states whose models differ).
-
-Results carry the member axis first: ``train_step``'s metrics ``(P,)``, ``train_epoch``'s ``(P,
-steps)``, ``evaluate``'s ``(P,)``; ``apply(fn, population, ...)`` runs any function of one state
-(every metric of ``pfa_jax.metrics``) per member and stacks its results. ``member(population, i)`` is
-member ``i`` as the ``TrainState`` its single run would have (checkpoint it as one).
-
-Donation is explicit: ``train_step`` and ``train_epoch`` take ``donate=True`` by default (as
-``pfa_jax.train.train_epoch`` does its state), which deletes the population passed in and returns
-the new one: keep only the returned population, or pass ``donate=False``.
-
-Sharding: ``shard(population, mesh)`` lays the member axis over the mesh's ``"member"`` axis
-(``mesh(members_axis, batch_axis)`` builds one), so a population of 16 fills 4 devices with 4
-members each; a ``"batch"`` axis of the mesh splits each member's batch inside it.
+``strategy``: ``"vmap"`` (``jax.vmap`` of the step over the members inside one ``jit``: what fills
+an accelerator) or ``"sequential"`` (the members one after another through one compiled
+single-member step or epoch, shared by all: on CPU, where vmap measured slower); ``"auto"``
+(``resolve``) is ``"sequential"`` on CPU and ``"vmap"`` elsewhere. Results carry the member axis
+first. ``train_step`` and ``train_epoch`` donate the population passed in unless ``donate=False``.
+``shard`` lays the member axis over a mesh's ``"member"`` axis (``mesh``). The repository's
+``docs/populations.md`` has the whole story and the measurements.
 
 Example:
 
@@ -84,13 +59,9 @@ STRATEGIES = ("auto", "vmap", "sequential")
 
 
 class Population(struct.PyTreeNode):
-    """Members' ``TrainState``s stacked on a leading axis, with their optimizer hyper-parameters.
-
-    ``state``: one ``TrainState`` whose array leaves have the member axis first (its static fields,
-    the model and the first member's ``tx``, are shared); ``hyperparams``: name -> ``(P,)`` array of
-    each member's value; ``make_tx``: the factory the members' transformations come from (None:
-    one ``tx`` for all, the one in ``state``).
-    """
+    """``state``: one ``TrainState`` whose arrays have the member axis first (static fields shared);
+    ``hyperparams``: name -> each member's value ``(P,)``; ``make_tx``: the factory of the members'
+    transformations (None: ``state.tx`` for all)."""
 
     state: train.TrainState
     hyperparams: dict
@@ -100,6 +71,12 @@ class Population(struct.PyTreeNode):
     @property
     def size(self) -> int:
         return int(jax.tree.leaves(self.state.params)[0].shape[0])
+
+
+@jax.jit
+def _stacked(trees: list):
+    """The trees' arrays stacked on a new leading (member) axis, in one compiled call."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
 def _members(hyperparams: dict, size: int) -> list[dict]:
@@ -125,19 +102,17 @@ def create(keys: jax.Array, model, sample_batch, tx=None, *, feedback_tx=None, r
     """
     keys = jnp.asarray(keys)
     if keys.ndim != 1 or not keys.shape[0]:
-        raise ValueError(f"population: keys of shape {keys.shape}; give one key per member, e.g. "
-                         "jax.random.split(key, P)")
+        raise ValueError(f"population: keys of shape {keys.shape}; give one key per member")
     per_member = _members(hyperparams, keys.shape[0])
     if hyperparams and (isinstance(tx, optax.GradientTransformation) or not callable(tx)):
         raise ValueError(f"population: hyper-parameters {sorted(hyperparams)} are given per "
                          "member, so tx must be a factory tx(**hyperparams) such as optax.sgd, "
                          f"not {tx!r}")
-    make = tx if hyperparams else (lambda: tx)
-    states = [train.create_train_state(key, model, sample_batch, make(**h), feedback_tx=feedback_tx,
-                                       rng_streams=rng_streams, loss=loss)
+    states = [train.create_train_state(key, model, sample_batch, tx(**h) if hyperparams else tx,
+                                       feedback_tx=feedback_tx, rng_streams=rng_streams, loss=loss)
               for key, h in zip(keys, per_member)]
-    return stack(states, hyperparams={name: [h[name] for h in per_member] for name in hyperparams},
-                 make_tx=tx if hyperparams else None)
+    columns = {name: [h[name] for h in per_member] for name in hyperparams}
+    return stack(states, columns, make_tx=tx if hyperparams else None)
 
 
 def stack(states: Sequence[train.TrainState], hyperparams: dict | None = None,
@@ -155,7 +130,7 @@ def stack(states: Sequence[train.TrainState], hyperparams: dict | None = None,
                              "per-member hyper-parameters with make_tx, or one tx to all")
     shared = [s.replace(tx=first.tx, feedback_tx=first.tx if s.feedback_tx is s.tx
                         else s.feedback_tx) for s in states]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *shared)
+    stacked = _stacked(shared)
     columns = {name: jnp.asarray(values) for name, values in (hyperparams or {}).items()}
     return Population(state=stacked, hyperparams=columns, make_tx=make_tx)
 
@@ -208,14 +183,9 @@ def _vmapped_step(population: Population, batch, batch_axis):
     return population.replace(state=states), metrics
 
 
-_step = {donate: jax.jit(_vmapped_step, static_argnums=2, donate_argnums=(0,) if donate else ())
+_step = {donate: jax.jit(_vmapped_step, static_argnums=2, donate_argnums=(0,) * donate)
          for donate in (True, False)}
 _one_step = jax.jit(_member_step, static_argnums=0)
-
-
-@jax.jit
-def _stacked(results: list):
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *results)
 
 
 def _restacked(population: Population, results: list, donate: bool):
@@ -278,12 +248,9 @@ def train_epoch(population: Population, images, labels, keys: jax.Array, batch_s
     if keys.shape[:1] != (population.size,):
         raise ValueError(f"population.train_epoch: {keys.shape[:1]} epoch keys for "
                          f"{population.size} members; give one key per member")
-    steps = images.shape[0] // batch_size
-    if steps == 0:
-        raise ValueError(f"batch_size={batch_size} exceeds the {images.shape[0]} training examples")
+    order = jax.vmap(lambda k: train.epoch_order(k, images.shape[0], batch_size))(keys)
+    steps = order.shape[1]
     images, labels = jnp.asarray(images), jax.tree.map(jnp.asarray, labels)
-    order = jax.vmap(lambda k: jax.random.permutation(k, images.shape[0])[:steps * batch_size]
-                     .reshape(steps, batch_size))(keys)
     augment_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
     loop = loops.resolve(loop, _sliced(population.state.params, 0))  # a member's kernels
     if resolve(strategy) == "sequential":
@@ -305,15 +272,13 @@ def evaluate(population: Population, images, labels, batch_size: int = 1000,
 
     if resolve(strategy) == "vmap":
         return jax.vmap(one)(population.state)
-    results = [one(_sliced(population.state, i)) for i in range(population.size)]
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *results)
+    return _stacked([one(_sliced(population.state, i)) for i in range(population.size)])
 
 
 def apply(fn: Callable[..., Any], population: Population, *args, **kwargs):
     """``fn(member_i, *args, **kwargs)`` for every member, results stacked on a leading member axis
     (any metric of ``pfa_jax.metrics``, a checkpoint writer, ...)."""
-    results = [fn(member(population, i), *args, **kwargs) for i in range(population.size)]
-    return jax.tree.map(lambda *values: jnp.stack([jnp.asarray(v) for v in values]), *results)
+    return _stacked([fn(member(population, i), *args, **kwargs) for i in range(population.size)])
 
 
 def mesh(members: int, batch: int = 1, devices=None) -> jax.sharding.Mesh:

@@ -366,13 +366,20 @@ def train_epoch(state: TrainState, images, labels, key, batch_size: int, augment
     pfa_augment.check(augment)
     state.check(images, labels, "train_epoch")
     loop = loops.resolve(loop, state.params)
-    steps = images.shape[0] // batch_size
-    if steps == 0:
-        raise ValueError(f"batch_size={batch_size} exceeds the {images.shape[0]} training examples")
+    order = epoch_order(key, images.shape[0], batch_size)
     images, labels = jnp.asarray(images), jax.tree.map(jnp.asarray, labels)
-    order = jax.random.permutation(key, images.shape[0])[:steps * batch_size].reshape(steps, batch_size)
-    return _epoch(state, (jnp.arange(steps), order), images, labels, jax.random.fold_in(key, 1),
-                  loop=loop, on_step=on_step, augment=augment, sharding=sharding)
+    return _epoch(state, (jnp.arange(len(order)), order), images, labels,
+                  jax.random.fold_in(key, 1), loop=loop, on_step=on_step, augment=augment,
+                  sharding=sharding)
+
+
+def epoch_order(key, count: int, batch_size: int) -> jax.Array:
+    """An epoch's batches of example indices, ``(count // batch_size, batch_size)``: a
+    permutation of ``range(count)`` from ``key``, the last partial batch dropped."""
+    steps = count // batch_size
+    if steps == 0:
+        raise ValueError(f"batch_size={batch_size} exceeds the {count} training examples")
+    return jax.random.permutation(key, count)[:steps * batch_size].reshape(steps, batch_size)
 
 
 def _window_sums(state: TrainState, batch: dict) -> dict:

@@ -139,7 +139,7 @@ def test_bad_populations_are_refused_by_name():
     with pytest.raises(ValueError, match=r"hyper-parameters \['learning_rate'\] are given per member, "
                                          "so tx must be a factory"):
         pj.population.create(keys, model("bp"), images[:1], optax.sgd(0.1), learning_rate=(0.1, 0.2))
-    with pytest.raises(ValueError, match="keys of shape"):
+    with pytest.raises(ValueError, match=r"keys of shape \(\); give one key per member"):
         pj.population.create(jax.random.key(0), model("bp"), images[:1], optax.sgd(0.1))
     states = [pj.train.create_train_state(k, model(case), images[:1], optax.sgd(0.1))
               for k, case in zip(keys, ("fa", "kp"))]
