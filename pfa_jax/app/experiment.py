@@ -538,10 +538,8 @@ def run(spec: RunSpec, out: str | epath.Path, overwrite: bool = False, progress:
         state = start.resumed.state
         if resume and start.resumed.first == spec.epochs and (start.out / "summary.json").exists():
             return json.loads((start.out / "summary.json").read_text())
-        if not resume and spec.noise_pretrain_steps:
-            state, _ = pretrain.noise_pretrain(state, jax.random.fold_in(key, 2**31),
-                                               spec.noise_pretrain_steps, spec.data.batch_size,
-                                               start.source.dataset.num_classes)
+        if not resume:
+            state = pretrained(spec, start, state, key)
         begun = (time.perf_counter() - start.resumed.elapsed
                  - sum(json.loads(line)["epoch_time"] for line in start.resumed.kept))
         records = _Records(start.out, start.resumed.kept, spec, start.steps_per_epoch,
@@ -552,6 +550,15 @@ def run(spec: RunSpec, out: str | epath.Path, overwrite: bool = False, progress:
         summary = _summary(spec, start, state, key, records, time.perf_counter() - begun)
         directory.commit()
         return summary
+
+
+def pretrained(spec: RunSpec, start: _Start, state, key):
+    """A new run's state after its noise pretraining (``spec.noise_pretrain_steps``; none: as it
+    is)."""
+    if not spec.noise_pretrain_steps:
+        return state
+    return pretrain.noise_pretrain(state, jax.random.fold_in(key, 2**31), spec.noise_pretrain_steps,
+                                   spec.data.batch_size, start.source.dataset.num_classes)[0]
 
 
 def _train(spec: RunSpec, start: _Start, state, key, records: _Records, saved: Callable[[], None],

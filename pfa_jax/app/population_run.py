@@ -25,7 +25,7 @@ import jax
 from etils import epath
 
 from pfa_jax import population
-from pfa_jax.app import experiment, placement, pretrain, rundir
+from pfa_jax.app import experiment, placement, rundir
 from pfa_jax.app.spec import RunSpec
 
 __all__ = ["refusal", "run"]
@@ -65,11 +65,7 @@ def _open(spec: RunSpec, out: epath.Path) -> _Member:
     directory = rundir.RunDirectory(out, writer=placement.writer()).__enter__()
     try:
         start = experiment._prepare(spec, directory, True, False, init_key)
-        state = start.resumed.state
-        if spec.noise_pretrain_steps:
-            state, _ = pretrain.noise_pretrain(state, jax.random.fold_in(key, 2**31),
-                                               spec.noise_pretrain_steps, spec.data.batch_size,
-                                               start.source.dataset.num_classes)
+        state = experiment.pretrained(spec, start, start.resumed.state, key)
         records = experiment._Records(start.out, [], spec, start.steps_per_epoch, 0)
     except BaseException as error:
         directory.__exit__(type(error), error, error.__traceback__)
