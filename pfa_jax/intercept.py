@@ -57,6 +57,7 @@ from flax.core import FrozenDict
 
 from pfa_jax import nn as pnn
 from pfa_jax import products, rules, taps
+from pfa_jax.rules import forms
 
 __all__ = ["UnreachedLayerError", "with_rule", "WithRule"]
 
@@ -238,7 +239,7 @@ class WithRule:
     def __post_init__(self):
         if isinstance(self.rule, Mapping):
             object.__setattr__(self, "rule", FrozenDict(self.rule))
-        for rule in _specs(self.rule):
+        for rule in forms.entries(self.rule):
             rules.get(rule)  # an unknown name or option fails here
 
     def __getattr__(self, name):  # the model's own fields (``axis_name``, ...)
@@ -266,7 +267,7 @@ class WithRule:
         """This model with DFA's ``classes`` read off the plain model's traced outputs where a
         rule needs them and was not told."""
         if not any(rules.get(r).output_error and rules.get(r).classes is None
-                   for r in _specs(self.rule)):
+                   for r in forms.entries(self.rule)):
             return self
         kwargs = {k: v for k, v in kwargs.items()
                   if k != "train" or _takes(self.module, kwargs.get("method"), "train")}
@@ -286,10 +287,6 @@ class WithRule:
         out, updates = result
         logits, tree = _one_array(out, "add the output error's taps to")
         return jax.tree.unflatten(tree, [taps.add(logits, updates[pnn.TAPS])]), updates
-
-
-def _specs(spec) -> list:
-    return list(spec.values()) if isinstance(spec, Mapping) else [spec]
 
 
 def _one_array(out, why: str):

@@ -57,6 +57,7 @@ from pfa_jax import layers as player
 from pfa_jax import losses, loops
 from pfa_jax import nn as pnn
 from pfa_jax.optim import build, hyperparameters
+from pfa_jax.rules import forms
 
 __all__ = ["apply_with_rule", "AXIS", "batch_mesh", "check_batch", "create_train_state", "cross_entropy",
            "eval_step", "evaluate", "FEEDBACK_STREAM", "mirror", "replicate", "replicate_on",
@@ -155,13 +156,17 @@ def create_train_state(key: jax.Array, model: nn.Module, sample_batch, tx=None, 
     (``pfa_jax.losses``; default: softmax cross-entropy with accuracy), which every step, epoch and
     metric of the state then uses; with a ``sample_batch`` dict it is traced once here, so that a
     loss that does not fit the model's outputs fails now. Weight-mirror layers then take their
-    mirroring phase.
+    mirroring phase. PFA's ``form="auto"`` in the model's ``rule`` field is decided for the
+    optimizer that steps the feedback (``pfa_jax.rules.for_optimizer``: the fast ``"G"`` form
+    under SGD-family optimizers, the authors' ``"R"`` under Adam); ``state.model`` holds the
+    decided rule.
     """
     images = jnp.asarray(sample_batch["image"] if isinstance(sample_batch, dict) else sample_batch)
     if images.ndim < 2:
         raise ValueError(f"create_train_state: the sample of shape {images.shape} has no batch "
                          "axis; pass a batch (n, ...) of inputs, e.g. images[:1]")
     init_key, feedback_key, state_key = jax.random.split(key, 3)
+    model = forms.for_model(model, _feedback_tx(*build(tx, feedback_tx)))
     rngs = {"params": init_key, FEEDBACK_STREAM: feedback_key}
     variables = jax.jit(functools.partial(model.init, train=False))(rngs, images)
     params = variables["params"]
@@ -184,6 +189,10 @@ def create_train_state(key: jax.Array, model: nn.Module, sample_batch, tx=None, 
     if state.mirrored:
         state = jax.jit(mirror, static_argnames="warmup")(state, warmup=True)
     return state
+
+
+def _feedback_tx(tx, feedback_tx):
+    return feedback_tx or tx
 
 
 def mirror(state: TrainState, warmup: bool = False) -> TrainState:

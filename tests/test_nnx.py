@@ -85,11 +85,12 @@ def data(shape, n=8, seed=0):
 
 
 def twins(name, rule, shape, **options):
-    """An NNX model and a linen TrainState of its twin holding the same arrays."""
-    model = pj.nnx.models.get(name, rule=rule, num_classes=CLASSES, input_shape=shape,
-                              rngs=nnx.Rngs(0), **options)
+    """An NNX model and a linen TrainState of its twin holding the same arrays (PFA's form decided
+    for the optimizer before the NNX model is built, as docs/nnx.md says)."""
     tx = pj.optim.OptimizerConfig(learning_rate=0.05, momentum=0.9, weight_decay=1e-3,
                                   nesterov=True).transformation()
+    model = pj.nnx.models.get(name, rule=pj.rules.for_optimizer(rule, tx), num_classes=CLASSES,
+                              input_shape=shape, rngs=nnx.Rngs(0), **options)
     state = train.create_train_state(jax.random.key(0), model.linen, jnp.zeros((1, *shape)), tx)
     state = state.replace(**pj.nnx.to_linen(model))
     return model, pj.nnx.optimizer(model, tx), state.replace(opt_state=state.init_opt_state())

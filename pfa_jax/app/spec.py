@@ -21,11 +21,12 @@ from typing import Any
 import flax.linen as nn
 import ml_collections
 
-from pfa_jax import augment, losses, metrics, models, rules
+from pfa_jax import augment, losses, metrics, models, optim, rules
 from pfa_jax import nn as pnn
 from pfa_jax.app import config as config_lib
 from pfa_jax.app import data, own_model, streaming, text
 from pfa_jax.optim import OptimizerConfig
+from pfa_jax.rules import forms
 from pfa_jax.rules.direct_feedback import DFA
 from pfa_jax.rules.product_feedback import PFA
 
@@ -251,28 +252,21 @@ def _measurements(config) -> tuple[Sharpness | None, Robustness]:
 
 
 def _stored_forms(rule, optimizer: OptimizerConfig, config):
-    """PFA's storage form (``pfa_jax.rules.product_feedback``) for this optimizer: ``"auto"``
-    becomes ``"G"`` (``"F"`` where ``C`` is ill-conditioned: ``pfa`` with ``expansion < 2``) where
-    it is equivalent to ``"R"`` (``density = 1`` and an SGD-family optimizer stepping the
-    feedback), else ``"R"``; an explicit ``"F"`` or ``"G"`` with another optimizer is refused.
-    The default rule's resolved form is written into ``config.rule.options.form``."""
-    name = (optimizer.feedback or optimizer).name
-    linear = name == "sgd"
-
-    def stored(one):
-        if not isinstance(one, PFA):
-            return one
-        if one.stored != "R" and not linear:
-            raise ValueError(f"config rule.options.form={one.form!r} needs an optimizer linear in "
-                             f"the gradient for the feedback (sgd); optimizer {name!r} is not, so "
-                             "the forms would differ: use form='R' or 'auto'")
-        if one.form == "auto":
-            equivalent = ("G" if one.factorable else "F") if linear and one.density == 1 else "R"
-            one = dataclasses.replace(one, form=equivalent)
-        return one
-
-    resolved = ({k: stored(v) for k, v in rule.items()} if isinstance(rule, dict)
-                else stored(rule))
+    """PFA's storage form for this run's optimizer, decided by the library
+    (``pfa_jax.rules.for_optimizer``, given the transformation that steps the feedback): ``"auto"``
+    becomes ``"G"`` (``"F"`` where ``C`` is ill-conditioned) where the forms are equivalent, else
+    ``"R"``. An explicit ``"F"`` or ``"G"`` under another optimizer, which the library keeps with
+    a warning, is refused here. The default rule's decided form is written into
+    ``config.rule.options.form``."""
+    tx, feedback = optim.build(optimizer)
+    explicit = [r.form for r in map(rules.get, forms.entries(rule))
+                if isinstance(r, PFA) and r.stored != "R"]
+    if explicit and not forms.commutes(feedback or tx):
+        raise ValueError(f"config rule.options.form={explicit[0]!r} needs an optimizer linear in "
+                         "the gradient for the feedback (sgd); optimizer "
+                         f"{(optimizer.feedback or optimizer).name!r} is not, so the forms would "
+                         "differ: use form='R' or 'auto'")
+    resolved = forms.for_optimizer(rule, feedback or tx)
     default = resolved[pnn.DEFAULT] if isinstance(resolved, dict) else resolved
     if isinstance(default, PFA):
         config.rule.options.form = default.form

@@ -53,4 +53,6 @@ def get(name: str | Rule, **options) -> Rule:
     return cls(**options)
 
 
-__all__ = ["Rule", "get", "names", "ops", "soft_align", "INITS"]
+from pfa_jax.rules.forms import for_optimizer  # noqa: E402 - it looks rules up in the registry
+
+__all__ = ["Rule", "get", "names", "ops", "soft_align", "INITS", "for_optimizer"]
