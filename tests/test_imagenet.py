@@ -245,6 +245,7 @@ def test_streamed_run_records_resumes_and_measures(imagenet_dir, tmp_path):
         np.testing.assert_allclose(flat(a), flat(b), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # 11 s; mid-epoch resume of in-memory data stays in the default tier
 def test_streamed_run_resumes_mid_epoch_with_the_same_batches(imagenet_dir, tmp_path, monkeypatch,
                                                               capsys):
     """3 steps per epoch (24 / 8) and a checkpoint every 2 steps: mid-epoch ones at global steps 2

@@ -56,10 +56,11 @@ Where ``C`` is invertible the same holds one step further: ``G = F C^-1`` evolve
   ``((1 + r^-1/2) / (1 - r^-1/2))^2`` for PFA's ``Bp`` (34 at r = 2, 3.7 at r = 10, 1 for
   ``pfa_o``) and unbounded at r = 1 (3e6 for a 512-unit layer), so ``"G"`` needs
   ``expansion >= G_MIN_EXPANSION`` (2) or ``pfa_o``.
-* ``form="auto"`` (default) is ``"R"`` here, where the optimizer is unknown;
-  ``pfa_jax.app.spec.resolve`` turns it into ``"G"`` (or ``"F"`` where ``C`` is ill-conditioned,
-  ``pfa`` with ``expansion < 2``) exactly where the forms are equivalent (``density = 1`` and an
-  SGD-family optimizer for the feedback) and ``"R"`` otherwise.
+* ``form="auto"`` (default) stores ``"R"`` on its own, where the optimizer is unknown;
+  ``pfa_jax.rules.for_optimizer`` (which ``create_train_state`` and the command apply) turns it
+  into ``"G"`` (or ``"F"`` where ``C`` is ill-conditioned, ``pfa`` with ``expansion < 2``)
+  exactly where the forms are equivalent (``density = 1`` and a feedback optimizer that commutes
+  with right products) and ``"R"`` otherwise.
 
 The identity and the forms' costs are in the repository's ``docs/rules.md``.
 """
