@@ -105,3 +105,12 @@ def test_the_decided_form_trains_as_the_authors_form():
         effective = np.einsum("...im,om->...io", fb["R"], fb["Bp"])
         g, c = decided.feedback[layer]["G"], decided.feedback[layer]["C"]
         np.testing.assert_allclose(g @ c, effective, rtol=1e-3, atol=1e-5)
+
+
+def test_an_optimizer_of_traced_values_is_refused_with_the_fix():
+    def decide(lr):
+        return pj.rules.for_optimizer("pfa", optax.sgd(lr, momentum=0.9)).expansion
+
+    with pytest.raises(ValueError, match=r"cannot be decided for an optimizer built from traced "
+                       r"values.*pj.rules.for_optimizer\(rule, tx\), or pass form='G' or 'R'"):
+        jax.jit(decide)(0.1)

@@ -77,13 +77,18 @@ def commutes(tx: optax.GradientTransformation, seed: int = 0) -> bool:
         mapped = _updates(tx, [times(g) for g in grads], times(params))
     except Exception:  # noqa: BLE001 - any tx that cannot run the probe keeps the exact "R" form
         return False
-    for u, v in zip(plain, mapped):
-        for want, got in zip(jax.tree.leaves(times(u)), jax.tree.leaves(v)):
-            want, got = np.asarray(want), np.asarray(got)
-            if want.shape != got.shape or not np.all(np.isfinite(got)):
-                return False
-            if np.max(np.abs(want - got)) > TOLERANCE * max(np.max(np.abs(want)), 1e-30):
-                return False
+    try:
+        pairs = [(np.asarray(want), np.asarray(got)) for u, v in zip(plain, mapped)
+                 for want, got in zip(jax.tree.leaves(times(u)), jax.tree.leaves(v))]
+    except jax.errors.TracerArrayConversionError:
+        raise ValueError("PFA's form='auto' cannot be decided for an optimizer built from traced "
+                         "values (inside jit or vmap): decide it outside the trace with "
+                         "pj.rules.for_optimizer(rule, tx), or pass form='G' or 'R'") from None
+    for want, got in pairs:
+        if want.shape != got.shape or not np.all(np.isfinite(got)):
+            return False
+        if np.max(np.abs(want - got)) > TOLERANCE * max(np.max(np.abs(want)), 1e-30):
+            return False
     return True
 
 
