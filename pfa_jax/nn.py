@@ -53,6 +53,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from pfa_jax import rules, taps
+from pfa_jax.rules import forms
 
 __all__ = ["add_taps", "backprop", "bind_classes", "check_rule_map", "Conv", "DEFAULT", "Dense",
            "explicit_bp", "layer_paths", "layer_rule", "PERTURBATION", "PERTURBATIONS", "record",
@@ -136,9 +137,7 @@ def bind_classes(spec: RuleSpec, num_classes: int) -> RuleSpec:
         bound = rules.get(rule).for_classes(num_classes)
         return rule if bound == rules.get(rule) else bound
 
-    if isinstance(spec, Mapping):
-        return {path: bind(rule) for path, rule in spec.items()}
-    return bind(spec)
+    return forms.map_entries(spec, bind)
 
 
 def add_taps(module: nn.Module, logits):

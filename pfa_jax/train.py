@@ -166,7 +166,8 @@ def create_train_state(key: jax.Array, model: nn.Module, sample_batch, tx=None, 
         raise ValueError(f"create_train_state: the sample of shape {images.shape} has no batch "
                          "axis; pass a batch (n, ...) of inputs, e.g. images[:1]")
     init_key, feedback_key, state_key = jax.random.split(key, 3)
-    model = forms.for_model(model, _feedback_tx(*build(tx, feedback_tx)))
+    built, built_feedback = build(tx, feedback_tx)  # rebuilt below in the parameters' dtype
+    model = forms.for_model(model, built_feedback or built)
     rngs = {"params": init_key, FEEDBACK_STREAM: feedback_key}
     variables = jax.jit(functools.partial(model.init, train=False))(rngs, images)
     params = variables["params"]
@@ -189,10 +190,6 @@ def create_train_state(key: jax.Array, model: nn.Module, sample_batch, tx=None, 
     if state.mirrored:
         state = jax.jit(mirror, static_argnames="warmup")(state, warmup=True)
     return state
-
-
-def _feedback_tx(tx, feedback_tx):
-    return feedback_tx or tx
 
 
 def mirror(state: TrainState, warmup: bool = False) -> TrainState:

@@ -13,8 +13,8 @@ norm do not. ``for_optimizer(rule, tx)`` turns ``form="auto"`` (PFA's default) i
 * ``"R"`` otherwise, the authors' form, which is PFA under any optimizer;
 
 and keeps an explicit ``"F"`` or ``"G"`` under a ``tx`` that does not commute with a warning
-(those forms then train another algorithm; the command refuses them). ``pfa_jax.train.create_train_state`` applies it to a model
-whose ``rule`` field holds the rule (every ``pfa_jax.models`` model, ``pfa_jax.nn.with_rule``), and
+(those forms then train another algorithm; the command refuses them).
+``pfa_jax.train.create_train_state`` applies it to a model whose ``rule`` field holds the rule (every ``pfa_jax.models`` model, ``pfa_jax.nn.with_rule``), and
 the command applies it to the run spec's optimizer; a rule fixed inside a module's body, or an NNX
 model (built before its optimizer), keeps what it was given: pass
 ``for_optimizer(rule, tx)`` to it.
@@ -97,7 +97,7 @@ def _one(rule: PFA, linear: bool) -> PFA:
         warnings.warn(f"{rule.name}: form={rule.form!r} under a feedback optimizer that does not "
                       "commute with right products (as Adam, clipping or sign methods do not) "
                       "trains another algorithm than the authors' form='R'; the forms are equal "
-                      "only under SGD-family optimizers", UserWarning, stacklevel=3)
+                      "only under SGD-family optimizers", UserWarning, stacklevel=5)
     if rule.form != "auto":
         return rule
     form = ("G" if rule.factorable else "F") if linear and rule.density == 1 else "R"
@@ -122,15 +122,22 @@ def for_optimizer(spec, tx: optax.GradientTransformation):
     if not any(isinstance(rules.get(r), PFA) for r in entries(spec)):
         return spec
     linear = commutes(tx)
-    one = lambda r: _one(rules.get(r), linear) if isinstance(rules.get(r), PFA) else r
-    if isinstance(spec, Mapping):
-        return {path: one(rule) for path, rule in spec.items()}
-    return one(spec)
+
+    def one(entry):
+        rule = rules.get(entry)
+        return _one(rule, linear) if isinstance(rule, PFA) else entry
+
+    return map_entries(spec, one)
 
 
 def entries(spec) -> list:
     """The rules of a rule spec: its values for a mapping, else the one rule."""
     return list(spec.values()) if isinstance(spec, Mapping) else [spec]
+
+
+def map_entries(spec, fn):
+    """``spec`` with ``fn`` applied to each of its rules, in the same shape (a mapping stays one)."""
+    return {path: fn(rule) for path, rule in spec.items()} if isinstance(spec, Mapping) else fn(spec)
 
 
 def for_model(model, tx: optax.GradientTransformation):
