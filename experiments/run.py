@@ -56,7 +56,7 @@ import ml_collections  # noqa: E402
 from experiments import configs  # noqa: E402
 from experiments.configs import common  # noqa: E402
 from pfa_jax.app import config as config_lib  # noqa: E402
-from pfa_jax.app import experiment, placement, population_run, rundir, spec  # noqa: E402
+from pfa_jax.app import experiment, placement, population_run, rundir, spec, writers  # noqa: E402
 
 DEFAULT_OUT = epath.Path(__file__).parent / "results"
 
@@ -123,8 +123,8 @@ def train_one(config_json: str, run_dir: str, progress: bool) -> dict:
     config = config_lib.from_json(config_json)
     resume = state(run_dir) == "partial"
     try:
-        return experiment.run(spec.resolve(config), run_dir, overwrite=not resume, progress=progress,
-                              resume=resume)
+        return experiment.train_and_evaluate(spec.resolve(config), run_dir, overwrite=not resume,
+                                             progress=progress, resume=resume)
     except rundir.RunDirectoryBusyError as error:
         return {"busy": str(error)}
     except experiment.DivergenceError as error:
@@ -177,7 +177,7 @@ def _record_invocation(exp_dir: epath.Path, name: str, started: float, info: dic
     """Writes this invocation into ``experiment.json``, which lists the whole sweep (all runs,
     whether this invocation trained them or not) and every invocation: this one's entry (found by
     ``info['id']``, added the first time) gets its hardware and its wall time so far. Written
-    whole (``experiment.write_whole``), so a kill never leaves the file cut; invocations side by
+    whole (``writers.write_whole``), so a kill never leaves the file cut; invocations side by
     side each update their own entry. Only process 0 of a multi-process invocation writes it."""
     if not placement.writer():
         return
@@ -195,7 +195,7 @@ def _record_invocation(exp_dir: epath.Path, name: str, started: float, info: dic
     mine = next((k for k, entry in enumerate(entries) if entry.get("id") == info["id"]),
                 len(entries))
     entries[mine:mine + 1] = [invocation]
-    experiment.write_whole(path, json.dumps(record, indent=2) + "\n", f".{info['id']}.partial")
+    writers.write_whole(path, json.dumps(record, indent=2) + "\n", f".{info['id']}.partial")
 
 
 def _keep_recording(record, every: float = 60.0) -> threading.Event:

@@ -22,7 +22,7 @@ import jax
 
 from experiments import configs
 from pfa_jax import metrics
-from pfa_jax.app import experiment, finished
+from pfa_jax.app import closing, finished, writers
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TRANSFER_SOURCE = "bp"
@@ -37,7 +37,7 @@ def _batches(dataset, examples: int, batch_size: int = 500) -> list[dict]:
 def attacks(run, source, epsilons, examples: int, pgd_steps: int) -> dict:
     """Own-gradient FGSM and PGD (with its convergence check) and transfer FGSM and PGD from
     ``source`` (a restored bp run), each at every epsilon."""
-    batches, pixels = _batches(run.dataset, examples), experiment.pixel_units(run.dataset)
+    batches, pixels = _batches(run.dataset, examples), closing.pixel_units(run.dataset)
     key = jax.random.key(17)
 
     def robust(attack, **options):
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
                   **attacks(finished.load(run_dir), sources[source_name], epsilons,
                             args.examples, args.pgd_steps)}
         result["wall_time"] = time.time() - started
-        experiment.write_whole(run_dir / "attacks.json", json.dumps(result, indent=1) + "\n")
+        writers.write_whole(run_dir / "attacks.json", json.dumps(result, indent=1) + "\n")
         print(f"{run.name}: own PGD {result['own']['pgd']}, transfer PGD "
               f"{result['transfer']['pgd']} ({result['wall_time']:.0f} s)", flush=True)
     return 0

@@ -35,7 +35,7 @@ def run_all() -> dict:
         run = next(r for r in configs.load(name).runs() if r.name == run_name)
         config = runner.run_config(name, run, SHORT + extra)
         with tempfile.TemporaryDirectory() as out:
-            summary = experiment.run(spec.resolve(config), out, progress=False)
+            summary = experiment.train_and_evaluate(spec.resolve(config), out, progress=False)
         key = "/".join([name, run_name, *extra])
         results[key] = {k: summary[k] for k in ("train_loss", "train_accuracy", "test_loss",
                                                  "test_accuracy", "alignment",

@@ -10,7 +10,7 @@ import pytest
 from test_data import make_fashion_dir
 
 from pfa_jax import rules
-from pfa_jax.app import cli, experiment
+from pfa_jax.app import cli, experiment, writers
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_train_logs_gradient_alignment_and_closing_metrics(fashion_dir, tmp_path
         assert set(record["gradient_alignment"]["hidden_0"]) == {
             "grad_angle", "delta_angle", "delta_norm_rule", "delta_norm_bp"}
         assert record["gradient_alignment"]["output"]["grad_angle"] < 1e-3
-    assert "gradient angle to BP (deg): hidden_0" in experiment.format_record(records[-1], 2)
+    assert "gradient angle to BP (deg): hidden_0" in writers.format_record(records[-1], 2)
     summary = json.loads((out / "summary.json").read_text())
     assert {"top_eigenvalue", "converged", "trace", "trace_std_error"} <= set(summary["sharpness"])
     assert set(summary["adversarial"]) == {"fgsm", "pgd"}

@@ -18,7 +18,7 @@ from test_data import make_fashion_dir
 from experiments import configs
 from experiments import run as runner
 from pfa_jax import models
-from pfa_jax.app import checkpoint, cli, data, experiment, spec, streaming
+from pfa_jax.app import checkpoint, cli, data, experiment, resume, spec, streaming
 from pfa_jax.app.config import default_config, set_value
 
 N_TRAIN, N_VALIDATION = 24, 10
@@ -215,7 +215,7 @@ def test_streamed_run_records_resumes_and_measures(imagenet_dir, tmp_path):
                "sharpness.probes": 2, "robustness.adversarial_epsilons": (0.01,),
                "robustness.attacks": ("fgsm",), "robustness.noise_sigmas": (0.1,),
                "robustness.examples": 6}
-    summary = experiment.run(tiny_config(imagenet_dir, **closing), tmp_path / "straight",
+    summary = experiment.train_and_evaluate(tiny_config(imagenet_dir, **closing), tmp_path / "straight",
                              progress=False)
     straight = records(tmp_path / "straight")
     assert [r["epoch"] for r in straight] == [1, 2] and summary["steps"] == 2 * (N_TRAIN // 8)
@@ -225,7 +225,7 @@ def test_streamed_run_records_resumes_and_measures(imagenet_dir, tmp_path):
     # The record format is the in-memory path's.
     (tmp_path / "fashion").mkdir()
     fashion = make_fashion_dir(tmp_path / "fashion", 32, 8)
-    experiment.run(tiny_config(str(fashion), dataset="fashion_mnist", image_size=0, epochs=1),
+    experiment.train_and_evaluate(tiny_config(str(fashion), dataset="fashion_mnist", image_size=0, epochs=1),
                    tmp_path / "memory", progress=False)
     memory = records(tmp_path / "memory")[0]
     assert list(memory) == list(straight[0])
@@ -234,8 +234,10 @@ def test_streamed_run_records_resumes_and_measures(imagenet_dir, tmp_path):
                 == {layer: set(v) for layer, v in straight[0][key].items()})
 
     # One epoch, then resumed to two, equals the straight run.
-    experiment.run(tiny_config(imagenet_dir, epochs=1), tmp_path / "resumed", progress=False)
-    experiment.run(tiny_config(imagenet_dir), tmp_path / "resumed", progress=False, resume=True)
+    experiment.train_and_evaluate(tiny_config(imagenet_dir, epochs=1), tmp_path / "resumed",
+                                  progress=False)
+    experiment.train_and_evaluate(tiny_config(imagenet_dir), tmp_path / "resumed", progress=False,
+                                  resume=True)
     resumed = records(tmp_path / "resumed")
     assert len(resumed) == 2
     for a, b in zip(resumed, straight):
@@ -254,20 +256,20 @@ def test_streamed_run_resumes_mid_epoch_with_the_same_batches(imagenet_dir, tmp_
     uninterrupted run, step by step."""
     config = lambda **values: tiny_config(imagenet_dir, checkpoint_every_steps=2, log_every_steps=1,
                                           **values)
-    experiment.run(config(), tmp_path / "straight", progress=False)
+    experiment.train_and_evaluate(config(), tmp_path / "straight", progress=False)
     out = tmp_path / "resumed"
     save = checkpoint.Checkpoints.save
 
-    def save_then_stop(self, key, state, lines=(), within=None, config=None):
-        save(self, key, state, lines, within, config)
-        if within is not None and key == 4:
+    def save_then_stop(self, key, state, lines=(), partial=None, config=None):
+        save(self, key, state, lines, partial, config)
+        if partial is not None and key == 4:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpoint.Checkpoints, "save", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        experiment.run(config(), out, progress=False)
+        experiment.train_and_evaluate(config(), out, progress=False)
     monkeypatch.undo()
-    assert sorted(p.name for p in (out / experiment.MIDWAY).iterdir()) == ["2", "4"]
+    assert sorted(p.name for p in (out / resume.PARTIAL_DIR).iterdir()) == ["2", "4"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1"]
     assert len(records(out)) == 1
     before = sorted(str(p) for p in out.rglob("*"))
@@ -275,16 +277,16 @@ def test_streamed_run_resumes_mid_epoch_with_the_same_batches(imagenet_dir, tmp_
     # Another batch size gives another step count: refused, nothing changed.
     with pytest.raises(ValueError, match=r"step-checkpoints/4 was written mid-epoch with 3 steps per "
                        r"epoch; this config gives 2 \(batch_size or limit changed\)"):
-        experiment.run(config(batch_size=12), out, progress=False, resume=True)
+        experiment.train_and_evaluate(config(batch_size=12), out, progress=False, resume=True)
     assert sorted(str(p) for p in out.rglob("*")) == before
 
     # A damaged mid-epoch checkpoint is set aside; the run resumes from the newest intact one.
     damaged = tmp_path / "damaged"
     shutil.copytree(out, damaged)
-    for file in (damaged / experiment.MIDWAY / "4").rglob("*"):
+    for file in (damaged / resume.PARTIAL_DIR / "4").rglob("*"):
         if file.is_file() and file.stat().st_size > 0:
             file.write_bytes(b"\0" * file.stat().st_size)
-    experiment.run(config(), damaged, progress=False, resume=True)
+    experiment.train_and_evaluate(config(), damaged, progress=False, resume=True)
     assert "Resuming from the checkpoint after epoch 1, the newest intact one" in capsys.readouterr().err
     assert (damaged / "damaged-checkpoints" / "step-4").is_dir()
     assert [r["test_loss"] for r in records(damaged)] == pytest.approx(
@@ -297,7 +299,7 @@ def test_streamed_run_resumes_mid_epoch_with_the_same_batches(imagenet_dir, tmp_
         return train_batches(self, batch_size, seed, epoch, rows, start)
 
     monkeypatch.setattr(streaming.StreamedDataset, "train_batches", recorded)
-    summary = experiment.run(config(), out, progress=False, resume=True)
+    summary = experiment.train_and_evaluate(config(), out, progress=False, resume=True)
     assert starts == [(1, 1)]  # epoch 2 (0-based 1) from its second batch
     assert summary["steps"] == 6
     resumed, straight = records(out), records(tmp_path / "straight")
@@ -333,19 +335,21 @@ def jax_leaves(record):
 
 def test_streamed_divergence_and_bad_options(imagenet_dir, tmp_path):
     with pytest.raises(experiment.DivergenceError, match="diverged in epoch 1"):
-        experiment.run(tiny_config(imagenet_dir, learning_rate=1e12, **{"rule.name": "bp"}),
+        experiment.train_and_evaluate(tiny_config(imagenet_dir, learning_rate=1e12, **{"rule.name": "bp"}),
                        tmp_path / "run", progress=False)
     # Checkpointing every step: the steps before the first non-finite loss are checkpointed, the
     # diverged state is not.
     with pytest.raises(experiment.DivergenceError, match=r"diverged in epoch 1 at step 3: .* The "
                        r"last good checkpoint \(at step 2 of epoch 1\) is kept in .*step-checkpoints"):
-        experiment.run(tiny_config(imagenet_dir, learning_rate=1e12, checkpoint_every_steps=1,
+        experiment.train_and_evaluate(tiny_config(imagenet_dir, learning_rate=1e12, checkpoint_every_steps=1,
                                    **{"rule.name": "bp"}), tmp_path / "every", progress=False)
-    assert sorted(p.name for p in (tmp_path / "every" / experiment.MIDWAY).iterdir()) == ["1", "2"]
+    assert sorted(p.name for p in (tmp_path / "every" / resume.PARTIAL_DIR).iterdir()) == ["1", "2"]
     with pytest.raises(ValueError, match="augment='crop_flip' is for in-memory datasets"):
-        experiment.run(tiny_config(imagenet_dir, augment="crop_flip"), tmp_path / "a", progress=False)
+        experiment.train_and_evaluate(tiny_config(imagenet_dir, augment="crop_flip"), tmp_path / "a",
+                                      progress=False)
     with pytest.raises(ValueError, match="image_size=16 applies to streamed datasets"):
-        experiment.run(tiny_config(imagenet_dir, dataset="mnist"), tmp_path / "b", progress=False)
+        experiment.train_and_evaluate(tiny_config(imagenet_dir, dataset="mnist"), tmp_path / "b",
+                                      progress=False)
 
 
 def test_fig5_config():

@@ -232,13 +232,13 @@ def test_dfa_default_grid_is_the_references_and_old_run_directories_keep_theirs(
     """The default is ``'output'`` (BioTorch and the PFA authors' fork); a new run's config.json
     records the grid; a config.json without one (written under the old default) resumes with
     ``'input'``."""
-    from pfa_jax.app import config as config_lib, experiment, spec
+    from pfa_jax.app import config as config_lib, resume, spec
     assert pj.rules.get("dfa").grid == "output"
     config = config_lib.default_config()
     config.rule.name = "dfa"
     assert spec.resolve(config).config.rule.options.grid == "output"
     (tmp_path / "config.json").write_text(config.to_json())
-    assert experiment.load_config(tmp_path).rule.options.grid == "input"
+    assert resume.load_config(tmp_path).rule.options.grid == "input"
     config.rule.options.grid = "output"
     (tmp_path / "config.json").write_text(config.to_json())
-    assert experiment.load_config(tmp_path).rule.options.grid == "output"
+    assert resume.load_config(tmp_path).rule.options.grid == "output"

@@ -1,14 +1,15 @@
 """Checkpoints of a ``TrainState`` with orbax, the newest ``keep`` kept, each carrying checksums that
 restore verifies. ``pfa_jax.app.experiment`` keeps one per completed epoch (keyed by the epoch) and,
-for streamed data, mid-epoch ones (keyed by the global step) in a second directory.
+for streamed data, partial-epoch ones (keyed by the global step) in a second directory.
 
 Only the arrays are written (step, params, feedback, batch_stats, opt_state and the raw data of the
 RNG key); the model, optimizer and other static fields come from the state that ``restore`` is
 given, which must be built from the same config (``pfa_jax.app.experiment`` does this). Beside them,
 in the same atomic orbax checkpoint, ``integrity``: the CRC-32 of every array's bytes (in
 ``jax.tree.leaves`` order) and of every line of the run's metrics so far (``save``'s ``records``);
-and for a mid-epoch checkpoint ``within_epoch`` (``save``'s ``within``, checksummed with the
-arrays): where in the epoch the run stands and the per-step metrics of the epoch's steps so far.
+and for a partial-epoch checkpoint ``within_epoch`` (``save``'s ``partial``, checksummed with
+the arrays): where in the epoch the run stands and the per-step metrics of the epoch's steps so
+far.
 
 ``restore`` tells three failures apart, each a ``CheckpointError`` naming the checkpoint:
 
@@ -44,17 +45,17 @@ __all__ = ["CheckpointDamagedError", "CheckpointError", "CheckpointMismatchError
            "crc32", "migrate_opt_state", "Restored"]
 
 INTEGRITY = "integrity"
-WITHIN = "within_epoch"
+PARTIAL = "within_epoch"  # the partial epoch's name inside a checkpoint (kept for old ones)
 
 
 class Restored(NamedTuple):
     """A restored checkpoint: the state, the CRC-32s of the metrics lines saved with it (None: a
-    checkpoint from before the checksums), its ``within`` tree (None: saved at an epoch's end)
+    checkpoint from before the checksums), its ``partial`` epoch (None: saved at an epoch's end)
     and the config it was trained under (``save``'s ``config``; None: saved without one)."""
 
     state: TrainState
     records: np.ndarray | None
-    within: dict | None
+    partial: dict | None
     config: str | None = None
 
 
@@ -154,7 +155,7 @@ class _Quiet:
 
 
 class Checkpoints:
-    """``save(key, state, records, within)``, ``steps()`` and ``restore(key, like)`` under one
+    """``save(key, state, records, partial)``, ``steps()`` and ``restore(key, like)`` under one
     directory (the keys: completed epochs, or global steps)."""
 
     def __init__(self, directory: str | epath.Path, keep: int = 2):
@@ -166,14 +167,14 @@ class Checkpoints:
                 item_handlers=ocp.StandardCheckpointHandler())
 
     def save(self, key: int, state: TrainState, records: Sequence[str] = (),
-             within: dict | None = None, config: str | None = None) -> None:
+             partial: dict | None = None, config: str | None = None) -> None:
         """Writes the state as checkpoint ``key`` with its checksums and those of the metrics
-        lines ``records`` (and ``within``, a tree of arrays, for a mid-epoch checkpoint; and
+        lines ``records`` (and ``partial``, a tree of arrays, for a partial-epoch checkpoint; and
         ``config``, the text of the config the state was trained under, which ``restore``
         returns), and waits until it is on disk."""
         arrays = _arrays(state)
-        if within is not None:
-            arrays[WITHIN] = jax.tree.map(np.asarray, within)
+        if partial is not None:
+            arrays[PARTIAL] = jax.tree.map(np.asarray, partial)
         integrity = {"arrays": _checksums(arrays)}
         if records:  # none before the first epoch ends (orbax saves no empty arrays)
             integrity["records"] = np.array([crc32(line) for line in records], np.uint32)
@@ -220,10 +221,10 @@ class Checkpoints:
     def restore(self, epoch: int, like: TrainState) -> Restored:
         """Checkpoint ``epoch``: its state, with the static fields of ``like``, its arrays
         verified against their checksums (module docstring for the errors); the CRC-32s of the
-        metrics lines saved with it; its ``within`` tree."""
+        metrics lines saved with it; its ``partial`` epoch."""
         metadata = self._metadata(epoch)
         wanted = _arrays(like)
-        saved = {k: v for k, v in metadata.items() if k not in (INTEGRITY, WITHIN)}
+        saved = {k: v for k, v in metadata.items() if k not in (INTEGRITY, PARTIAL)}
         saved_shapes, wanted_shapes = _shapes(saved), _shapes(wanted)
         if saved_shapes != wanted_shapes:
             if "inner_states" in saved.get("opt_state", {}):
@@ -233,7 +234,7 @@ class Checkpoints:
                 f"builds ({_differences(saved_shapes, wanted_shapes)})",
                 self._saved_config(epoch))
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, wanted)
-        for extra in (INTEGRITY, WITHIN):
+        for extra in (INTEGRITY, PARTIAL):
             if extra in metadata:
                 target[extra] = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), metadata[extra])
         arrays = self._read(epoch, target)
@@ -247,10 +248,10 @@ class Checkpoints:
             raise CheckpointDamagedError(
                 f"checkpoint {self.path(epoch)} is damaged: {len(damaged)} array(s) differ from "
                 f"their checksums ({', '.join(damaged[:3])}{' ...' if len(damaged) > 3 else ''})")
-        within = arrays.pop(WITHIN, None)
+        partial = arrays.pop(PARTIAL, None)
         return Restored(_with_arrays(like, arrays),
                         np.asarray(integrity.get("records", np.zeros(0, np.uint32))),
-                        None if within is None else jax.tree.map(np.asarray, within),
+                        None if partial is None else jax.tree.map(np.asarray, partial),
                         _config_text(integrity))
 
     def _saved_config(self, epoch: int) -> str | None:

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "models":
         print("\n".join(models.names()))
         return 0
-    from pfa_jax.app import experiment, spec  # imports JAX-heavy modules only when training
+    from pfa_jax.app import experiment, resume, spec  # imports JAX-heavy modules only when training
     from pfa_jax.app.checkpoint import CheckpointError
     from pfa_jax.app.rundir import RunDirectoryBusyError
 
@@ -94,15 +94,16 @@ def main(argv: list[str] | None = None) -> int:
         placement.from_arguments(args)
         if args.resume and not args.out:
             raise ValueError("--resume needs --out, the run directory to continue")
-        config = experiment.load_config(args.out) if args.resume else config_lib.default_config()
+        config = resume.load_config(args.out) if args.resume else config_lib.default_config()
         saved = copy.deepcopy(config)
         config_lib.override(config, flags + args.set)
         if args.resume:
             _check_same_run(saved, config, args.out)
         out = args.out or (f"runs/{config.dataset}-{config.model.replace(':', '.')}-"
                             f"{config.rule.name}-seed{config.seed}")
-        summary = experiment.run(spec.resolve(config), out, overwrite=args.overwrite, progress=not args.quiet,
-                                 resume=args.resume)
+        summary = experiment.train_and_evaluate(spec.resolve(config), out,
+                                                overwrite=args.overwrite, progress=not args.quiet,
+                                                resume=args.resume)
     except (ValueError, FileExistsError, FileNotFoundError, experiment.DivergenceError,
             CheckpointError, RunDirectoryBusyError) as error:
         print(f"pfa-jax: error: {error}", file=sys.stderr)

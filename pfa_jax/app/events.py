@@ -1,9 +1,11 @@
 """TensorBoard event files of a run, written with ``tensorboardX`` (no TensorFlow needed).
 
-    events = Events(out / "tensorboard", steps_per_epoch, first_epoch, log_every_steps)
-    events.steps(epoch, steps)      # per-step loss, accuracy, learning rate every log_every_steps
-    events.epoch(record)            # one metrics.jsonl record
+    events = TensorBoardWriter(out / "tensorboard", steps_per_epoch, first_epoch, log_every_steps)
+    events.write_steps(epoch, steps)  # per-step loss, accuracy, learning rate every log_every_steps
+    events.write_epoch(record)        # one metrics.jsonl record
     events.close()
+
+A ``pfa_jax.app.writers.MetricWriter``.
 
 Every scalar is logged at the global step (the number of training steps taken): a step's own
 scalars (``step/loss``, ``step/accuracy``, ``step/learning_rate``, ``step/weight_decay``) at that
@@ -19,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from tensorboardX import SummaryWriter
 
-__all__ = ["Events"]
+__all__ = ["TensorBoardWriter"]
 
 _EPOCH = {"train_loss": "train/loss", "train_accuracy": "train/accuracy", "test_loss": "test/loss",
           "test_accuracy": "test/accuracy", "learning_rate": "epoch/learning_rate",
@@ -27,7 +29,7 @@ _EPOCH = {"train_loss": "train/loss", "train_accuracy": "train/accuracy", "test_
 _STEP = ("loss", "accuracy", "learning_rate", "weight_decay")
 
 
-class Events:
+class TensorBoardWriter:
     """The event files of one run (module docstring)."""
 
     def __init__(self, directory, steps_per_epoch: int, first_epoch: int = 0,
@@ -36,7 +38,7 @@ class Events:
         self.writer = SummaryWriter(str(directory), purge_step=first_epoch * steps_per_epoch + 1
                                     if first_epoch else None)
 
-    def steps(self, epoch: int, steps: dict) -> None:
+    def write_steps(self, epoch: int, steps: dict) -> None:
         """The per-step scalars of epoch ``epoch`` (0-based; ``steps``: arrays over its steps)."""
         if not self.log_every_steps:
             return
@@ -47,7 +49,7 @@ class Events:
                     self.writer.add_scalar(f"step/{key}", float(np.asarray(steps[key])[i]),
                                            first + i + 1)
 
-    def epoch(self, record: dict) -> None:
+    def write_epoch(self, record: dict) -> None:
         """One ``metrics.jsonl`` record, at the step that ends its epoch."""
         step = record["epoch"] * self.steps_per_epoch
         for key, tag in _EPOCH.items():

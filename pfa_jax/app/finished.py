@@ -16,7 +16,7 @@ import jax
 from etils import epath
 
 from pfa_jax import train
-from pfa_jax.app import data, experiment, sources
+from pfa_jax.app import data, resume, sources
 from pfa_jax.app.spec import RunSpec, resolve
 from pfa_jax.app.checkpoint import Checkpoints
 from pfa_jax.app.placement import Placement
@@ -34,7 +34,7 @@ class Finished(NamedTuple):
 def load(run_dir: str | epath.Path) -> Finished:
     """The run in ``run_dir`` at its newest epoch checkpoint (an error names a directory with none)."""
     run_dir = epath.Path(run_dir)
-    run_spec = resolve(experiment.load_config(run_dir))
+    run_spec = resolve(resume.load_config(run_dir))
     source = sources.for_spec(run_spec, Placement.create(1))
     checkpoints = Checkpoints(run_dir / "checkpoints")
     if not checkpoints.steps():

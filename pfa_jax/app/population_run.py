@@ -1,11 +1,11 @@
 """Runs that differ only in their seed, trained as one population (``pfa_jax.population``) and
 written as their single runs write them.
 
-Each member gets its own run directory, locked and prepared exactly as ``experiment.run`` prepares a
-new run (``config.json``, the same initial state from its seed); then every epoch is one
+Each member gets its own run directory, locked and prepared exactly as
+``experiment.train_and_evaluate`` prepares a new run (``config.json``, the same initial state from its seed); then every epoch is one
 ``pfa_jax.population.train_epoch`` of all members, each with its single run's epoch key
 ``fold_in(key, epoch)``, and each member's epoch is finished as a single run finishes it
-(``experiment.finish_epoch``: its records in ``metrics.jsonl`` and TensorBoard, evaluation, its
+(``experiment.finish_epoch``: its records through ``pfa_jax.app.writers``, evaluation, its
 checkpoint), and its ``summary.json`` written as a single run's. A member whose training diverges
 is closed as a single run that diverged is (its directory as the failed run leaves it) and
 reported, while the others go on. Only ``epoch_time`` and ``wall_time`` differ from the single
@@ -25,8 +25,9 @@ import jax
 from etils import epath
 
 from pfa_jax import population
-from pfa_jax.app import experiment, placement, rundir
+from pfa_jax.app import experiment, placement, resume, rundir
 from pfa_jax.app.spec import RunSpec
+from pfa_jax.app.writers import Writers
 
 __all__ = ["refusal", "run"]
 
@@ -46,15 +47,15 @@ def refusal(spec: RunSpec) -> str | None:
 class _Member:
     spec: RunSpec
     directory: rundir.RunDirectory
-    start: experiment._Start
-    records: experiment._Records
+    run: experiment.Run
+    writers: Writers
     key: jax.Array
     state: object
     begun: float
 
     def close(self, error: BaseException | None = None) -> None:
-        """Closes the records and the run directory (with ``error``: as a failed single run)."""
-        self.records.close()
+        """Closes the writers and the run directory (with ``error``: as a failed single run)."""
+        self.writers.close()
         self.directory.__exit__(None if error is None else type(error), error,
                                 None if error is None else error.__traceback__)
 
@@ -64,13 +65,13 @@ def _open(spec: RunSpec, out: epath.Path) -> _Member:
     init_key, key = jax.random.split(jax.random.key(spec.seed))
     directory = rundir.RunDirectory(out, writer=placement.writer()).__enter__()
     try:
-        start = experiment._prepare(spec, directory, True, False, init_key)
-        state = experiment.pretrained(spec, start, start.resumed.state, key)
-        records = experiment._Records(start.out, [], spec, start.steps_per_epoch, 0)
+        run = experiment.prepare(spec, directory, True, False, init_key)
+        state = experiment.pretrained(spec, run, run.start.state, key)
+        writers = run.writers(spec, console=False)
     except BaseException as error:
         directory.__exit__(type(error), error, error.__traceback__)
         raise
-    return _Member(spec, directory, start, records, key, state, time.perf_counter())
+    return _Member(spec, directory, run, writers, key, state, time.perf_counter())
 
 
 def _stacked(members: Sequence[_Member]) -> population.Population:
@@ -83,7 +84,7 @@ def _stacked(members: Sequence[_Member]) -> population.Population:
 
 def _epoch(members: list[_Member], epoch: int) -> dict[int, BaseException]:
     """One epoch of every member; returns the members (by index) whose epoch failed."""
-    spec, dataset = members[0].spec, members[0].start.source.dataset
+    spec, dataset = members[0].spec, members[0].run.source.dataset
     epoch_start = time.perf_counter()
     pop, steps = population.train_epoch(
         _stacked(members), dataset.train_images, dataset.train_labels,
@@ -93,8 +94,8 @@ def _epoch(members: list[_Member], epoch: int) -> dict[int, BaseException]:
     for i, m in enumerate(members):
         m.state = population.member(pop, i)
         try:
-            experiment.finish_epoch(m.start, m.state, jax.tree.map(lambda a, i=i: a[i], steps),
-                                    m.records, epoch, epoch_start, m.directory.commit)
+            experiment.finish_epoch(m.run, m.state, jax.tree.map(lambda a, i=i: a[i], steps),
+                                    m.writers, epoch, epoch_start, m.directory.commit)
         except experiment.DivergenceError as error:
             failed[i] = error
     return failed
@@ -105,7 +106,7 @@ def run(specs: Sequence[RunSpec], outs: Sequence[str | epath.Path], progress: bo
     """Trains the new runs ``specs`` (differing only in seed) as one population into ``outs``;
     returns each member's summary, or the ``DivergenceError`` that stopped it."""
     for i, other in enumerate(specs[1:], 1):
-        changes = [c for c in experiment._changes(specs[0].config, other.config)
+        changes = [c for c in resume.changes(specs[0].config, other.config)
                    if not c.startswith("seed:")]
         if changes:
             raise ValueError(f"population: run {i} differs from run 0 in more than its seed: "
@@ -126,8 +127,8 @@ def run(specs: Sequence[RunSpec], outs: Sequence[str | epath.Path], progress: bo
             if not members:
                 break
         for i, m in zip(index, members):
-            results[i] = experiment._summary(m.spec, m.start, m.state, m.key, m.records,
-                                             time.perf_counter() - m.begun)
+            results[i] = experiment.write_summary(m.spec, m.run, m.state, m.key, m.writers.lines,
+                                                  time.perf_counter() - m.begun)
             m.directory.commit()
     except BaseException as error:
         while members:

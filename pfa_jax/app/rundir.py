@@ -2,7 +2,7 @@
 directory as it found it.
 
 ``RunDirectory(out, ...)`` is used as a context manager around everything a run does to ``out``
-(``pfa_jax.app.experiment.run``):
+(``pfa_jax.app.experiment.train_and_evaluate``):
 
 1. **Lock.** ``out/.lock`` is created if missing and held with an exclusive ``fcntl.flock`` for
    the life of the process (released on any exit, also SIGKILL: the kernel drops it). It holds the

@@ -151,17 +151,18 @@ class Streamed:
     def heldout(self, count: int) -> tuple[np.ndarray, np.ndarray]:
         return self.dataset.arrays("test", count)
 
-    def train_epoch(self, state, key, epoch: int, progress: bool, taken: dict | None = None,
-                    save=None):
-        """The epoch's steps from the batch after those ``taken`` (their per-step metrics, from a
-        run resumed mid-epoch; None: from the first batch); every ``checkpoint_every_steps``
-        global steps short of the epoch's end, ``save(state, taken)`` with the steps taken so
-        far in the epoch (a mid-epoch checkpoint)."""
+    def train_epoch(self, state, key, epoch: int, progress: bool,
+                    partial_steps: dict | None = None, save_partial=None):
+        """The epoch's steps from the batch after the ``partial_steps`` (their per-step metrics,
+        from a run resumed in a partial epoch; None: from the first batch); every
+        ``checkpoint_every_steps`` global steps short of the epoch's end,
+        ``save_partial(state, steps)`` with the epoch's steps so far (a partial-epoch
+        checkpoint)."""
         del key  # the batches come from (seed, epoch); the state carries its own key
         size, every = self.config.batch_size, self.spec.checkpoint_every_steps
         total = self.num_train // size
-        parts = [] if taken is None else [taken]
-        done = 0 if taken is None else len(taken["loss"])
+        parts = [] if partial_steps is None else [partial_steps]
+        done = 0 if partial_steps is None else len(partial_steps["loss"])
         batches = self.dataset.train_batches(size, self.config.seed, epoch,
                                              self.placement.local_rows(size), start=done)
         placed = _on_devices(batches, self.placement, size)
@@ -173,8 +174,8 @@ class Streamed:
                     state, itertools.islice(placed, chunk), on_step=bar.offset(done))
                 parts.append(jax.device_get(steps))
                 done += chunk
-                if done < total and save is not None:
-                    save(state, _concatenate(parts))
+                if done < total and save_partial is not None:
+                    save_partial(state, _concatenate(parts))
         return state, _concatenate(parts)
 
     def evaluate(self, state) -> dict:

@@ -8,8 +8,8 @@ optimizer builder.
 Errors name the key, the bad value and what is valid. What needs the data (whether the model fits
 the images, the steps per epoch that turn milestones into steps) is checked by
 ``pfa_jax.app.experiment`` once the data is loaded, before training. The optimizer is kept as the
-validated ``OptimizerConfig``; ``experiment.run`` builds its transformation once, with the steps
-per epoch.
+validated ``OptimizerConfig``; ``experiment.train_and_evaluate`` builds its transformation once,
+with the steps per epoch.
 """
 from __future__ import annotations
 
