@@ -19,7 +19,8 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -45,10 +45,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from common import interleaved_ms, machine, markdown_table, parser, report, train_state
 from jax import lax
 
 import pfa_jax as pj
-from common import interleaved_ms, machine, markdown_table, parser, report, train_state
 from pfa_jax.app import data as app_data
 from pfa_jax.rules.product_feedback import choose_route
 

@@ -14,9 +14,9 @@ picks ``steps`` there for conv models; an MLP's scan is a little faster. Prints 
 from __future__ import annotations
 
 import jax
+from common import interleaved_ms, machine, markdown_table, parser, random_batch, report, train_state
 
 import pfa_jax as pj
-from common import interleaved_ms, machine, markdown_table, parser, random_batch, report, train_state
 
 CASES = {"ffn2": ((28, 28, 1), 64, 64, ("bp", "pfa")), "resnet20": ((32, 32, 1), 128, 2, ("bp",))}
 QUICK_CASES = {"ffn2": ((28, 28, 1), 16, 8, ("bp",)), "resnet20": ((32, 32, 1), 8, 2, ("bp",))}

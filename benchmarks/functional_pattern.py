@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import jax
 import optax
+from common import interleaved_ms, machine, markdown_table, parser, random_batch, report, verdict
 
 import pfa_jax as pj
-from common import interleaved_ms, machine, markdown_table, parser, random_batch, report, verdict
 
 RULES = ("bp", "pfa")
 TARGET_OVER_TRAIN_STEP, TARGET_PFA_OVER_BP = 1.05, 1.10

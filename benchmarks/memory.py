@@ -24,9 +24,9 @@ Prints JSON (also to ``--json PATH``), then a markdown table.
 from __future__ import annotations
 
 import jax
+from common import IMAGE_SHAPES, machine, markdown_table, parser, random_batch, report, train_state
 
 import pfa_jax as pj
-from common import IMAGE_SHAPES, machine, markdown_table, parser, random_batch, report, train_state
 
 FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
           "temp_size_in_bytes", "generated_code_size_in_bytes", "peak_memory_in_bytes",

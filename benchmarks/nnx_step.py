@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import jax
 import optax
+from common import interleaved_ms, machine, markdown_table, parser, random_batch, report, verdict
 from flax import nnx
 
 import pfa_jax as pj
-from common import interleaved_ms, machine, markdown_table, parser, random_batch, report, verdict
 
 CASES = {"ffn2": ((28, 28, 1), 64), "resnet20": ((32, 32, 3), 128)}
 RULES = ("bp", "pfa")

@@ -19,11 +19,19 @@ from __future__ import annotations
 
 import jax
 import optax
+from common import (
+    IMAGE_SHAPES,
+    interleaved_ms,
+    machine,
+    markdown_table,
+    parser,
+    random_batch,
+    report,
+    verdict,
+)
+from memory import analysis
 
 import pfa_jax as pj
-from common import (IMAGE_SHAPES, interleaved_ms, machine, markdown_table, parser, random_batch,
-                    report, verdict)
-from memory import analysis
 
 TARGETS = {"time": 1.5, "memory": 1.03}
 

@@ -23,10 +23,21 @@ the slow part).
 """
 from __future__ import annotations
 
-import pfa_jax as pj
-from common import (IMAGE_SHAPES, interleaved_ms, machine, markdown_table, parser, random_batch,
-                    report, step_variant, train_state, verdict)
+from common import (
+    IMAGE_SHAPES,
+    interleaved_ms,
+    machine,
+    markdown_table,
+    parser,
+    random_batch,
+    report,
+    step_variant,
+    train_state,
+    verdict,
+)
 from memory import analysis
+
+import pfa_jax as pj
 
 RATIOS = (1, 2, 5, 10, 20, 50, "pfa_o")
 FORMS = ("R", "F", "G")

@@ -23,9 +23,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from common import interleaved_ms, machine, markdown_table, parser, random_batch, report, verdict
 
 import pfa_jax as pj
-from common import interleaved_ms, machine, markdown_table, parser, random_batch, report, verdict
 
 CASES = {"ffn2": ((28, 28, 1), 64, (1, 4, 16, 64)), "resnet20": ((32, 32, 3), 128, (1, 4))}
 RULES = ("bp", "pfa")
@@ -70,7 +70,8 @@ def main(argv=None):
                 speedup = {s: members * single / times[s]["median_ms"] for s in STRATEGIES}
                 goal, auto = target(name, members), pj.population.resolve("auto")
                 results[f"{name}/{rule}/P{members}"] = {
-                    "batch": batch_size, "steps_per_epoch": STEPS, "members": members, "times": times, "speedup": speedup,
+                    "batch": batch_size, "steps_per_epoch": STEPS, "members": members,
+                    "times": times, "speedup": speedup,
                     "auto": auto, "members_per_s_single": 1000 / single,
                     **{f"members_per_s_{s}": 1000 * members / times[s]["median_ms"]
                        for s in STRATEGIES}, "target": goal}

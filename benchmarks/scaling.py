@@ -22,9 +22,18 @@ then markdown tables. Runs on ``jax.devices()[0]``.
 """
 from __future__ import annotations
 
+from common import (
+    IMAGE_SHAPES,
+    interleaved_ms,
+    machine,
+    markdown_table,
+    parser,
+    random_batch,
+    report,
+    step_variant,
+)
+
 import pfa_jax as pj
-from common import (IMAGE_SHAPES, interleaved_ms, machine, markdown_table, parser, random_batch,
-                    report, step_variant)
 
 RULES = ("bp", "fa", "pfa")
 FULL = {"batch": (16, 64, 256, 1024), "width": (128, 512, 2048), "mlp_depth": (1, 2, 4, 8),

@@ -16,12 +16,11 @@ and usf <= 1.10 x bp in time; dfa <= 1.0 x bp; memory <= 1.05 x bp for every rul
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
-
-import pfa_jax as pj
 from common import interleaved_ms, machine, markdown_table, parser, report, verdict
 from memory import analysis
+
+import pfa_jax as pj
 
 TIME_TARGETS = {"pfa": 1.10, "pfa_o": 1.10, "kp": 1.10, "fa": 1.10, "usf": 1.10, "dfa": 1.0}
 MEMORY_TARGET = 1.05

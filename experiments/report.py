@@ -12,7 +12,8 @@ the training wall time, and the machine of each row when the runs ran on more th
 hardware and the wall times of the invocations recorded, and figures: test accuracy and mean
 alignment against the epoch for each group, and final accuracy against the experiment's
 ``PLOT_AXIS``; an experiment whose config names a ``REPORT`` module of ``experiments`` gets that
-module's ``section`` after its table (``soft_alignment_claims``). Runs that diverged are counted and named with their diagnosis; unfinished runs are
+module's ``section`` after its table (``soft_alignment_claims``). Runs that diverged are counted
+and named with their diagnosis; unfinished runs are
 listed as missing. A run shared from another experiment (``source`` in ``experiment.json``) is read
 from that experiment's directory. Nothing is typed by hand.
 """

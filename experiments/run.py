@@ -49,9 +49,9 @@ import threading  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 
-from etils import epath  # noqa: E402
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
+from etils import epath  # noqa: E402
 
 from experiments import configs  # noqa: E402
 from experiments.configs import common  # noqa: E402

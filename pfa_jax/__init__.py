@@ -10,8 +10,7 @@ The repository's ``docs/index.md`` lists the documentation: ``docs/own_code.md``
 your own code), ``docs/rules.md`` (the math of every rule and metric), ``docs/nnx.md``,
 ``docs/scale.md`` (several devices and hosts).
 """
-from pfa_jax import (augment, fields, layers, losses, metrics, models, nn, nnx, optim, population,
-                     rules, train)
+from pfa_jax import augment, fields, layers, losses, metrics, models, nn, nnx, optim, population, rules, train
 
 __all__ = ["augment", "fields", "layers", "losses", "metrics", "models", "nn", "nnx", "optim",
            "population", "rules", "train"]

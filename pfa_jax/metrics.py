@@ -36,13 +36,11 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
+from flax import nnx, traverse_util
 from jax.flatten_util import ravel_pytree
 
-from flax import nnx
-
 from pfa_jax import layers as player
-from pfa_jax import losses, loops
+from pfa_jax import loops, losses
 from pfa_jax import nn as pnn
 from pfa_jax.nnx.train import linen_state
 from pfa_jax.train import apply_with_rule, eval_step, step_rngs

@@ -44,8 +44,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Mapping
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -94,7 +94,8 @@ def layer_rule(rule: rules.Rule) -> rules.Rule:
 
 def recording(records: dict):
     """Inside this context every pfa_jax layer that runs records ``records[path] = (rule, kernel
-    rank at the call, view)`` (``record``): how ``pfa_jax.layers.table`` finds a model's layers (under ``nn.scan`` or
+    rank at the call, view)`` (``record``): how ``pfa_jax.layers.table`` finds a model's layers
+    (under ``nn.scan`` or
     ``nn.vmap`` the stored kernel has more axes than the call sees)."""
     return _setting(_RECORDER, records)
 
@@ -285,4 +286,4 @@ class Conv(_RuleLayer):
             kernel_dilation=self.kernel_dilation, feature_group_count=self.feature_group_count))
 
 
-from pfa_jax.intercept import UnreachedLayerError, with_rule, WithRule  # noqa: E402  (it builds on the layers above)
+from pfa_jax.intercept import UnreachedLayerError, WithRule, with_rule  # noqa: E402  (it builds on the layers above)

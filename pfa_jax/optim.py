@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,8 @@ import optax
 
 from pfa_jax import fields
 
-__all__ = ["build", "coupled_sgd", "hyperparameters", "multistep", "OptimizerConfig", "OPTIMIZERS", "Schedule"]
+__all__ = ["build", "coupled_sgd", "hyperparameters", "multistep", "OptimizerConfig", "OPTIMIZERS",
+           "Schedule"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # field -> (whether a value is valid, the valid values in words)

@@ -54,7 +54,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from pfa_jax import augment as pfa_augment
 from pfa_jax import layers as player
-from pfa_jax import losses, loops
+from pfa_jax import loops, losses
 from pfa_jax import nn as pnn
 from pfa_jax.optim import build, hyperparameters
 from pfa_jax.rules import forms

@@ -10,7 +10,7 @@ import pytest
 from test_data import make_fashion_dir
 
 from pfa_jax import rules
-from pfa_jax.app import cli, experiment, writers
+from pfa_jax.app import cli, writers
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +69,9 @@ def test_lists(capsys):
 def test_train_logs_gradient_alignment_and_closing_metrics(fashion_dir, tmp_path):
     out = tmp_path / "run"
     metric_options = ["metrics_batch_size=64", "sharpness.enabled=True", "sharpness.examples=64",
-                      "sharpness.iterations=5", "sharpness.probes=4", "robustness.adversarial_epsilons=(0.0, 0.1)",
-                      "robustness.pgd_steps=2", "robustness.noise_sigmas=(0.0, 0.5)", "robustness.examples=50"]
+                      "sharpness.iterations=5", "sharpness.probes=4",
+                      "robustness.adversarial_epsilons=(0.0, 0.1)", "robustness.pgd_steps=2",
+                      "robustness.noise_sigmas=(0.0, 0.5)", "robustness.examples=50"]
     assert cli.main(train_args(fashion_dir, out, "--rule", "fa",
                                *[a for option in metric_options for a in ("--set", option)])) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

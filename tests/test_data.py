@@ -227,7 +227,8 @@ def test_tfds_failure_says_how_to_get_the_data(monkeypatch, tmp_path):
     # Without a local IDX directory, Fashion-MNIST falls back to tfds.
     monkeypatch.delenv("PFA_JAX_FASHION_MNIST_DIR", raising=False)
     monkeypatch.setattr(data, "DEFAULT_FASHION_MNIST_DIR", str(tmp_path / "absent"))
-    with pytest.raises(FileNotFoundError, match="(?s)'fashion_mnist'.*apt-get install -y dataset-fashion-mnist"):
+    with pytest.raises(FileNotFoundError,
+                       match="(?s)'fashion_mnist'.*apt-get install -y dataset-fashion-mnist"):
         data.load("fashion_mnist")
 
 

@@ -112,7 +112,7 @@ def test_train_crops_depend_on_seed_and_epoch_only(imagenet_dir):
     assert sorted(second[1]) == sorted(first[1])  # every record once per epoch
     assert not np.array_equal(second[1], first[1]) and not np.array_equal(other_seed[1], first[1])
     # The same records in epochs 0 and 1 get different crops.
-    by_label = lambda images, labels: {int(l): images[i] for i, l in enumerate(labels)}
+    by_label = lambda images, labels: {int(label): images[i] for i, label in enumerate(labels)}
     a, b = by_label(*first), by_label(*second)
     assert all(not np.array_equal(a[label], b[label]) for label in a)
 

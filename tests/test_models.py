@@ -22,7 +22,8 @@ from pfa_jax import rules
 from pfa_jax.nn import layer_paths
 
 MNIST, CIFAR = (28, 28, 1), (32, 32, 3)
-SHAPES = {"ffn2": MNIST, "lenet": MNIST, "resnet8": CIFAR, "resnet20": CIFAR, "resnet56": CIFAR, "resnet18": CIFAR}
+SHAPES = {"ffn2": MNIST, "lenet": MNIST, "resnet8": CIFAR, "resnet20": CIFAR, "resnet56": CIFAR,
+          "resnet18": CIFAR}
 BATCH = 2
 
 
@@ -42,7 +43,7 @@ def abstract_init(model, x):
     return jax.eval_shape(functools.partial(init, model), x)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def initialised(name, rule="bp"):
     """The model's ``params``, ``batch_stats`` and ``feedback`` (those it has) after ``init``."""
     variables = init(models.get(name, rule=rule), images(SHAPES[name]))

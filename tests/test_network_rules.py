@@ -219,7 +219,8 @@ def test_weight_mirror_warmup_and_mirror_steps_during_training():
     images, labels = batch((4, 4, 1), n=16)
     rule = pj.rules.get("wm", warmup_steps=300, rate=0.05, decay=0.05)
     state = pj.train.create_train_state(
-        jax.random.key(0), pj.models.get("lenet", rule=rule, num_classes=CLASSES), np.zeros((1, 28, 28, 1), np.float32))
+        jax.random.key(0), pj.models.get("lenet", rule=rule, num_classes=CLASSES),
+        np.zeros((1, 28, 28, 1), np.float32))
     for layer in ("conv_0", "conv_1", "output"):
         assert float(pj.metrics.angle(state.feedback[layer]["B"], state.params[layer]["kernel"])) < 10
     b = np.array(state.feedback["output"]["B"])
@@ -232,7 +233,8 @@ def test_dfa_default_grid_is_the_references_and_old_run_directories_keep_theirs(
     """The default is ``'output'`` (BioTorch and the PFA authors' fork); a new run's config.json
     records the grid; a config.json without one (written under the old default) resumes with
     ``'input'``."""
-    from pfa_jax.app import config as config_lib, resume, spec
+    from pfa_jax.app import config as config_lib
+    from pfa_jax.app import resume, spec
     assert pj.rules.get("dfa").grid == "output"
     config = config_lib.default_config()
     config.rule.name = "dfa"

@@ -1,6 +1,7 @@
 """PFA's storage forms (pfa_jax.rules.product_feedback): ``"F"`` (``F = R Bp^T`` plastic, ``C =
 Bp Bp^T`` fixed, ``dF = dK C``) and ``"G"`` (``G = F C^-1`` plastic, ``dG = dK``) against ``"R"``
-(the authors' ``R`` and ``Bp``), and how a run spec picks the form. References are written here from the formulas, independently of the rule's code."""
+(the authors' ``R`` and ``Bp``), and how a run spec picks the form. References are written here
+from the formulas, independently of the rule's code."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

@@ -52,7 +52,7 @@ def test_each_member_equals_its_single_run(case):
     for i, lr in enumerate(LEARNING_RATES):
         single = pj.train.create_train_state(keys[i], net, images[:1], txs[lr])
         single, steps = pj.train.train_epoch(single, images, labels, epoch_keys[i], 16, loop="scan")
-        for strategy, (pop, metrics) in trained.items():
+        for pop, metrics in trained.values():
             got = pj.population.member(pop, i)
             assert_trees_close((got.params, got.feedback, got.opt_state),
                                (single.params, single.feedback, single.opt_state))

@@ -2,7 +2,8 @@
 "Layer-wise rules", "PFA details", "Initialisation of feedback").
 
 Random layers (dense, or 2-D NHWC convs with random strides, paddings, dilations and feature groups), random
-rule options and float32 / float64 data are checked against references written here from the papers' equations:
+rule options and float32 / float64 data are checked against references written here from the
+papers' equations:
 
 1. the forward pass of every rule equals a plain ``x @ K`` / ``lax.conv_general_dilated``;
 2. the three cotangents equal references: ``dx`` is ``jax.vjp`` of the plain op at the hand-computed

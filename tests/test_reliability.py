@@ -18,8 +18,9 @@ from test_data import make_fashion_dir
 
 import pfa_jax as pj
 from pfa_jax import models
+from pfa_jax.app import cli, data, experiment, spec
+from pfa_jax.app import config as config_lib
 from pfa_jax.app.checkpoint import CheckpointDamagedError, Checkpoints, crc32
-from pfa_jax.app import cli, config as config_lib, data, experiment, spec
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,8 @@ def records(out):
     (["optimizer.learning_rate=inf"], "optimizer.learning_rate=inf must be finite and non-negative"),
     (["optimizer.learning_rate=nan"], "optimizer.learning_rate=nan must be finite"),
     (["optimizer.momentum=-1"], "optimizer.momentum=-1.0 must be in [0, 1)"),
-    (["optimizer.lr_decay=-5", "optimizer.lr_milestones=(1,)"], "optimizer.lr_decay=-5.0 must be a finite number > 0"),
+    (["optimizer.lr_decay=-5", "optimizer.lr_milestones=(1,)"],
+     "optimizer.lr_decay=-5.0 must be a finite number > 0"),
     (["optimizer.eps=0"], "optimizer.eps=0.0 must be a finite number > 0"),
     (["optimizer.nesterov=1"], "optimizer.nesterov=1 must be True or False"),
     # model and rule options name themselves instead of "does not fit"
@@ -307,7 +309,8 @@ def small_state():
 @pytest.mark.parametrize("call, message", [
     (lambda s, x, y: pj.train.evaluate(s, x[:10], y[:7], batch_size=5),
      "evaluate: labels of shape (7,) do not match images of shape (10, 28, 28, 1)"),
-    (lambda s, x, y: pj.train.evaluate(s, x, y + 5), r"evaluate: labels must lie in [0, 10), got values from 5 to 14"),
+    (lambda s, x, y: pj.train.evaluate(s, x, y + 5),
+     r"evaluate: labels must lie in [0, 10), got values from 5 to 14"),
     (lambda s, x, y: pj.train.evaluate(s, x, y.astype(np.float32)), "labels must be integer class indices"),
     (lambda s, x, y: pj.train.evaluate(s, x[:, :14], y),
      "evaluate: images of shape (12, 14, 28, 1) do not fit the model's inputs of shape (batch, 28, 28, 1)"),
@@ -322,7 +325,8 @@ def small_state():
     (lambda s, x, y: pj.metrics.corruption(s, [{"image": x, "label": y + 10}], [0.1]),
      "corruption: labels must lie in [0, 10)"),
     (lambda s, x, y: pj.train.create_train_state(jax.random.key(0), s.model, x[0]),
-     "MLP takes inputs of shape (batch, features) or (batch, height, width, channels), got shape (28, 28, 1)"),
+     "MLP takes inputs of shape (batch, features) or (batch, height, width, channels), "
+     "got shape (28, 28, 1)"),
     (lambda s, x, y: pj.train.create_train_state(jax.random.key(0), models.get("lenet"), x[0]),
      "LeNet takes inputs of shape (batch, height, width, channels), got shape (28, 28, 1)"),
     (lambda s, x, y: pj.train.create_train_state(jax.random.key(0), s.model, x[0, 0, 0]),
@@ -361,7 +365,8 @@ def test_every_train_flag_has_a_help_text_with_its_default(capsys):
                           ("--dataset", "default fashion_mnist"), ("--epochs", "default 3"),
                           ("--batch-size", "default 64"), ("--seed", "default 0")]:
         assert re.search(rf"{flag} \S+ [^-]*{default}", text), flag
-    assert "one of bp, fa, usf" in text and "one of ffn2, lenet" in text and "one of fashion_mnist, mnist" in text
+    assert "one of bp, fa, usf" in text and "one of ffn2, lenet" in text
+    assert "one of fashion_mnist, mnist" in text
 
 
 def test_the_experiment_runner_lists_every_experiment(capsys):

@@ -9,8 +9,8 @@ import pytest
 
 import pfa_jax as pj
 from pfa_jax import loops, metrics, optim, train
-from pfa_jax.app import pretrain
 from pfa_jax import nn as pnn
+from pfa_jax.app import pretrain
 
 
 class TinyNet(nn.Module):

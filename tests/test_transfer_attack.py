@@ -2,7 +2,6 @@
 and the PGD convergence check, against references written here."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import pfa_jax as pj

@@ -75,7 +75,8 @@ def explicit_feedback(rule: str, kernel, fb):
     if rule in ("pfa", "pfa_o"):
         return fb["R"] @ fb["Bp"].T
     if rule == "usf":
-        fan_in, fan_out = kernel.shape[-2] * math.prod(kernel.shape[:-2]), kernel.shape[-1] * math.prod(kernel.shape[:-2])
+        lifted = math.prod(kernel.shape[:-2])
+        fan_in, fan_out = kernel.shape[-2] * lifted, kernel.shape[-1] * lifted
         return math.sqrt(2.0 / (fan_in + fan_out)) * jnp.sign(kernel)
     if rule == "frsf":
         return jnp.abs(fb["M"]) * jnp.sign(kernel)
@@ -85,8 +86,9 @@ def explicit_feedback(rule: str, kernel, fb):
 def reference_logits(rule, params, feedback, images):
     """The ViT forward in jnp; every kernel read as its ``(prod in, prod out)`` matrix."""
     def linear(x, name, matrix_shape=None, op=matmul):
-        kernel = params[name]["kernel"] if "/" not in name else params["attention"][name.split("/")[1]]["kernel"]
-        fb = feedback.get(name.split("/")[0], {}) if "/" not in name else feedback.get("attention", {}).get(name.split("/")[1], {})
+        outer, _, inner = name.partition("/")
+        kernel = params[name]["kernel"] if not inner else params["attention"][inner]["kernel"]
+        fb = feedback.get(outer, {}) if not inner else feedback.get("attention", {}).get(inner, {})
         matrix = kernel.reshape(matrix_shape) if matrix_shape else kernel
         return reference_linear(op, x, matrix, explicit_feedback(rule, matrix, fb))
 
@@ -185,7 +187,8 @@ def _layer_inputs(params, images):
     captured = {}
 
     def keep(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and isinstance(context.module, (nn.Dense, nn.DenseGeneral, nn.Einsum)):
+        flax_layers = (nn.Dense, nn.DenseGeneral, nn.Einsum)
+        if context.method_name == "__call__" and isinstance(context.module, flax_layers):
             x = args[0]
             axes = 1 if not isinstance(context.module, nn.DenseGeneral) or context.module.name != "out" else 2
             captured["/".join(context.module.scope.path)] = x.reshape(-1, math.prod(x.shape[x.ndim - axes:]))

@@ -4,7 +4,6 @@ validation images); DFA lr 0.001; PFA and PFA-o wd 0.005 in epoch 0, then 1e-4. 
 (validation accuracy %): BP 91.44, FA 63.86, DFA 30.89, SF 89.84, PFA 90.70, PFA-o 91.36."""
 from experiments.configs import common
 
-
 RULES = ("bp", "fa", "dfa", "usf", "pfa", "pfa_o")
 
 

@@ -4,7 +4,6 @@ x0.1 at epochs 8 and 12, wd 1e-4, batch 128, no augmentation, the official test 
 PFA / PFA-o wd 0.005 in epoch 0 then 1e-4; alignment logged every epoch."""
 from experiments.configs import common
 
-
 RULES = ("bp", "fa", "dfa", "usf", "kp", "pfa", "pfa_o")
 
 

@@ -9,7 +9,8 @@ points in the last epoch. The lr is halved every 6 epochs because with 12 epochs
 at 12 and 18) FA's training loss grew from 0.57 in epoch 10 to 2.8e6 in epoch 11 and 1e33 by
 epoch 24 (seed 0, 2 CPU cores; bp reached 88.83 % with that schedule), while over the 8 epochs of
 ``soft_alignment_mlp`` (halved at 5 and 7) it stayed stable. Whether bp has converged is read off
-its runs, not assumed: the report gives the change of bp's test accuracy over the last 4 epochs. Closing measurements as in
+its runs, not assumed: the report gives the change of bp's test accuracy over the last 4 epochs.
+Closing measurements as in
 ``soft_alignment_mlp`` (sharpness with at most 50 power iterations and 20 Hutchinson probes on
 1000 training images; FGSM / PGD-10 and Gaussian noise on 1000 test images). The runs are listed
 seed by seed, bp first, so that a partly finished sweep holds every setting."""

@@ -62,7 +62,7 @@ from __future__ import annotations
 import ast
 import functools
 import json
-from typing import Iterable
+from collections.abc import Iterable
 
 import ml_collections
 

@@ -17,9 +17,9 @@ from etils import epath
 
 from pfa_jax import train
 from pfa_jax.app import data, resume, sources
-from pfa_jax.app.spec import RunSpec, resolve
 from pfa_jax.app.checkpoint import Checkpoints
 from pfa_jax.app.placement import Placement
+from pfa_jax.app.spec import RunSpec, resolve
 
 __all__ = ["Finished", "load"]
 

@@ -106,7 +106,7 @@ class Placement:
     mesh: Mesh
 
     @classmethod
-    def create(cls, devices: int = 0) -> "Placement":
+    def create(cls, devices: int = 0) -> Placement:
         """The first ``devices`` devices of ``jax.devices()`` (0: all of them, over every
         process). Several processes train on all their devices: ``devices`` is then 0 or the
         global device count."""

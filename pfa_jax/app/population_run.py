@@ -2,7 +2,8 @@
 written as their single runs write them.
 
 Each member gets its own run directory, locked and prepared exactly as
-``experiment.train_and_evaluate`` prepares a new run (``config.json``, the same initial state from its seed); then every epoch is one
+``experiment.train_and_evaluate`` prepares a new run (``config.json``, the same initial state from
+its seed); then every epoch is one
 ``pfa_jax.population.train_epoch`` of all members, each with its single run's epoch key
 ``fold_in(key, epoch)``, and each member's epoch is finished as a single run finishes it
 (``experiment.finish_epoch``: its records through ``pfa_jax.app.writers``, evaluation, its

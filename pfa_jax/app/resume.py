@@ -34,8 +34,7 @@ from flax import traverse_util
 from pfa_jax import train
 from pfa_jax.app import config as config_lib
 from pfa_jax.app import placement, rundir
-from pfa_jax.app.checkpoint import (CheckpointDamagedError, CheckpointMismatchError, Checkpoints,
-                                    crc32)
+from pfa_jax.app.checkpoint import CheckpointDamagedError, CheckpointMismatchError, Checkpoints, crc32
 
 __all__ = ["changes", "found", "load_config", "PARTIAL_DIR", "RESUMABLE", "resume", "set_aside", "Start",
            "when"]

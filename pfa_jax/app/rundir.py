@@ -12,7 +12,8 @@ directory as it found it.
    cleaning). The lock is removed when the run ends. On a remote file system (``gs://``) nothing
    is locked. In a multi-process run only process 0 locks and writes these files.
 2. **Overwrite.** ``set_aside()`` moves an existing run's files into ``out/previous-run/`` (saying
-   so on stderr) instead of deleting them (on remote storage they are deleted at once); they are deleted once the new run has written its first
+   so on stderr) instead of deleting them (on remote storage they are deleted at once); they are
+   deleted once the new run has written its first
    checkpoint (``commit``), and moved back if it fails before.
 3. **Rollback.** Everything under ``out`` is noted when the run starts (``begin``): the paths, and
    the bytes of the top-level files (``config.json``, ``metrics.jsonl``, ``summary.json``, ...).

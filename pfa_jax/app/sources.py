@@ -14,7 +14,8 @@ state replicated. In memory, every process holds the whole dataset, replicated o
 each device gathers and augments only its own rows of a batch inside the compiled step; streamed,
 each process reads, decodes and crops only its own rows of every global batch.
 
-Both are made from a run spec and a placement (``for_spec``) and give ``num_train``, ``sample()`` (one image for initialisation), ``heldout(n)`` (the first ``n``
+Both are made from a run spec and a placement (``for_spec``) and give ``num_train``, ``sample()``
+(one image for initialisation), ``heldout(n)`` (the first ``n``
 test images and labels), ``train_epoch(state, key, epoch, progress)`` -> ``(state, per-step
 metrics)``, ``evaluate(state)`` -> ``{'loss', 'accuracy'}`` and ``closing()`` (a ``data.Dataset``
 for the closing measurements).

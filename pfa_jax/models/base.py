@@ -12,7 +12,8 @@ BatchNorm included, with the parameters, feedback and BatchNorm statistics kept 
 returned in float32, so the loss is computed in float32.
 """
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp

@@ -5,7 +5,8 @@ shortcut, then ReLU. Convs have no bias and symmetric padding ``kernel // 2`` (P
 the same output sizes as SAME, which pads stride-2 convs on the high side only).
 
 * ``resnet8`` / ``resnet20`` / ``resnet56`` (``CifarResNet``, depth ``6n + 2`` with ``n = 1`` / ``3``
-  / ``9`` blocks per stage): stem conv3x3 16 + BN + ReLU (``stem``, ``stem_bn``); stages of 16/32/64 channels, the
+  / ``9`` blocks per stage): stem conv3x3 16 + BN + ReLU (``stem``, ``stem_bn``); stages of
+  16/32/64 channels, the
   first block of stages 2 and 3 with stride 2; global average pool; ``output`` Dense. Option-A
   shortcuts: where the shape changes, the shortcut is ``x[:, ::2, ::2, :]`` zero-padded in channels
   on both sides (as the widely used PyTorch CIFAR ResNets do), with no parameters.
@@ -20,7 +21,7 @@ autodiff.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp

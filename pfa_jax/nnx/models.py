@@ -14,15 +14,15 @@ as in linen; DFA layers are told ``num_classes``. Only ``Linear`` / ``Conv`` fol
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
 
 from pfa_jax import models as linen_models
-from pfa_jax.models import base as linen_base
 from pfa_jax import nn as pnn
+from pfa_jax.models import base as linen_base
 from pfa_jax.nnx import transformer
 from pfa_jax.nnx.intercept import with_rule
 from pfa_jax.nnx.layers import Conv, Linear, add_taps, rule_layers

@@ -12,8 +12,8 @@ import dataclasses
 
 from pfa_jax import fields
 from pfa_jax.rules import ops
-from pfa_jax.rules.base import INITS, Rule, soft_align
 from pfa_jax.rules.alignment import AA, IA, SA, Alignment
+from pfa_jax.rules.base import INITS, Rule, soft_align
 from pfa_jax.rules.bp import BP
 from pfa_jax.rules.direct_feedback import DFA
 from pfa_jax.rules.feedback_alignment import FA, KP

@@ -64,7 +64,8 @@ through the network; ``'noise'``: ``u = sigma N(0, 1)`` of ``x``'s shape, drawn 
 ``normalize`` (each probe sample centred and scaled to unit norm over its non-batch axes, the
 authors' ``normalize_input``) and ``probe_batch`` (default 0: the whole batch; ``m > 0``: the first
 ``m`` rows of the layer's input, or ``m`` noise samples, so ``n = m``; more rows than the batch
-holds is an error): the batch-mean losses estimated on a subsample, and the probe's products cost ``m / N`` of the full batch's, plus a
+holds is an error): the batch-mean losses estimated on a subsample, and the probe's products cost
+``m / N`` of the full batch's, plus a
 forward product for ``y`` on the ``m`` rows; under a sharded batch the first rows sit on the first
 devices). Not provided: the authors' options of activations on the
 projections, biases in the projections, and centring or normalising the projections.

@@ -14,7 +14,8 @@ norm do not. ``for_optimizer(rule, tx)`` turns ``form="auto"`` (PFA's default) i
 
 and keeps an explicit ``"F"`` or ``"G"`` under a ``tx`` that does not commute with a warning
 (those forms then train another algorithm; the command refuses them).
-``pfa_jax.train.create_train_state`` applies it to a model whose ``rule`` field holds the rule (every ``pfa_jax.models`` model, ``pfa_jax.nn.with_rule``), and
+``pfa_jax.train.create_train_state`` applies it to a model whose ``rule`` field holds the rule
+(every ``pfa_jax.models`` model, ``pfa_jax.nn.with_rule``), and
 the command applies it to the run spec's optimizer; a rule fixed inside a module's body, or an NNX
 model (built before its optimizer), keeps what it was given: pass
 ``for_optimizer(rule, tx)`` to it.
@@ -46,7 +47,6 @@ import numpy as np
 import optax
 
 from pfa_jax import rules
-from pfa_jax.rules.base import Rule
 from pfa_jax.rules.product_feedback import PFA
 
 PROBE_SHAPES = {"a": (5, 4), "b": (3, 2, 4)}  # the right product maps the last axis 4 -> 3

@@ -16,7 +16,7 @@ Both are ``jax.linear_transpose`` of the (linear) map, so no forward product is 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
