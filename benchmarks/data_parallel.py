@@ -21,16 +21,8 @@ are the scaling figure.
 from __future__ import annotations
 
 import jax
-from common import (
-    IMAGE_SHAPES,
-    interleaved_ms,
-    machine,
-    markdown_table,
-    parser,
-    random_batch,
-    report,
-    train_state,
-)
+from common import (IMAGE_SHAPES, interleaved_ms, machine, markdown_table, parser, random_batch,
+                    report, train_state)
 
 from pfa_jax import train
 from pfa_jax.app.placement import Placement

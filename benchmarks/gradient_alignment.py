@@ -11,18 +11,10 @@ and their ratio. Prints JSON (and writes it to ``--json PATH``), then a markdown
 from __future__ import annotations
 
 import jax
-from common import (
-    IMAGE_SHAPES,
-    interleaved_ms,
-    machine,
-    markdown_table,
-    parser,
-    random_batch,
-    report,
-    train_state,
-)
 
 import pfa_jax as pj
+from common import (IMAGE_SHAPES, interleaved_ms, machine, markdown_table, parser, random_batch,
+                    report, train_state)
 
 BATCHES = {"ffn2": 256, "resnet20": 64}
 

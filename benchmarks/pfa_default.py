@@ -19,16 +19,8 @@ from __future__ import annotations
 
 import jax
 import optax
-from common import (
-    IMAGE_SHAPES,
-    interleaved_ms,
-    machine,
-    markdown_table,
-    parser,
-    random_batch,
-    report,
-    verdict,
-)
+from common import (IMAGE_SHAPES, interleaved_ms, machine, markdown_table, parser, random_batch,
+                    report, verdict)
 from memory import analysis
 
 import pfa_jax as pj

@@ -23,18 +23,8 @@ the slow part).
 """
 from __future__ import annotations
 
-from common import (
-    IMAGE_SHAPES,
-    interleaved_ms,
-    machine,
-    markdown_table,
-    parser,
-    random_batch,
-    report,
-    step_variant,
-    train_state,
-    verdict,
-)
+from common import (IMAGE_SHAPES, interleaved_ms, machine, markdown_table, parser, random_batch,
+                    report, step_variant, train_state, verdict)
 from memory import analysis
 
 import pfa_jax as pj

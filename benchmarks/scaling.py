@@ -22,16 +22,8 @@ then markdown tables. Runs on ``jax.devices()[0]``.
 """
 from __future__ import annotations
 
-from common import (
-    IMAGE_SHAPES,
-    interleaved_ms,
-    machine,
-    markdown_table,
-    parser,
-    random_batch,
-    report,
-    step_variant,
-)
+from common import (IMAGE_SHAPES, interleaved_ms, machine, markdown_table, parser, random_batch,
+                    report, step_variant)
 
 import pfa_jax as pj
 

@@ -25,18 +25,8 @@ Prints JSON (also to ``--json PATH``), then markdown tables. Runs on ``jax.devic
 """
 from __future__ import annotations
 
-from common import (
-    IMAGE_SHAPES,
-    interleaved_ms,
-    machine,
-    markdown_table,
-    parser,
-    random_batch,
-    report,
-    rule_label,
-    step_variant,
-    verdict,
-)
+from common import (IMAGE_SHAPES, interleaved_ms, machine, markdown_table, parser, random_batch,
+                    report, rule_label, step_variant, verdict)
 
 import pfa_jax as pj
 from pfa_jax.rules.product_feedback import choose_route

@@ -45,16 +45,8 @@ import sys
 import tempfile
 
 import jax
-from common import (
-    IMAGE_SHAPES,
-    interleaved_ms,
-    machine,
-    markdown_table,
-    parser,
-    random_batch,
-    report,
-    step_variant,
-)
+from common import (IMAGE_SHAPES, interleaved_ms, machine, markdown_table, parser, random_batch,
+                    report, step_variant)
 
 import pfa_jax as pj
 from pfa_jax.rules import ops

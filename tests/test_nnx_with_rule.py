@@ -10,17 +10,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from test_with_rule import (
-    CLASSES,
-    DIM,
-    HEADS,
-    HIDDEN,
-    RULES,
-    _layer_inputs,
-    _loss,
-    reference_feedback_signal,
-    reference_logits,
-)
+from test_with_rule import (CLASSES, DIM, HEADS, HIDDEN, RULES, _layer_inputs, _loss,
+                            reference_feedback_signal, reference_logits)
 
 import pfa_jax as pj
 from pfa_jax import intercept

@@ -13,19 +13,9 @@ See ``pfa_jax.nnx.layers`` (layers and feedback variable types), ``pfa_jax.nnx.m
 """
 from pfa_jax.nnx import models
 from pfa_jax.nnx.intercept import with_rule
-from pfa_jax.nnx.layers import (
-    Conv,
-    Feedback,
-    FixedFeedback,
-    Linear,
-    MirroredFeedback,
-    PlasticFeedback,
-    RuleFollowing,
-    RuleLayer,
-    add_taps,
-    mirror,
-    rule_layers,
-)
+from pfa_jax.nnx.layers import (Conv, Feedback, FixedFeedback, Linear, MirroredFeedback,
+                                PlasticFeedback, RuleFollowing, RuleLayer, add_taps, mirror,
+                                rule_layers)
 from pfa_jax.nnx.train import TRAINED, eval_step, from_linen, linen_state, optimizer, to_linen, train_step
 
 __all__ = ["Conv", "Feedback", "FixedFeedback", "Linear", "MirroredFeedback", "PlasticFeedback",
