@@ -227,8 +227,8 @@ def test_a_shared_run_is_trained_listed_and_reported_where_its_source_lives(
             for a in ("--set", s)]
     assert runner.main(["fig2_fashion_mnist", "soft_alignment_mlp", "--only", "*bp-depth2-seed0",
                         "--list", "--out", str(out), *tiny]) == 0
-    out = capsys.readouterr().out
-    assert "fig2_fashion_mnist/shared-bp-depth2-seed0: new (stored as " + source_name in out
+    printed = capsys.readouterr().out
+    assert "fig2_fashion_mnist/shared-bp-depth2-seed0: new (stored as " + source_name in printed
     # both experiments list the run: it trains once, in the source's directory
     assert runner.main(["fig2_fashion_mnist", "soft_alignment_mlp", "--only", "*bp-depth2-seed0",
                         "--out", str(out), "--quiet", *tiny]) == 0
