@@ -1,6 +1,5 @@
-"""One training run from a run spec (``pfa_jax.app.spec``), read top-down as the flax examples
-read: ``train_and_evaluate(spec, workdir)`` prepares the run (devices, data, state, run directory,
-where it starts), trains the epochs, each recorded and checkpointed, and writes the summary.
+"""One training run from a run spec (``pfa_jax.app.spec``): ``train_and_evaluate(spec, workdir)``
+prepares the run, trains the epochs, each recorded and checkpointed, and writes the summary.
 
 A run directory holds ``config.json`` (the resolved config), ``metrics.jsonl`` (one JSON record per
 epoch: train / test loss and accuracy, learning rate, weight decay, per-layer alignment, per-layer
@@ -50,7 +49,8 @@ from etils import epath
 
 from pfa_jax import metrics, train
 from pfa_jax import nn as pnn
-from pfa_jax.app import closing, data, placement, plots, pretrain, resume, rundir, sources, streaming
+from pfa_jax.app import closing, data, placement, plots, pretrain, rundir, sources, streaming
+from pfa_jax.app import resume as resume_lib  # train_and_evaluate's resume= is the flag
 from pfa_jax.app.checkpoint import Checkpoints
 from pfa_jax.app.spec import RunSpec
 from pfa_jax.app.writers import Writers, write_whole
@@ -106,7 +106,7 @@ class Run:
     checkpoints: Checkpoints
     partials: Checkpoints | None
     steps_per_epoch: int
-    start: resume.Start
+    start: resume_lib.Start
     config: str
 
     def writers(self, spec: RunSpec, console: bool) -> Writers:
@@ -139,14 +139,14 @@ def prepare(spec: RunSpec, directory: rundir.RunDirectory, overwrite: bool, resu
         _claim(directory, overwrite)
     directory.begin()
     checkpoints = Checkpoints(out / "checkpoints")
-    partials = (Checkpoints(out / resume.PARTIAL_DIR)
-                if spec.checkpoint_every_steps or (out / resume.PARTIAL_DIR).exists() else None)
+    partials = (Checkpoints(out / resume_lib.PARTIAL_DIR)
+                if spec.checkpoint_every_steps or (out / resume_lib.PARTIAL_DIR).exists() else None)
     if resuming:
-        start = resume.resume(out, checkpoints, partials, spec, state, steps_per_epoch)
+        start = resume_lib.resume(out, checkpoints, partials, spec, state, steps_per_epoch)
         if start.damaged:
-            resume.set_aside(out, start, directory)
+            resume_lib.set_aside(out, start, directory)
     else:
-        start = resume.Start(0, state)
+        start = resume_lib.Start(0, state)
     placement.barrier("pfa_jax: run directory read")  # before process 0 writes into it
     if placement.writer():
         write_whole(out / "config.json", spec.config.to_json(indent=2) + "\n")
@@ -257,8 +257,8 @@ def _check_finite(run: Run, state, losses, epoch: int) -> None:
         return
     where = (f"step {int(np.argmin(finite)) + 1}" if not finite.all()
              else f"step {len(losses)} (the parameters)")
-    found = resume.found(run.checkpoints, run.partials, run.steps_per_epoch)
-    kept = (f"The last good checkpoint ({resume.when(found[0][0], run.steps_per_epoch)}) is kept "
+    found = resume_lib.found(run.checkpoints, run.partials, run.steps_per_epoch)
+    kept = (f"The last good checkpoint ({resume_lib.when(found[0][0], run.steps_per_epoch)}) is kept "
             f"in {found[0][1].directory}; lower the learning rate and start again (--overwrite "
             "keeps this run until the new one checkpoints)") if found else (
         "No epoch completed, so no checkpoint was written; lower the learning rate and start "
