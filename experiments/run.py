@@ -18,9 +18,9 @@ minute, so a killed invocation's is short by at most that). A run that another
 experiment shares (``common.Run.source``: the same config, checked before anything trains) lives in
 that experiment's directory: listed, trained if missing, and reported from there.
 
-``--population`` trains the new runs that differ only in ``seed`` as one population each
-(``pfa_jax.app.population_run``; the repository's ``docs/populations.md``), writing every run
-directory as its single run would.
+``--population`` trains the new runs that differ only in ``seed`` and the optimizer's scalars
+(learning rate, weight decay, momentum, ...) as one population each (``pfa_jax.app.population_run``;
+the repository's ``docs/populations.md``), writing every run directory as its single run would.
 
 Every run's config is validated before the first one starts. ``--workers N`` runs N runs at once in
 separate processes (useful on a GPU, which small models leave mostly idle); GPU memory is then
@@ -142,8 +142,8 @@ def _diverged(run_dir: epath.Path, error: experiment.DivergenceError) -> dict:
 
 
 def train_group(config_jsons: list[str], run_dirs: list[str], progress: bool) -> list[dict]:
-    """Trains one job: a single run (``train_one``), or new runs that differ only in seed as one
-    population (``pfa_jax.app.population_run``); returns each run's outcome as ``train_one``
+    """Trains one job: a single run (``train_one``), or new runs of one ``population_run.group`` as
+    one population (``pfa_jax.app.population_run``); returns each run's outcome as ``train_one``
     does."""
     if len(config_jsons) == 1:
         return [train_one(config_jsons[0], run_dirs[0], progress)]
@@ -158,17 +158,16 @@ def train_group(config_jsons: list[str], run_dirs: list[str], progress: bool) ->
 
 
 def populations(todo: list, out: epath.Path) -> list[list]:
-    """``todo``'s runs as jobs: the new runs whose configs differ only in ``seed`` (and that
-    ``population_run.refusal`` accepts) one job each group, every other run a job of its own."""
+    """``todo``'s runs as jobs: the new runs of one ``population_run.group`` (differing only in
+    ``seed`` and the optimizer's scalars, and that ``population_run.refusal`` accepts) one job each
+    group, every other run a job of its own."""
     groups: dict[str, list] = {}
     for job in todo:
         name, run, config = job
         key = None
         if state(run_dir(out, name, run)) == "new" and not population_run.refusal(
                 spec.resolve(config)):
-            unseeded = ml_collections.ConfigDict(config.to_dict())
-            unseeded.seed = 0
-            key = unseeded.to_json(sort_keys=True)
+            key = population_run.group(config)
         groups.setdefault(key or f"single {len(groups)}", []).append(job)
     return list(groups.values())
 
@@ -267,7 +266,8 @@ def main(argv=None) -> int:
     parser.add_argument("--list", action="store_true", help="list the runs and their state")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch output")
     parser.add_argument("--population", action="store_true",
-                        help="train the new runs that differ only in seed as one population each "
+                        help="train the new runs that differ only in seed and optimizer scalars as "
+                             "one population each "
                              "(one compiled program; every run directory as a single run's)")
     placement.add_arguments(parser)
     args = parser.parse_args(argv)

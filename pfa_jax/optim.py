@@ -40,7 +40,7 @@ import optax
 from pfa_jax import fields
 
 __all__ = ["build", "coupled_sgd", "hyperparameters", "multistep", "OptimizerConfig", "OPTIMIZERS",
-           "Schedule"]
+           "Schedule", "scheduled"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # field -> (whether a value is valid, the valid values in words)
@@ -161,23 +161,57 @@ class OptimizerConfig:
                 multistep(self.segment_values("weight_decay", "wd_milestones"), self.wd_milestones,
                           self.steps_per_epoch, dtype))
 
-    def transformation(self, dtype=jnp.float32) -> optax.GradientTransformation:
-        """The optax transformation, with ``learning_rate`` and ``weight_decay`` injected
-        (``optax.inject_hyperparams``) from their schedules (values of ``dtype``: that of the
-        parameters it steps, so float64 parameters get float64 rates and float32 ones are never
-        promoted)."""
-        def make(learning_rate, weight_decay):
-            if self.name == "sgd":
-                return coupled_sgd(learning_rate, self.momentum, weight_decay, self.nesterov)
-            decay = optax.add_decayed_weights(weight_decay)
-            if self.name == "adam":
-                body = [decay, optax.scale_by_adam(self.b1, self.b2, self.eps)]
-            else:
-                body = [optax.scale_by_adam(self.b1, self.b2, self.eps), decay]
-            return optax.chain(*body, optax.scale_by_learning_rate(learning_rate))
+    def options(self) -> dict:
+        """The keyword arguments of ``scheduled`` that build this optimizer (the learning rate and
+        the weight decay as one value per schedule segment)."""
+        return {"name": self.name, "learning_rate": self.segment_values("learning_rate", "lr_milestones"),
+                "lr_milestones": self.lr_milestones,
+                "weight_decay": self.segment_values("weight_decay", "wd_milestones"),
+                "wd_milestones": self.wd_milestones, "steps_per_epoch": self.steps_per_epoch,
+                "momentum": self.momentum, "nesterov": self.nesterov, "b1": self.b1, "b2": self.b2,
+                "eps": self.eps}
 
-        lr, wd = self.schedules(dtype)
-        return optax.inject_hyperparams(make)(learning_rate=lr, weight_decay=wd)
+    def transformation(self, dtype=jnp.float32) -> optax.GradientTransformation:
+        """``scheduled(**self.options(), dtype=dtype)``: values of ``dtype``, that of the parameters
+        it steps, so float64 parameters get float64 rates and float32 ones are never promoted."""
+        return scheduled(**self.options(), dtype=dtype)
+
+
+def scheduled(name: str = "sgd", learning_rate=(0.01,), lr_milestones=(), weight_decay=(0.0,),
+              wd_milestones=(), steps_per_epoch: int = 1, momentum=0.9, nesterov: bool = False,
+              b1=0.9, b2=0.999, eps=1e-8, dtype=jnp.float32) -> optax.GradientTransformation:
+    """The papers' optimizers as one optax alias (module docstring): ``name`` ``'sgd'``
+    (``coupled_sgd``), ``'adam'`` or ``'adamw'``, the learning rate and the weight decay piecewise
+    constant over epochs, ``learning_rate[k]`` from epoch ``lr_milestones[k - 1]`` on
+    (``multistep``), injected with ``optax.inject_hyperparams`` so the state holds each step's.
+
+    Every number may be a traced value (one value per segment for the rates), so this serves as a
+    ``pfa_jax.population`` factory: ``functools.partial(scheduled, name=..., lr_milestones=...)``
+    with per-member ``learning_rate``, ``weight_decay``, ``momentum``, ``b1``, ``b2``, ``eps``.
+
+    Example:
+
+    >>> tx = scheduled("sgd", learning_rate=(0.1, 0.01), lr_milestones=(1,), steps_per_epoch=2)
+    >>> params = {"w": jnp.array([1.0])}
+    >>> state = tx.init(params)
+    >>> for _ in range(3):
+    ...     _, state = tx.update({"w": jnp.array([1.0])}, state, params)
+    >>> state.hyperparams["learning_rate"]  # step 2 is in epoch 1
+    Array(0.01, dtype=float32)
+    """
+    def make(learning_rate, weight_decay):
+        if name == "sgd":
+            return coupled_sgd(learning_rate, momentum, weight_decay, nesterov)
+        decay = optax.add_decayed_weights(weight_decay)
+        adam = optax.scale_by_adam(b1, b2, eps)
+        return optax.chain(*([decay, adam] if name == "adam" else [adam, decay]),
+                           optax.scale_by_learning_rate(learning_rate))
+
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer name={name!r} is unknown; valid: {OPTIMIZERS}")
+    return optax.inject_hyperparams(make)(
+        learning_rate=multistep(learning_rate, lr_milestones, steps_per_epoch, dtype),
+        weight_decay=multistep(weight_decay, wd_milestones, steps_per_epoch, dtype))
 
 
 def coupled_sgd(learning_rate, momentum: float = 0.9, weight_decay=0.0, nesterov: bool = False

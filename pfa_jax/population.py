@@ -60,7 +60,8 @@ STRATEGIES = ("auto", "vmap", "sequential")
 
 class Population(struct.PyTreeNode):
     """``state``: one ``TrainState`` whose arrays have the member axis first (static fields shared);
-    ``hyperparams``: name -> each member's value ``(P,)``; ``make_tx``: the factory of the members'
+    ``hyperparams``: name -> each member's value ``(P, ...)`` (a scalar, or a vector such as a
+    schedule's per-segment rates); ``make_tx``: the factory of the members'
     transformations (None: ``state.tx`` for all)."""
 
     state: train.TrainState
@@ -148,7 +149,7 @@ def member(population: Population, i: int) -> train.TrainState:
     """Member ``i`` as the ``TrainState`` of its single run (its own ``tx``)."""
     state = _sliced(population.state, i)
     return _with_tx(population.make_tx, state,
-                    {k: v[i].item() for k, v in population.hyperparams.items()})
+                    {k: np.asarray(v[i]).tolist() for k, v in population.hyperparams.items()})
 
 
 def _member_step(make_tx, state, hyperparams, batch):

@@ -1,7 +1,7 @@
-"""The experiment runner's populations (``--population``): runs that differ only in seed train as
-one program and write run directories equal to the single runs' (same files, same values to float32
-rounding; only wall times differ); a member that diverges is recorded as diverged while the others
-finish; specs that differ in more than the seed are refused."""
+"""The experiment runner's populations (``--population``): runs that differ only in seed and the
+optimizer's scalars train as one program and write run directories equal to the single runs' (same
+files, same values to float32 rounding; only wall times differ); a member that diverges is recorded
+as diverged while the others finish; specs that differ in more are refused."""
 import json
 
 import jax
@@ -12,6 +12,7 @@ from test_data import make_fashion_dir
 from test_experiments import TINY
 
 from experiments import run as runner
+from experiments.configs import common
 from pfa_jax import population
 from pfa_jax.app import checkpoint, population_run, spec
 
@@ -54,14 +55,11 @@ def _close(a, b):
         assert a == b
 
 
-def test_a_population_writes_the_single_runs_directories(fashion_dir, tmp_path, capsys):
-    assert runner.main(_arguments(fashion_dir, tmp_path / "single")) == 0
-    assert runner.main([*_arguments(fashion_dir, tmp_path / "pop"), "--population"]) == 0
-    assert "2 of 2 runs to train (0 finished before); 2 of them in 1 population(s)" in (
-        capsys.readouterr().out)
-    for seed in (0, 1):
-        single, pooled = (tmp_path / kind / "fig2_fashion_mnist" / f"kp-seed{seed}"
-                          for kind in ("single", "pop"))
+def _same_run_directories(tmp_path, names):
+    """The runs ``names`` written alike under ``single`` and ``pop``: same files, same config, the
+    metrics, summary and checkpoints equal to float32 rounding."""
+    for name in names:
+        single, pooled = (tmp_path / kind / "fig2_fashion_mnist" / name for kind in ("single", "pop"))
         assert _files(pooled) == _files(single)
         assert (pooled / "config.json").read_text() == (single / "config.json").read_text()
         _close(*[[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
@@ -73,9 +71,39 @@ def test_a_population_writes_the_single_runs_directories(fashion_dir, tmp_path, 
                 epoch, None).items() if k != "integrity"} for d in (pooled, single)]
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                          *arrays)
+
+
+def test_a_population_writes_the_single_runs_directories(fashion_dir, tmp_path, capsys):
+    assert runner.main(_arguments(fashion_dir, tmp_path / "single")) == 0
+    assert runner.main([*_arguments(fashion_dir, tmp_path / "pop"), "--population"]) == 0
+    assert "2 of 2 runs to train (0 finished before); 2 of them in 1 population(s)" in (
+        capsys.readouterr().out)
+    _same_run_directories(tmp_path, ["kp-seed0", "kp-seed1"])
     invocation = json.loads((tmp_path / "pop" / "fig2_fashion_mnist" / "experiment.json")
                             .read_text())["invocations"][0]
     assert invocation["population"] is True
+
+
+def test_runs_that_differ_in_optimizer_scalars_are_one_population(fashion_dir, tmp_path, capsys,
+                                                                  monkeypatch):
+    """A sweep over the learning rate (one value per schedule segment), weight decay and momentum,
+    two seeds: all four runs one population, each equal to its single run."""
+    values = [("a", {"optimizer.learning_rate": (0.02, 0.01)}),
+              ("b", {"optimizer.learning_rate": (0.05, 0.001), "optimizer.weight_decay": 1e-3,
+                     "optimizer.momentum": 0.5})]
+    monkeypatch.setattr(runner.configs.load("fig2_fashion_mnist"), "runs", lambda: common.sweep(
+        "fig2", seeds=(0, 1), rules=["kp"], opt=values))
+    names = [f"kp-{o}-seed{s}" for o in "ab" for s in (0, 1)]
+    milestone = ["--set", "optimizer.lr_milestones=(1,)"]
+    assert runner.main([*_arguments(fashion_dir, tmp_path / "single", only="kp-*"), *milestone]) == 0
+    assert runner.main([*_arguments(fashion_dir, tmp_path / "pop", only="kp-*"), *milestone,
+                        "--population"]) == 0
+    assert "4 of 4 runs to train (0 finished before); 4 of them in 1 population(s)" in (
+        capsys.readouterr().out)
+    _same_run_directories(tmp_path, names)
+    rates = [json.loads((tmp_path / "pop" / "fig2_fashion_mnist" / n / "metrics.jsonl")
+                        .read_text().splitlines()[-1])["learning_rate"] for n in names]
+    np.testing.assert_allclose(rates, [0.01, 0.01, 0.001, 0.001], rtol=1e-6)
 
 
 def test_a_diverging_member_is_recorded_and_the_others_finish(fashion_dir, tmp_path, capsys,
@@ -104,12 +132,13 @@ def test_a_diverging_member_is_recorded_and_the_others_finish(fashion_dir, tmp_p
              for d in (exp, tmp_path / "single" / "fig2_fashion_mnist")])
 
 
-def test_members_must_differ_only_in_seed(fashion_dir, tmp_path):
+def test_members_must_differ_only_in_seed_and_optimizer_scalars(fashion_dir, tmp_path):
     configs = [runner.run_config("fig2_fashion_mnist", run, TINY + [f"data_dir={fashion_dir}"])
                for run in runner.configs.load("fig2_fashion_mnist").runs()
                if run.name in ("kp-seed0", "fa-seed1")]
-    with pytest.raises(ValueError, match=r"population: run 1 differs from run 0 in more than its "
-                                         r"seed: rule.name: 'fa' -> 'kp'"):
+    with pytest.raises(ValueError, match=r"population: run 1 differs from run 0 in more than seed, "
+                                         r"optimizer.learning_rate, .*, optimizer.eps: "
+                                         r"rule.name: 'fa' -> 'kp'"):
         population_run.run([spec.resolve(c) for c in configs],
                            [tmp_path / "a", tmp_path / "b"], progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

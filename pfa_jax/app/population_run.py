@@ -1,5 +1,5 @@
-"""Runs that differ only in their seed, trained as one population (``pfa_jax.population``) and
-written as their single runs write them.
+"""Runs that differ only in their seed and the optimizer's scalars, trained as one population
+(``pfa_jax.population``) and written as their single runs write them.
 
 Each member gets its own run directory, locked and prepared exactly as
 ``experiment.train_and_evaluate`` prepares a new run (``config.json``, the same initial state from
@@ -13,24 +13,49 @@ reported, while the others go on. Only ``epoch_time`` and ``wall_time`` differ f
 runs: the members share the population's epochs.
 
 Which runs can be members (``refusal``): new runs (a partial one resumes as a single run), on one
-device of one process, with in-memory data and no mid-epoch checkpoints; members differ only in
-``seed``, so they share model, rule, optimizer and data (the caller groups them).
+device of one process, with in-memory data and no mid-epoch checkpoints. Members share everything
+but (``group``) their ``seed`` and the optimizer's scalars ``SCALARS`` (learning rate and its decay,
+weight decay, momentum, Adam's ``b1``, ``b2``, ``eps``): the model, the rule, the data, the
+optimizer's name and milestones are one program. Members with another learning rate or weight decay
+are built by ``pfa_jax.optim.scheduled`` with their own values as traced scalars, so each steps as
+its single run does. With ``optimizer.feedback`` set (plastic feedback stepped by an optimizer of
+its own, derived from the main one) only the seed may differ.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import time
 from collections.abc import Sequence
 
 import jax
 from etils import epath
+from flax import traverse_util
 
-from pfa_jax import population
+from pfa_jax import optim, population
 from pfa_jax.app import experiment, placement, resume, rundir
 from pfa_jax.app.spec import RunSpec
 from pfa_jax.app.writers import Writers
 
-__all__ = ["refusal", "run"]
+__all__ = ["group", "refusal", "run", "SCALARS"]
+
+SCALARS = ("learning_rate", "lr_decay", "weight_decay", "momentum", "b1", "b2", "eps")
+
+
+def _free(config) -> tuple[str, ...]:
+    """The config keys in which members of one population may differ."""
+    if config.optimizer.get("feedback"):
+        return ("seed",)
+    return ("seed", *(f"optimizer.{name}" for name in SCALARS))
+
+
+def group(config) -> str:
+    """The key shared by the runs that can be one population: ``config`` (a ``ConfigDict``) without
+    the keys in which members may differ (module docstring)."""
+    flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
+    return json.dumps({k: v for k, v in flat.items() if k not in _free(config)}, sort_keys=True,
+                      default=repr)
 
 
 def refusal(spec: RunSpec) -> str | None:
@@ -76,11 +101,21 @@ def _open(spec: RunSpec, out: epath.Path) -> _Member:
 
 
 def _stacked(members: Sequence[_Member]) -> population.Population:
-    """The members' states as one population: their optimizers are equal (the members differ only
-    in seed), so member 0's transformation serves all."""
+    """The members' states as one population. Where their optimizers' values differ, each member's
+    transformation is ``optim.scheduled`` of its own values (the population's ``make_tx``); else
+    member 0's transformation serves all."""
+    options = [dataclasses.replace(m.spec.optimizer, steps_per_epoch=m.run.steps_per_epoch).options()
+               for m in members]
+    varied = [k for k in options[0] if any(o[k] != options[0][k] for o in options)]
     first = members[0].state
-    return population.stack([m.state.replace(tx=first.tx, feedback_tx=first.feedback_tx)
-                             for m in members])
+    if not varied:
+        return population.stack([m.state.replace(tx=first.tx, feedback_tx=first.feedback_tx)
+                                 for m in members])
+    dtype = jax.tree.leaves(first.params)[0].dtype
+    make_tx = functools.partial(optim.scheduled, dtype=dtype,
+                                **{k: v for k, v in options[0].items() if k not in varied})
+    return population.stack([m.state for m in members], {k: [o[k] for o in options] for k in varied},
+                            make_tx=make_tx)
 
 
 def _epoch(members: list[_Member], epoch: int) -> dict[int, BaseException]:
@@ -104,13 +139,14 @@ def _epoch(members: list[_Member], epoch: int) -> dict[int, BaseException]:
 
 def run(specs: Sequence[RunSpec], outs: Sequence[str | epath.Path], progress: bool = True
         ) -> list[dict | experiment.DivergenceError]:
-    """Trains the new runs ``specs`` (differing only in seed) as one population into ``outs``;
-    returns each member's summary, or the ``DivergenceError`` that stopped it."""
+    """Trains the new runs ``specs`` (of one ``group``) as one population into ``outs``; returns
+    each member's summary, or the ``DivergenceError`` that stopped it."""
+    free = _free(specs[0].config)
     for i, other in enumerate(specs[1:], 1):
         changes = [c for c in resume.changes(specs[0].config, other.config)
-                   if not c.startswith("seed:")]
+                   if c.split(":")[0] not in free]
         if changes:
-            raise ValueError(f"population: run {i} differs from run 0 in more than its seed: "
+            raise ValueError(f"population: run {i} differs from run 0 in more than {', '.join(free)}: "
                              + "; ".join(changes))
     results: list = [None] * len(specs)
     members, index = [], []
