@@ -18,8 +18,8 @@ minute, so a killed invocation's is short by at most that). A run that another
 experiment shares (``common.Run.source``: the same config, checked before anything trains) lives in
 that experiment's directory: listed, trained if missing, and reported from there.
 
-``--population`` trains the new runs that differ only in ``seed`` and the optimizer's scalars
-(learning rate, weight decay, momentum, ...) as one population each (``pfa_jax.app.population_run``;
+``--population`` trains the new runs that differ only in ``seed``, the soft alignment ``rho`` and
+the optimizer's scalars (learning rate, weight decay, momentum, ...) as one population each (``pfa_jax.app.population_run``;
 the repository's ``docs/populations.md``), writing every run directory as its single run would.
 
 Every run's config is validated before the first one starts. ``--workers N`` runs N runs at once in
@@ -159,15 +159,15 @@ def train_group(config_jsons: list[str], run_dirs: list[str], progress: bool) ->
 
 def populations(todo: list, out: epath.Path) -> list[list]:
     """``todo``'s runs as jobs: the new runs of one ``population_run.group`` (differing only in
-    ``seed`` and the optimizer's scalars, and that ``population_run.refusal`` accepts) one job each
-    group, every other run a job of its own."""
+    ``seed``, ``rho`` and the optimizer's scalars, and that ``population_run.refusal`` accepts) one
+    job each group, every other run a job of its own."""
     groups: dict[str, list] = {}
     for job in todo:
         name, run, config = job
         key = None
-        if state(run_dir(out, name, run)) == "new" and not population_run.refusal(
-                spec.resolve(config)):
-            key = population_run.group(config)
+        if state(run_dir(out, name, run)) == "new":
+            resolved = spec.resolve(config)
+            key = None if population_run.refusal(resolved) else population_run.group(resolved)
         groups.setdefault(key or f"single {len(groups)}", []).append(job)
     return list(groups.values())
 
@@ -266,7 +266,7 @@ def main(argv=None) -> int:
     parser.add_argument("--list", action="store_true", help="list the runs and their state")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch output")
     parser.add_argument("--population", action="store_true",
-                        help="train the new runs that differ only in seed and optimizer scalars as "
+                        help="train the new runs that differ only in seed, rho and optimizer scalars as "
                              "one population each "
                              "(one compiled program; every run directory as a single run's)")
     placement.add_arguments(parser)

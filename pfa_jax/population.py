@@ -4,9 +4,12 @@ A ``Population`` is the members' ``TrainState``s stacked on a leading member axi
 ``pfa_jax.train``'s own step, so every member takes exactly the steps of its single run (to float32
 rounding). Members differ in their key (parameters, feedback, RNG streams), in the optimizer's
 scalar hyper-parameters (``tx`` is then a factory ``tx(**hyperparams)``, called again with traced
-scalars inside every compiled step, so it must use ``jnp`` arithmetic only, as optax's aliases do)
-and in each epoch's shuffle (one epoch key each). The model, the rule and every rule option are one
-program: members that differ there are different populations (``stack`` refuses them).
+scalars inside every compiled step, so it must use ``jnp`` arithmetic only, as optax's aliases do),
+in each epoch's shuffle (one epoch key each) and in a rule's init-only options
+(``pfa_jax.rules.Rule.init_only``: the soft alignment ``rho``, which shapes only the feedback drawn
+at init; ``stack`` the members' states, each created with its own model). The model and every other
+rule option are one program: members that differ there are different populations (``stack``
+refuses them).
 
 ``strategy``: ``"vmap"`` (``jax.vmap`` of the step over the members inside one ``jit``: what fills
 an accelerator) or ``"sequential"`` (the members one after another through one compiled
@@ -38,7 +41,7 @@ Array(1, dtype=int32)
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -49,7 +52,7 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pfa_jax import augment as pfa_augment
-from pfa_jax import loops, train
+from pfa_jax import loops, rules, train
 
 __all__ = ["apply", "create", "evaluate", "member", "mesh", "MEMBER", "Population", "shard", "stack",
            "resolve", "STRATEGIES", "train_epoch", "train_step"]
@@ -62,12 +65,14 @@ class Population(struct.PyTreeNode):
     """``state``: one ``TrainState`` whose arrays have the member axis first (static fields shared);
     ``hyperparams``: name -> each member's value ``(P, ...)`` (a scalar, or a vector such as a
     schedule's per-segment rates); ``make_tx``: the factory of the members'
-    transformations (None: ``state.tx`` for all)."""
+    transformations (None: ``state.tx`` for all); ``statics``: each member's own ``(model, layers)``
+    where they differ in init-only rule options (empty: ``state``'s for all)."""
 
     state: train.TrainState
     hyperparams: dict
     make_tx: Callable[..., optax.GradientTransformation] | None = struct.field(
         pytree_node=False, default=None)
+    statics: tuple = struct.field(pytree_node=False, default=())
 
     @property
     def size(self) -> int:
@@ -123,17 +128,37 @@ def stack(states: Sequence[train.TrainState], hyperparams: dict | None = None,
     made elsewhere (restored from checkpoints, say)."""
     first = states[0]
     for i, state in enumerate(states[1:], 1):
-        if state.model != first.model or state.loss is not first.loss:
+        if _program(state.model) != _program(first.model) or state.loss is not first.loss:
             raise ValueError(f"population: member {i}'s model or loss differs from member 0's; "
-                             "members of one population share the model, its rule and the loss")
+                             "members of one population share the model, its rule and the loss "
+                             "(all but the rule's init-only options, such as rho)")
         if make_tx is None and state.tx is not first.tx:
             raise ValueError(f"population: member {i} has another optimizer than member 0; give "
                              "per-member hyper-parameters with make_tx, or one tx to all")
-    shared = [s.replace(tx=first.tx, feedback_tx=first.tx if s.feedback_tx is s.tx
-                        else s.feedback_tx) for s in states]
+    shared = [s.replace(model=first.model, layers=first.layers, tx=first.tx,
+                        feedback_tx=first.tx if s.feedback_tx is s.tx else s.feedback_tx)
+              for s in states]
     stacked = _stacked(shared)
     columns = {name: jnp.asarray(values) for name, values in (hyperparams or {}).items()}
-    return Population(state=stacked, hyperparams=columns, make_tx=make_tx)
+    statics = tuple((s.model, s.layers) for s in states)
+    return Population(state=stacked, hyperparams=columns, make_tx=make_tx,
+                      statics=statics if len(set(statics)) > 1 else ())
+
+
+def _stepping(spec):
+    """A rule spec (a rule, a name, or a mapping of them) with every rule's init-only options at
+    their defaults (``Rule.stepping``)."""
+    if isinstance(spec, rules.Rule):
+        return spec.stepping()
+    if isinstance(spec, Mapping):
+        return type(spec)({k: _stepping(v) for k, v in spec.items()})
+    return spec
+
+
+def _program(model):
+    """``model`` as its training steps run it: its rules without their init-only options."""
+    rule = getattr(model, "rule", None)
+    return model.clone(rule=_stepping(rule)) if rule is not None else model
 
 
 def _with_tx(make_tx, state: train.TrainState, hyperparams: dict) -> train.TrainState:
@@ -146,8 +171,11 @@ def _with_tx(make_tx, state: train.TrainState, hyperparams: dict) -> train.Train
 
 
 def member(population: Population, i: int) -> train.TrainState:
-    """Member ``i`` as the ``TrainState`` of its single run (its own ``tx``)."""
+    """Member ``i`` as the ``TrainState`` of its single run (its own ``tx`` and model)."""
     state = _sliced(population.state, i)
+    if population.statics:
+        model, layers = population.statics[i]
+        state = state.replace(model=model, layers=layers)
     return _with_tx(population.make_tx, state,
                     {k: np.asarray(v[i]).tolist() for k, v in population.hyperparams.items()})
 

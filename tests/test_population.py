@@ -64,6 +64,30 @@ def test_each_member_equals_its_single_run(case):
             pj.population.member(pop, 3), images, labels, batch_size=32)["loss"], rtol=2e-5)
 
 
+@pytest.mark.parametrize("strategy", ["vmap", "sequential"])
+def test_members_may_differ_in_the_soft_alignment_rho(strategy):
+    """FA members whose feedback was soft-aligned to cosines rho = None, 0.5, 0.9 at init are one
+    program: each equals its single run, starts at its own cosine and keeps its own model."""
+    images, labels = data()
+    keys = jax.random.split(jax.random.key(0), 3)
+    rhos = (None, 0.5, 0.9)
+    nets = [pj.models.get("ffn2", rule=pj.rules.get("fa", rho=rho), widths=(16,), num_classes=10)
+            for rho in rhos]
+    tx = optax.sgd(0.05)
+    singles = [pj.train.create_train_state(k, net, images[:1], tx) for k, net in zip(keys, nets)]
+    pop = pj.population.stack(singles)
+    for i, rho in enumerate(rhos[1:], 1):
+        angle = pj.metrics.alignment(pj.population.member(pop, i))["hidden_0"]["weight_angle"]
+        np.testing.assert_allclose(angle, np.degrees(np.arccos(rho)), atol=1e-3)
+    epoch_keys = jax.random.split(jax.random.key(1), 3)
+    pop, _ = pj.population.train_epoch(pop, images, labels, epoch_keys, 16, strategy=strategy)
+    for i, single in enumerate(singles):
+        single, _ = pj.train.train_epoch(single, images, labels, epoch_keys[i], 16)
+        got = pj.population.member(pop, i)
+        assert got.model == nets[i].clone(rule=got.model.rule) and got.model.rule.rho == rhos[i]
+        assert_trees_close((got.params, got.feedback), (single.params, single.feedback))
+
+
 def test_the_member_axis_over_four_devices_gives_the_same_numbers():
     images, labels = data()
     pop = pj.population.create(jax.random.split(jax.random.key(0), 8), model("pfa-G"), images[:1],

@@ -137,7 +137,8 @@ def test_members_must_differ_only_in_seed_and_optimizer_scalars(fashion_dir, tmp
                for run in runner.configs.load("fig2_fashion_mnist").runs()
                if run.name in ("kp-seed0", "fa-seed1")]
     with pytest.raises(ValueError, match=r"population: run 1 differs from run 0 in more than seed, "
-                                         r"optimizer.learning_rate, .*, optimizer.eps: "
+                                         r"rule.options.rho, optimizer.learning_rate, .*, "
+                                         r"optimizer.eps: "
                                          r"rule.name: 'fa' -> 'kp'"):
         population_run.run([spec.resolve(c) for c in configs],
                            [tmp_path / "a", tmp_path / "b"], progress=False)

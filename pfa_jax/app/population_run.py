@@ -14,9 +14,10 @@ runs: the members share the population's epochs.
 
 Which runs can be members (``refusal``): new runs (a partial one resumes as a single run), on one
 device of one process, with in-memory data and no mid-epoch checkpoints. Members share everything
-but (``group``) their ``seed`` and the optimizer's scalars ``SCALARS`` (learning rate and its decay,
-weight decay, momentum, Adam's ``b1``, ``b2``, ``eps``): the model, the rule, the data, the
-optimizer's name and milestones are one program. Members with another learning rate or weight decay
+but (``group``) their ``seed``, the rule's init-only options (``pfa_jax.rules.Rule.init_only``: the
+soft alignment ``rho``; a rule given per layer is grouped by the rest) and the optimizer's scalars
+``SCALARS`` (learning rate and its decay, weight decay, momentum, Adam's ``b1``, ``b2``, ``eps``):
+the model, the rest of the rule, the data, the optimizer's name and milestones are one program. Members with another learning rate or weight decay
 are built by ``pfa_jax.optim.scheduled`` with their own values as traced scalars, so each steps as
 its single run does. With ``optimizer.feedback`` set (plastic feedback stepped by an optimizer of
 its own, derived from the main one) only the seed may differ.
@@ -33,7 +34,7 @@ import jax
 from etils import epath
 from flax import traverse_util
 
-from pfa_jax import optim, population
+from pfa_jax import optim, population, rules
 from pfa_jax.app import experiment, placement, resume, rundir
 from pfa_jax.app.spec import RunSpec
 from pfa_jax.app.writers import Writers
@@ -43,18 +44,20 @@ __all__ = ["group", "refusal", "run", "SCALARS"]
 SCALARS = ("learning_rate", "lr_decay", "weight_decay", "momentum", "b1", "b2", "eps")
 
 
-def _free(config) -> tuple[str, ...]:
+def _free(spec: RunSpec) -> tuple[str, ...]:
     """The config keys in which members of one population may differ."""
-    if config.optimizer.get("feedback"):
-        return ("seed",)
-    return ("seed", *(f"optimizer.{name}" for name in SCALARS))
+    rule = spec.rule if isinstance(spec.rule, rules.Rule) else None
+    init_only = tuple(f"rule.options.{name}" for name in (rule.init_only if rule else ()))
+    if spec.config.optimizer.get("feedback"):
+        return ("seed", *init_only)
+    return ("seed", *init_only, *(f"optimizer.{name}" for name in SCALARS))
 
 
-def group(config) -> str:
-    """The key shared by the runs that can be one population: ``config`` (a ``ConfigDict``) without
-    the keys in which members may differ (module docstring)."""
-    flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
-    return json.dumps({k: v for k, v in flat.items() if k not in _free(config)}, sort_keys=True,
+def group(spec: RunSpec) -> str:
+    """The key shared by the runs that can be one population: ``spec``'s config without the keys in
+    which members may differ (module docstring)."""
+    flat = traverse_util.flatten_dict(spec.config.to_dict(), sep=".")
+    return json.dumps({k: v for k, v in flat.items() if k not in _free(spec)}, sort_keys=True,
                       default=repr)
 
 
@@ -141,7 +144,7 @@ def run(specs: Sequence[RunSpec], outs: Sequence[str | epath.Path], progress: bo
         ) -> list[dict | experiment.DivergenceError]:
     """Trains the new runs ``specs`` (of one ``group``) as one population into ``outs``; returns
     each member's summary, or the ``DivergenceError`` that stopped it."""
-    free = _free(specs[0].config)
+    free = _free(specs[0])
     for i, other in enumerate(specs[1:], 1):
         changes = [c for c in resume.changes(specs[0].config, other.config)
                    if c.split(":")[0] not in free]

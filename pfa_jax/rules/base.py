@@ -154,6 +154,7 @@ class Rule:
     plastic: ClassVar[tuple[str, ...]] = ()   # feedback arrays the optimizer steps
     mirrored: ClassVar[tuple[str, ...]] = ()  # feedback arrays stepped by ``mirror`` instead
     needs_key: ClassVar[bool] = False
+    init_only: ClassVar[tuple[str, ...]] = ()  # options that shape only the feedback drawn at init
     output_error: ClassVar[bool] = False      # ops return ``(y, tap)``; see direct_feedback.py
 
     init: str = "xavier_uniform"
@@ -177,6 +178,12 @@ class Rule:
     def init_mean_abs(self, shape) -> float:
         """``E|w|`` of ``kernel_init`` for a kernel of this shape."""
         return self.init_std(shape) * _MEAN_ABS_OVER_STD[INITS[self.init][2]]
+
+    def stepping(self) -> Rule:
+        """This rule with its ``init_only`` options at their defaults: what a training step runs,
+        the same for rules that differ only in how their feedback was drawn (``rho``)."""
+        return dataclasses.replace(self, **{f.name: f.default for f in dataclasses.fields(self)
+                                            if f.name in self.init_only})
 
     def for_classes(self, num_classes: int) -> Rule:
         """This rule for a network with ``num_classes`` outputs (only DFA needs to know)."""
@@ -255,6 +262,7 @@ class DrawnFeedbackRule(KernelFeedbackRule):
     """Kernel-shaped feedback drawn once at init, optionally soft-aligned to the kernel (``rho``)."""
 
     feedback_name: ClassVar[str] = "B"
+    init_only: ClassVar[tuple[str, ...]] = ("rho",)
     rho: float | None = None
 
     def __post_init__(self):
