@@ -19,8 +19,9 @@ experiment shares (``common.Run.source``: the same config, checked before anythi
 that experiment's directory: listed, trained if missing, and reported from there.
 
 ``--population`` trains the new runs that differ only in ``seed``, the soft alignment ``rho`` and
-the optimizer's scalars (learning rate, weight decay, momentum, ...) as one population each (``pfa_jax.app.population_run``;
-the repository's ``docs/populations.md``), writing every run directory as its single run would.
+the optimizer's scalars (learning rate, weight decay, momentum, ...) as one population each
+(``pfa_jax.app.population_run``; the repository's ``docs/populations.md``), writing every run
+directory as its single run would.
 
 Every run's config is validated before the first one starts. ``--workers N`` runs N runs at once in
 separate processes (useful on a GPU, which small models leave mostly idle); GPU memory is then

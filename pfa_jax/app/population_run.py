@@ -17,10 +17,11 @@ device of one process, with in-memory data and no mid-epoch checkpoints. Members
 but (``group``) their ``seed``, the rule's init-only options (``pfa_jax.rules.Rule.init_only``: the
 soft alignment ``rho``; a rule given per layer is grouped by the rest) and the optimizer's scalars
 ``SCALARS`` (learning rate and its decay, weight decay, momentum, Adam's ``b1``, ``b2``, ``eps``):
-the model, the rest of the rule, the data, the optimizer's name and milestones are one program. Members with another learning rate or weight decay
-are built by ``pfa_jax.optim.scheduled`` with their own values as traced scalars, so each steps as
-its single run does. With ``optimizer.feedback`` set (plastic feedback stepped by an optimizer of
-its own, derived from the main one) only the seed may differ.
+the model, the rest of the rule, the data, the optimizer's name and milestones are one program.
+Members with another learning rate or weight decay are built by ``pfa_jax.optim.scheduled`` with
+their own values as traced scalars, so each steps as its single run does. With
+``optimizer.feedback`` set (plastic feedback stepped by an optimizer of its own, derived from the
+main one) the optimizer's scalars may not differ.
 """
 from __future__ import annotations
 
