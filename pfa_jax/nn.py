@@ -247,7 +247,29 @@ def perturbed(module: nn.Module, y):
 
 
 class Dense(_RuleLayer):
-    """``y = x @ kernel + bias`` with the rule's backward. ``kernel_init`` defaults to the rule's."""
+    """``y = x @ kernel + bias`` with the rule's backward: the rule decides the gradient that
+    reaches ``x`` (``dx = g B^T`` under FA) and the kernel's (``dW = x^T g`` for most rules).
+
+    Args:
+      features: the output size.
+      rule: a ``Rule``, a rule's name, or a map from layer paths to rules (``resolve_rule``).
+      use_bias, kernel_init, bias_init, dtype, param_dtype: as ``flax.linen.Dense``;
+        ``kernel_init`` defaults to the rule's (``Rule.kernel_init``).
+
+    Returns:
+      A ``flax.linen`` module: ``y = layer.apply(variables, x)``, ``(..., features)``. Its feedback
+      arrays (FA's ``B``) are in the ``feedback`` collection.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, pfa_jax as pj
+      >>> layer = pj.nn.Dense(3, rule="fa")
+      >>> x = jnp.ones((2, 4))
+      >>> variables = layer.init(jax.random.key(0), x)
+      >>> dx = jax.grad(lambda x: layer.apply(variables, x).sum())(x)
+      >>> B = variables["feedback"]["B"]
+      >>> bool(jnp.allclose(dx, jnp.ones((2, 3)) @ B.T))  # the feedback, not the kernel
+      True
+    """
 
     features: int
 

@@ -145,21 +145,43 @@ def create_train_state(key: jax.Array, model: nn.Module, sample_batch, tx=None, 
                        feedback_tx: optax.GradientTransformation | None = None,
                        rng_streams: tuple[str, ...] | None = None,
                        loss: losses.Loss | None = None) -> TrainState:
-    """Initialises ``model`` on ``sample_batch`` (a batch dict with ``'image'``, or an image array).
+    """Initialises ``model`` on ``sample_batch``; weight-mirror layers then take their mirroring
+    phase.
 
-    ``tx``: any ``optax.GradientTransformation`` for ``params`` (it sees the params tree as it is),
-    or an ``OptimizerConfig`` / mapping / ConfigDict (``pfa_jax.optim.build``), or ``None`` (the
-    default SGD). ``feedback_tx``: the transformation of plastic feedback (``None``: ``tx``, with a
-    state of its own). ``rng_streams``: the RNG streams a training-mode forward pass draws from
-    besides ``feedback`` (e.g. ``('dropout',)``); ``None`` finds them by tracing the model.
-    ``loss``: ``fn(outputs, batch)`` returning the scalar or ``(scalar, aux dict)``
-    (``pfa_jax.losses``; default: softmax cross-entropy with accuracy), which every step, epoch and
-    metric of the state then uses; with a ``sample_batch`` dict it is traced once here, so that a
-    loss that does not fit the model's outputs fails now. Weight-mirror layers then take their
-    mirroring phase. PFA's ``form="auto"`` in the model's ``rule`` field is decided for the
-    optimizer that steps the feedback (``pfa_jax.rules.for_optimizer``: the fast ``"G"`` form
-    under SGD-family optimizers, the authors' ``"R"`` under Adam); ``state.model`` holds the
-    decided rule.
+    PFA's ``form="auto"`` in the model's ``rule`` field is decided for the optimizer that steps the
+    feedback (``pfa_jax.rules.for_optimizer``: the fast ``"G"`` form under SGD-family optimizers,
+    the authors' ``"R"`` under Adam); ``state.model`` holds the decided rule.
+
+    Args:
+      key: the key of the parameters, the feedback draws and the per-step RNG streams.
+      model: a ``flax.linen`` module whose layers follow a rule (``pfa_jax.models.get``,
+        ``pfa_jax.nn.with_rule``).
+      sample_batch: a batch dict with ``'image'`` (and ``'label'``), or an image array ``(n, ...)``.
+      tx: any ``optax.GradientTransformation`` for ``params`` (it sees the params tree as it is),
+        or an ``OptimizerConfig`` / mapping / ConfigDict (``pfa_jax.optim.build``), or ``None``
+        (the default SGD).
+      feedback_tx: the transformation of plastic feedback (``None``: ``tx``, with a state of its
+        own).
+      rng_streams: the RNG streams a training-mode forward pass draws from besides ``feedback``
+        (e.g. ``('dropout',)``); ``None`` finds them by tracing the model.
+      loss: ``fn(outputs, batch)`` returning the scalar or ``(scalar, aux dict)``
+        (``pfa_jax.losses``; default: softmax cross-entropy with accuracy), which every step, epoch
+        and metric of the state then uses; with a ``sample_batch`` dict it is traced once here, so
+        that a loss that does not fit the model's outputs fails now.
+
+    Returns:
+      The ``TrainState``: ``step``, ``params``, ``feedback``, ``batch_stats``, ``opt_state``, and
+      the static ``model``, ``tx``, ``feedback_tx`` and ``layers`` (each layer's path and rule).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, pfa_jax as pj
+      >>> model = pj.models.get("ffn2", rule="pfa", widths=(16,))
+      >>> state = pj.train.create_train_state(jax.random.key(0), model, jnp.ones((1, 8, 8, 1)),
+      ...                                     optax.sgd(0.1, momentum=0.9))
+      >>> state.model.rule.form  # decided for SGD
+      'G'
+      >>> [layer.path for layer in state.layers]
+      ['hidden_0', 'output']
     """
     images = jnp.asarray(sample_batch["image"] if isinstance(sample_batch, dict) else sample_batch)
     if images.ndim < 2:
@@ -262,13 +284,10 @@ def apply_with_rule(model, variables, images, train: bool, rngs: dict, collectio
 
 
 def train_step(state: TrainState, batch: dict, axis_name: str | None = AXIS):
-    """One step on ``batch = {'image': (n, ...), 'label': ...}``; returns ``(state, metrics)``:
-    ``loss``, the loss's aux metrics (``accuracy`` for the default) and the hyper-parameters the
-    optimizer state holds
-    (``pfa_jax.optim.hyperparameters``; a separate ``feedback_tx``'s prefixed ``feedback/``).
+    """One step of the state's rule on ``batch``. Pure.
 
-    Pure. Under ``pmap`` / ``shard_map`` with ``axis_name`` bound, loss, gradients, feedback signals
-    and BatchNorm statistics are averaged over that axis.
+    Under ``pmap`` / ``shard_map`` with ``axis_name`` bound, loss, gradients, feedback signals and
+    BatchNorm statistics are averaged over that axis.
 
     Non-finite guard (as ``optax.apply_if_finite``, without its state): a step whose loss or any
     gradient or feedback signal is NaN or infinite (a NaN image, an out-of-range label under
@@ -277,6 +296,25 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = AXIS):
     (1.0; 0.0 for a step taken). ``train_epoch``'s per-step metrics carry it, so
     ``metrics['nonfinite'].sum()`` counts the skipped steps; ``pfa-jax train`` stops at the first
     one (``DivergenceError``), keeping the last good checkpoint.
+
+    Args:
+      state: a ``TrainState`` (``create_train_state``).
+      batch: ``{'image': (n, ...), 'label': ...}`` (and what the state's loss reads).
+      axis_name: the data-parallel axis averaged over where it is bound.
+
+    Returns:
+      ``(state, metrics)``: the stepped state, and ``loss``, the loss's aux metrics (``accuracy``
+      for the default), ``nonfinite`` and the hyper-parameters the optimizer state holds
+      (``pfa_jax.optim.hyperparameters``; a separate ``feedback_tx``'s prefixed ``feedback/``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, pfa_jax as pj
+      >>> model = pj.models.get("ffn2", rule="fa", widths=(16,))
+      >>> batch = {"image": jnp.ones((4, 8, 8, 1)), "label": jnp.arange(4)}
+      >>> state = pj.train.create_train_state(jax.random.key(0), model, batch, optax.sgd(0.1))
+      >>> state, metrics = jax.jit(pj.train.train_step)(state, batch)
+      >>> int(state.step), sorted(metrics)
+      (1, ['accuracy', 'loss', 'nonfinite'])
     """
     state.check(batch["image"], batch["label"], "train_step")
     parallel = _bound(axis_name)
@@ -328,9 +366,26 @@ def keep_if_not(finite, new, old):
 
 
 def eval_step(state: TrainState, batch: dict) -> dict:
-    """The state's loss and its aux metrics (``accuracy`` for the default) of the eval-mode model
-    on ``batch``, and ``count``, its number of examples (the sum of ``batch['mask']``, which the
-    default loss weights the examples by, where given)."""
+    """The state's loss of the eval-mode model on ``batch``.
+
+    Args:
+      state: a ``TrainState``.
+      batch: ``{'image', 'label'}``, optionally ``'mask'`` (1 for real examples, 0 for padding,
+        which the default loss weights the examples by).
+
+    Returns:
+      ``loss``, its aux metrics (``accuracy`` for the default) and ``count``, the number of
+      examples (the sum of ``batch['mask']`` where given).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, pfa_jax as pj
+      >>> model = pj.models.get("ffn2", rule="kp", widths=(16,))
+      >>> batch = {"image": jnp.ones((4, 8, 8, 1)), "label": jnp.arange(4),
+      ...          "mask": jnp.array([1.0, 1.0, 1.0, 0.0])}
+      >>> state = pj.train.create_train_state(jax.random.key(0), model, batch)
+      >>> float(pj.train.eval_step(state, batch)["count"])
+      3.0
+    """
     state.check(batch["image"], batch["label"], "eval_step")
     outputs = state.model.apply(state.variables(), batch["image"], train=False)
     loss, aux = losses.value_and_aux(state.loss, outputs, batch)
@@ -360,14 +415,34 @@ _epoch = loops.Loop(_epoch_batch_step, static_argnames=("augment", "sharding"), 
 def train_epoch(state: TrainState, images, labels, key, batch_size: int, augment: str = "none",
                 loop: str = "auto", on_step: Callable[[int, dict], None] | None = None,
                 sharding: NamedSharding | None = None):
-    """One shuffled epoch of ``train_step`` (drops the last partial batch); ``augment`` names a
-    ``pfa_jax.augment`` recipe applied to each batch; ``loop`` as in ``pfa_jax.loops.resolve``.
-    ``state`` is donated. Returns the state and per-step metrics (arrays of length
-    ``len(images) // batch_size``). ``on_step(i, metrics)`` is called after each step of the
-    ``"steps"`` loop (a progress bar; the scan's steps run inside one call, so it is not called
-    there). ``sharding`` places every batch (data parallel: ``NamedSharding(mesh,
-    PartitionSpec("batch"))`` with ``images``, ``labels`` and ``state`` replicated on ``mesh``, so
-    each device gathers, augments and differentiates only its own rows); None: XLA's choice.
+    """One shuffled epoch of ``train_step``, dropping the last partial batch. ``state`` is donated:
+    keep the returned one.
+
+    Args:
+      state: a ``TrainState``.
+      images, labels: the whole split, ``(N, ...)`` and ``(N,)`` (or a tree of ``(N, ...)``).
+      key: the epoch's key (its shuffle and augmentation).
+      batch_size: examples per step.
+      augment: a ``pfa_jax.augment`` recipe applied to each batch (``'none'``, ``'cifar'``, ...).
+      loop: ``'scan'``, ``'steps'`` or ``'auto'`` (``pfa_jax.loops.resolve``).
+      on_step: ``on_step(i, metrics)`` after each step of the ``'steps'`` loop (a progress bar; the
+        scan's steps run inside one call, so it is not called there).
+      sharding: places every batch (data parallel: ``NamedSharding(mesh, PartitionSpec("batch"))``
+        with ``images``, ``labels`` and ``state`` replicated on ``mesh``, so each device gathers,
+        augments and differentiates only its own rows); None: XLA's choice.
+
+    Returns:
+      ``(state, metrics)``: the state after the epoch, and ``train_step``'s metrics as arrays of
+      length ``N // batch_size``, one value per step.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, pfa_jax as pj
+      >>> model = pj.models.get("ffn2", rule="fa", widths=(16,))
+      >>> images, labels = jnp.ones((40, 8, 8, 1)), jnp.arange(40) % 10
+      >>> state = pj.train.create_train_state(jax.random.key(0), model, images[:1], optax.sgd(0.1))
+      >>> state, steps = pj.train.train_epoch(state, images, labels, jax.random.key(1), 16)
+      >>> int(state.step), steps["loss"].shape
+      (2, (2,))
     """
     pfa_augment.check(augment)
     state.check(images, labels, "train_epoch")
@@ -409,10 +484,29 @@ _rest_sums = jax.jit(_window_sums)
 
 def evaluate(state: TrainState, images, labels, batch_size: int = 1000, loop: str = "auto",
              sharding: NamedSharding | None = None) -> dict:
-    """The state's loss and its aux metrics (``accuracy`` for the default loss) over a whole
-    split, means over its examples: ``len // batch_size`` batches of ``batch_size`` (placed by
-    ``sharding``, as in ``train_epoch``), then the rest as one smaller batch, so every loss sees
-    only real examples; ``loop`` as in ``pfa_jax.loops.resolve``."""
+    """The state's loss of the eval-mode model over a whole split: ``N // batch_size`` batches of
+    ``batch_size``, then the rest as one smaller batch, so every loss sees only real examples.
+
+    Args:
+      state: a ``TrainState``.
+      images, labels: the split, ``(N, ...)`` and ``(N,)`` (or a tree of ``(N, ...)``).
+      batch_size: examples per evaluated batch.
+      loop: ``'scan'``, ``'steps'`` or ``'auto'`` (``pfa_jax.loops.resolve``).
+      sharding: places every batch, as in ``train_epoch``.
+
+    Returns:
+      The loss and its aux metrics (``accuracy`` for the default loss), means over the ``N``
+      examples.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, pfa_jax as pj
+      >>> model = pj.models.get("ffn2", rule="bp", widths=(16,))
+      >>> images, labels = jnp.ones((25, 8, 8, 1)), jnp.zeros(25, jnp.int32)
+      >>> state = pj.train.create_train_state(jax.random.key(0), model, images[:1])
+      >>> result = pj.train.evaluate(state, images, labels, batch_size=10)  # 10 + 10 + 5
+      >>> sorted(result), float(result["accuracy"]) in (0.0, 1.0)
+      (['accuracy', 'loss'], True)
+    """
     state.check(images, labels, "evaluate")
     loop = loops.resolve(loop, state.params)
     images, labels = jnp.asarray(images), jax.tree.map(jnp.asarray, labels)

@@ -68,10 +68,25 @@ def options(name: str) -> tuple[str, ...]:
 def get(name: str, rule="bp", num_classes: int = 10, **kwargs) -> nn.Module:
     """The model ``name`` whose ``Dense`` / ``Conv`` layers follow ``rule``.
 
-    Options of the wrong type or non-positive sizes raise ``ValueError`` naming them. Lists among
-    the options (``widths=[512, 512]`` from an API caller) become tuples, so the model
-    stays hashable (a static ``jit`` argument); configs restore their tuples when they are loaded
-    (``pfa_jax.app.config``).
+    Args:
+      name: a registered model (``names()``: ``'ffn2'``, ``'lenet'``, ``'resnet20'``, ``'vit'``, ...).
+      rule: a ``Rule``, a rule's name, or a map from layer paths to rules with a ``'default'``
+        (``pfa_jax.nn.resolve_rule``).
+      num_classes: the size of the output layer.
+      **kwargs: the model's options (``options(name)``), e.g. ``widths`` of ``ffn2``. Options of the
+        wrong type or non-positive sizes raise ``ValueError`` naming them. Lists
+        (``widths=[512, 512]``) become tuples, so the model stays hashable (a static ``jit``
+        argument).
+
+    Returns:
+      An unbound ``flax.linen`` module: ``model.apply(variables, images, train=...)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, pfa_jax as pj
+      >>> model = pj.models.get("ffn2", rule="fa", widths=(16,))
+      >>> variables = model.init(jax.random.key(0), jnp.ones((1, 8, 8, 1)), train=False)
+      >>> jax.tree.map(jnp.shape, variables["feedback"])
+      {'hidden_0': {'B': (64, 16)}, 'output': {'B': (16, 10)}}
     """
     cls, fixed = _entry(name)
     unknown = sorted(set(kwargs) - set(options(name)))

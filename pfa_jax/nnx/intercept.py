@@ -130,6 +130,10 @@ def with_rule(model: nnx.Module, rule: pnn.RuleSpec, *, rngs: nnx.Rngs,
         rules that draw per step are split from it).
       num_classes: the width of the model's outputs, for DFA and its variants.
 
+    Returns:
+      ``model`` itself: its ``nnx.Linear`` / ``Einsum`` / ``Conv`` layers now take the rule's
+      backward, with their feedback as ``pfa_jax.nnx.Feedback`` variables.
+
     Example:
       >>> from flax import nnx
       >>> import jax, jax.numpy as jnp

@@ -59,11 +59,31 @@ def _check(model: nnx.Module, batch: dict, where: str) -> None:
 
 
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict) -> dict:
-    """One step on ``batch = {'image', 'label'}``, in place; returns ``loss``, ``accuracy``,
-    ``nonfinite`` and the hyper-parameters the optimizer state holds
-    (``pfa_jax.optim.hyperparameters``). A step whose loss or gradients are not finite leaves the
-    model and the optimizer as they were and returns ``nonfinite`` 1.0 (0.0 for a step taken),
-    as ``pfa_jax.train.train_step`` does."""
+    """One step of the softmax cross-entropy on ``batch``, in place (weight mirrors step too).
+
+    A step whose loss or gradients are not finite leaves the model and the optimizer as they were
+    and returns ``nonfinite`` 1.0 (0.0 for a step taken), as ``pfa_jax.train.train_step`` does.
+
+    Args:
+      model: an NNX model whose layers follow a rule (``pfa_jax.nnx.models``, ``with_rule``).
+      optimizer: ``optimizer(model, tx)``: it steps the parameters and the plastic feedback.
+      batch: ``{'image': (n, ...), 'label': (n,)}``.
+
+    Returns:
+      ``{'loss', 'accuracy', 'nonfinite'}`` and the hyper-parameters the optimizer state holds
+      (``pfa_jax.optim.hyperparameters``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, pfa_jax as pj
+      >>> from flax import nnx
+      >>> model = pj.nnx.models.get("ffn2", rule="kp", widths=(16,), input_shape=(8, 8, 1),
+      ...                           rngs=nnx.Rngs(0))
+      >>> optimizer = pj.nnx.optimizer(model, optax.sgd(0.1))
+      >>> batch = {"image": jnp.ones((4, 8, 8, 1)), "label": jnp.arange(4)}
+      >>> metrics = nnx.jit(pj.nnx.train_step)(model, optimizer, batch)
+      >>> sorted(metrics), float(metrics["nonfinite"])
+      (['accuracy', 'loss', 'nonfinite'], 0.0)
+    """
     _check(model, batch, "nnx train_step")
     def loss_fn(model):
         logits = model(batch["image"], train=True)

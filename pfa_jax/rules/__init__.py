@@ -34,9 +34,29 @@ def names() -> tuple[str, ...]:
 
 
 def get(name: str | Rule, **options) -> Rule:
-    """The rule ``name`` with ``options`` (a ``Rule`` instance is returned as it is, or with
-    ``options`` replaced). Unknown options and options of the wrong type (``pfa_jax.fields``) raise
-    ``ValueError`` naming them; each rule then checks its values' ranges."""
+    """The credit-assignment rule ``name`` with ``options``.
+
+    Args:
+      name: a rule's name (``names()``: ``'bp'``, ``'fa'``, ``'pfa'``, ``'kp'``, ...), or a ``Rule``
+        instance, returned as it is or with ``options`` replaced.
+      **options: the rule's fields (``pfa_jax.fields``), e.g. ``expansion`` and ``form`` of PFA,
+        ``rho`` of FA. Unknown options and options of the wrong type raise ``ValueError`` naming
+        them; each rule then checks its values' ranges.
+
+    Returns:
+      The frozen, hashable ``Rule`` (a static ``jit`` argument) to give a model or a layer.
+
+    Example:
+      >>> import pfa_jax as pj
+      >>> pj.rules.get("pfa", expansion=10)
+      PFA(init='xavier_uniform', expansion=10, density=1.0, route='auto', form='auto')
+      >>> pj.rules.get("fa", rho=0.5).rho
+      0.5
+      >>> pj.rules.get("fa", width=3)
+      Traceback (most recent call last):
+      ...
+      ValueError: rule 'fa' has no option(s) ['width']; valid options: ['density', 'init', 'rho']
+    """
     if isinstance(name, Rule):
         cls = type(name)
     elif name in _REGISTRY:
