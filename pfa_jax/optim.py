@@ -189,6 +189,20 @@ def scheduled(name: str = "sgd", learning_rate=(0.01,), lr_milestones=(), weight
     ``pfa_jax.population`` factory: ``functools.partial(scheduled, name=..., lr_milestones=...)``
     with per-member ``learning_rate``, ``weight_decay``, ``momentum``, ``b1``, ``b2``, ``eps``.
 
+    Args:
+      name: ``'sgd'``, ``'adam'`` or ``'adamw'`` (``OPTIMIZERS``).
+      learning_rate: one value per segment: ``len(lr_milestones) + 1`` values.
+      lr_milestones: the epochs at which the next learning rate starts, increasing.
+      weight_decay: one value per segment of ``wd_milestones``.
+      wd_milestones: the epochs at which the next weight decay starts.
+      steps_per_epoch: turns the milestones into steps.
+      momentum, nesterov: SGD's.
+      b1, b2, eps: Adam's.
+      dtype: of the rates (the parameters' dtype, so that none is promoted).
+
+    Returns:
+      The ``optax.GradientTransformation``.
+
     Example:
 
     >>> tx = scheduled("sgd", learning_rate=(0.1, 0.01), lr_milestones=(1,), steps_per_epoch=2)

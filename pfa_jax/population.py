@@ -102,9 +102,23 @@ def create(keys: jax.Array, model, sample_batch, tx=None, *, feedback_tx=None, r
     """``len(keys)`` members, member ``i`` exactly ``pfa_jax.train.create_train_state(keys[i],
     model, sample_batch, tx_i, ...)`` with ``tx_i = tx(**hyperparams_i)``.
 
-    ``hyperparams``: each a scalar (every member) or a sequence with one value per member; given any,
-    ``tx`` must be a factory of them (module docstring). Without any, ``tx`` is what
-    ``create_train_state`` takes, shared by every member.
+    Args:
+      keys: one key per member, ``(P,)``.
+      model, sample_batch, feedback_tx, rng_streams, loss: as for ``create_train_state``, shared.
+      tx: with ``hyperparams``, a factory of them (module docstring: ``jnp`` arithmetic only);
+        without, what ``create_train_state`` takes, shared by every member.
+      **hyperparams: each a scalar (every member) or a sequence with one value per member.
+
+    Returns:
+      The ``Population``: the members' states stacked on a leading member axis.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, pfa_jax as pj
+      >>> model = pj.models.get("ffn2", rule="kp", widths=(16,))
+      >>> pop = pj.population.create(jax.random.split(jax.random.key(0), 2), model,
+      ...                            jnp.ones((1, 8, 8, 1)), optax.sgd, learning_rate=[0.1, 0.01])
+      >>> pop.size, pop.hyperparams["learning_rate"].shape
+      (2, (2,))
     """
     keys = jnp.asarray(keys)
     if keys.ndim != 1 or not keys.shape[0]:

@@ -279,3 +279,17 @@ def test_gaussian_noise_accuracy(trained_state):
     assert result["accuracy"][1] < clean
     with pytest.raises(ValueError, match="sigmas must be >= 0"):
         metrics.corruption(state, test, [-1.0])
+
+
+def test_the_metrics_do_not_import_nnx():
+    """The dependency runs one way: pfa_jax.nnx registers its models with ``as_state``."""
+    import ast
+    import pathlib
+
+    from flax import nnx
+    folder = pathlib.Path(pj.metrics.__file__).parent
+    imported = [alias.name if isinstance(node, ast.Import) else f"{node.module}.{alias.name}"
+                for p in folder.glob("*.py") for node in ast.walk(ast.parse(p.read_text()))
+                if isinstance(node, ast.Import | ast.ImportFrom) for alias in node.names]
+    assert imported and [name for name in imported if "nnx" in name] == []
+    assert pj.metrics.as_state.dispatch(nnx.Module) is pj.nnx.linen_state

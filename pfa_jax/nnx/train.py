@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 
 from pfa_jax import layers as player
-from pfa_jax import losses, train
+from pfa_jax import losses, metrics, train
 from pfa_jax.nnx import twin
 from pfa_jax.nnx.layers import Feedback, PlasticFeedback, mirror, rule_layers
 from pfa_jax.optim import hyperparameters
@@ -151,3 +151,6 @@ def linen_state(model: nnx.Module, key: jax.Array | None = None, *,
         batch_stats=variables["batch_stats"], model=model.linen,
         layers=player.table(model.linen, sample, train=False),
         input_shape=tuple(model.input_shape), num_classes=model.linen.num_classes)
+
+
+metrics.as_state.register(nnx.Module, linen_state)  # every pfa_jax.metrics function takes NNX models
