@@ -53,6 +53,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from pfa_jax import augment as pfa_augment
 from pfa_jax import loops, rules, train
+from pfa_jax.train._epochs import epoch_batch_step, epoch_order
 
 __all__ = ["apply", "create", "evaluate", "member", "mesh", "MEMBER", "Population", "shard", "stack",
            "resolve", "STRATEGIES", "train_epoch", "train_step"]
@@ -204,7 +205,7 @@ def _member_step(make_tx, state, hyperparams, batch):
 def _member_epoch_step(state, step, images, labels, augment_key, hyperparams, *, make_tx,
                        augment: str):
     """One member's step ``step = (i, indices)`` of its epoch (``train_epoch``'s own body)."""
-    new, metrics = train._epoch_batch_step(_with_tx(make_tx, state, hyperparams), step, images,
+    new, metrics = epoch_batch_step(_with_tx(make_tx, state, hyperparams), step, images,
                                            labels, augment_key, augment=augment)
     return new.replace(tx=state.tx, feedback_tx=state.feedback_tx), metrics
 
@@ -291,7 +292,7 @@ def train_epoch(population: Population, images, labels, keys: jax.Array, batch_s
     if keys.shape[:1] != (population.size,):
         raise ValueError(f"population.train_epoch: {keys.shape[:1]} epoch keys for "
                          f"{population.size} members; give one key per member")
-    order = jax.vmap(lambda k: train.epoch_order(k, images.shape[0], batch_size))(keys)
+    order = jax.vmap(lambda k: epoch_order(k, images.shape[0], batch_size))(keys)
     steps = order.shape[1]
     images, labels = jnp.asarray(images), jax.tree.map(jnp.asarray, labels)
     augment_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)

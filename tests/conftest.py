@@ -8,8 +8,17 @@ Compiled programs that took at least half a second to compile are kept in JAX's 
 compilation cache under ``.pytest_cache/jax`` (unless ``JAX_COMPILATION_CACHE_DIR`` is set), which
 the pytest workers and the commands the tests start share: the many tests that train the same small
 models then compile each program once. The cache is keyed by the program, the XLA flags and the
-JAX version, so it changes no result. Set before JAX initialises."""
+JAX version, so it changes no result. Set before JAX initialises.
+
+Shared fixtures: ``fashion_dir``, a Fashion-MNIST-layout directory of 256 training and 100 test
+images for a module's end-to-end runs (modules that need other sizes call
+``fashion_files.make_fashion_dir`` in a fixture of their own). Helpers shared by several test
+modules live beside them: ``fashion_files``, ``runs`` (end-to-end runs), ``reference_ops`` and
+``reference_vit`` (reference computations written independently of the library)."""
 import os
+
+import pytest
+from fashion_files import make_fashion_dir
 
 
 def pytest_configure(config):
@@ -20,3 +29,8 @@ def pytest_configure(config):
     os.environ["XLA_FLAGS"] = " ".join(flags).strip()
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(config.rootpath / ".pytest_cache" / "jax"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+@pytest.fixture(scope="module")
+def fashion_dir(tmp_path_factory):
+    return make_fashion_dir(tmp_path_factory.mktemp("fashion"), 256, 100)

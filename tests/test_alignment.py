@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_rules import alignment_loss, plain_conv
+from reference_ops import alignment_loss, plain_conv
 
 import pfa_jax as pj
 from pfa_jax.rules import alignment, ops

@@ -7,15 +7,11 @@ import shutil
 import chex
 import numpy as np
 import pytest
-from test_data import make_fashion_dir
+import runs
+from fashion_files import make_fashion_dir
 
 from pfa_jax import rules
 from pfa_jax.app import cli, writers
-
-
-@pytest.fixture(scope="module")
-def fashion_dir(tmp_path_factory):
-    return make_fashion_dir(tmp_path_factory.mktemp("fashion"), 256, 100)
 
 
 def train_args(fashion_dir, out, *extra):
@@ -111,23 +107,7 @@ def test_bad_metric_options_fail_before_training(fashion_dir, tmp_path, capsys, 
     assert not out.exists()
 
 
-def _records(out):
-    """metrics.jsonl without the wall-clock field."""
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "epoch_time"} for line in lines]
 
-
-def _assert_close(a, b):
-    if isinstance(a, list):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_close(x, y)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            _assert_close(a[key], b[key])
-    else:
-        assert a == pytest.approx(b, rel=1e-6, abs=1e-6)
 
 
 def test_resume_ends_with_the_metrics_of_an_uninterrupted_run(fashion_dir, tmp_path, capsys):
@@ -136,12 +116,12 @@ def test_resume_ends_with_the_metrics_of_an_uninterrupted_run(fashion_dir, tmp_p
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert cli.main(train_args(fashion_dir, straight, *rule, "--epochs", "4")) == 0
     assert cli.main(train_args(fashion_dir, resumed, *rule)) == 0
-    assert len(_records(resumed)) == 2
+    assert len(runs.records(resumed)) == 2
     # another rule is named as such (not as an option of it: the run's config has PFA's form)
     assert cli.main(["train", "--resume", "--out", str(resumed), "--rule", "kp", "--quiet"]) == 2
     assert "rule.name='kp': the run in" in capsys.readouterr().err
     assert cli.main(["train", "--resume", "--out", str(resumed), "--epochs", "4", "--quiet"]) == 0
-    _assert_close(_records(resumed), _records(straight))
+    runs.assert_close(runs.records(resumed), runs.records(straight))
     assert json.loads((resumed / "config.json").read_text())["epochs"] == 4
 
 
@@ -193,24 +173,13 @@ def test_a_run_directory_written_before_the_config_sections_resumes_exactly(tmp_
     chex.assert_trees_all_close(resumed, straight, rtol=1e-5, atol=1e-6)
 
 
-def _scalars(out) -> dict:
-    """``{tag: [(step, value), ...]}`` of a run's TensorBoard events, read by TensorBoard itself."""
-    from tensorboard.backend.event_processing import event_accumulator
-
-    events = event_accumulator.EventAccumulator(str(out / "tensorboard"),
-                                                size_guidance={event_accumulator.SCALARS: 0})
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
-            for tag in events.Tags()["scalars"]}
-
-
 def test_tensorboard_shows_the_records_and_the_steps_once_also_after_a_resume(fashion_dir, tmp_path):
     out = tmp_path / "run"
     argv = train_args(fashion_dir, out, "--rule", "kp", "--set", "log_every_steps=3")
     assert cli.main(argv) == 0
     shutil.rmtree(out / "checkpoints" / "2")  # the run resumes from epoch 1 and trains epoch 2 again
     assert cli.main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
-    scalars, records = _scalars(out), _records(out)
+    scalars, records = runs.scalars(out), runs.records(out)
     steps = 256 // 32
     assert [s for s, _ in scalars["step/loss"]] == [3, 6, 11, 14]  # every 3rd step of each epoch
     assert [s for s, _ in scalars["step/learning_rate"]] == [3, 6, 11, 14]

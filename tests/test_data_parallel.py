@@ -11,8 +11,8 @@ import json
 
 import numpy as np
 import pytest
-from flax import traverse_util
-from test_data import make_fashion_dir
+import runs
+from fashion_files import make_fashion_dir
 
 from pfa_jax.app import cli, placement
 
@@ -29,19 +29,6 @@ def run(fashion_dir, out, devices, *extra) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def assert_same_run(many: dict, one: dict) -> None:
-    """Angles to 0.01 degrees, loss, accuracy and every other figure to 1e-4 relative."""
-    many, one = (traverse_util.flatten_dict(s, sep="/") for s in (many, one))
-    assert set(many) == set(one)
-    for key, value in one.items():
-        if not isinstance(value, float) or "time" in key:
-            continue
-        if key.endswith("angle"):
-            np.testing.assert_allclose(many[key], value, atol=0.01, err_msg=key)
-        else:
-            np.testing.assert_allclose(many[key], value, rtol=1e-4, atol=1e-7, err_msg=key)
-
-
 @pytest.mark.parametrize("model, extra", [
     ("ffn2", ("--batch-size", "32", "--set", "model_options.widths=(64,32)",
               "--set", "metrics_batch_size=64")),
@@ -52,7 +39,7 @@ def test_every_device_gives_the_one_device_run(fashion_dir, tmp_path, model, ext
     one = run(fashion_dir, tmp_path / "one", 1, "--model", model, *extra)
     assert (many["devices"], many["processes"], one["devices"]) == (4, 1, 1)
     assert ("gradient_alignment" in one) == (model == "ffn2")
-    assert_same_run(many, one)
+    runs.assert_same_run(many, one)
     assert len(json.loads((tmp_path / "all" / "metrics.jsonl").read_text().splitlines()[-1])[
         "alignment"]) == len(one["alignment"])
 
@@ -64,7 +51,7 @@ def test_a_run_resumes_on_another_device_count(fashion_dir, tmp_path):
     run(fashion_dir, tmp_path / "moved", 0, *ffn2, "--epochs", "1")
     moved = run(fashion_dir, tmp_path / "moved", 1, *ffn2, "--resume")
     assert moved["devices"] == 1
-    assert_same_run(moved, one)
+    runs.assert_same_run(moved, one)
 
 
 @pytest.mark.parametrize("setting, message", [

@@ -85,7 +85,7 @@ COMMAND_TIMEOUT_S = 240
 
 @pytest.fixture(scope="module")
 def fashion_dir(tmp_path_factory):
-    from test_data import make_fashion_dir
+    from fashion_files import make_fashion_dir
 
     return make_fashion_dir(tmp_path_factory.mktemp("fashion"), 2048, 256)
 
@@ -122,10 +122,10 @@ def one_process(fashion_dir, tmp_path_factory):
 
 
 def assert_same_summary(summary: dict, expected: dict) -> None:
-    from test_data_parallel import assert_same_run
+    import runs
 
     assert (summary["devices"], summary["processes"]) == (4, 2)
-    assert_same_run(summary, expected)
+    runs.assert_same_run(summary, expected)
 
 
 def test_two_processes_of_the_command_give_the_one_process_run(fashion_dir, tmp_path, one_process):

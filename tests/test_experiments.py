@@ -11,21 +11,14 @@ import sys
 import time
 
 import pytest
-from test_data import make_fashion_dir
+import runs
 
 from experiments import configs, report
 from experiments import run as runner
 from pfa_jax.app import config as config_lib
 from pfa_jax.app import spec
 
-TINY = ["epochs=2", "batch_size=32", "optimizer.lr_milestones=()", "metrics_batch_size=32",
-        "sharpness.examples=64", "sharpness.iterations=3", "sharpness.probes=2",
-        "robustness.examples=64", "robustness.pgd_steps=2", "eval_batch_size=100"]
 
-
-@pytest.fixture(scope="module")
-def fashion_dir(tmp_path_factory):
-    return make_fashion_dir(tmp_path_factory.mktemp("fashion"), 256, 100)
 
 
 @pytest.mark.parametrize("name", configs.names())
@@ -108,7 +101,7 @@ def _records(run_dir):
 
 def _run(out, fashion_dir, *extra):
     return runner.main(["soft_alignment_mlp", "--out", str(out), "--quiet", "--only",
-                        "*depth2*", *[a for s in TINY + [f"data_dir={fashion_dir}",
+                        "*depth2*", *[a for s in runs.TINY + [f"data_dir={fashion_dir}",
                                                          "noise_pretrain_steps=5"]
                                       for a in ("--set", s)], *extra])
 
@@ -223,7 +216,7 @@ def test_a_shared_run_is_trained_listed_and_reported_where_its_source_lives(
     sweep = [configs.common.Run("shared-bp-depth2-seed0", {"rule": "bp", "seed": 0}, same, source_name)]
     monkeypatch.setattr(fig2, "runs", lambda: sweep)
     out = tmp_path / "results"
-    tiny = [a for s in TINY + [f"data_dir={fashion_dir}", "noise_pretrain_steps=5"]
+    tiny = [a for s in runs.TINY + [f"data_dir={fashion_dir}", "noise_pretrain_steps=5"]
             for a in ("--set", s)]
     assert runner.main(["fig2_fashion_mnist", "soft_alignment_mlp", "--only", "*bp-depth2-seed0",
                         "--list", "--out", str(out), *tiny]) == 0
@@ -308,7 +301,7 @@ def test_workers_stop_when_their_invocation_is_killed(fashion_dir, tmp_path):
     out = tmp_path / "results"
     command = [sys.executable, "-m", "experiments.run", "soft_alignment_mlp", "--out", str(out),
                "--quiet", "--workers", "2", "--only", "fa_rho0.[25]*-depth2-seed0",
-               *[a for s in TINY + [f"data_dir={fashion_dir}", "epochs=100000"]
+               *[a for s in runs.TINY + [f"data_dir={fashion_dir}", "epochs=100000"]
                  for a in ("--set", s)]]
     invocation = subprocess.Popen(command, cwd=pathlib.Path(__file__).parent.parent,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

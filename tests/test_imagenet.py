@@ -12,8 +12,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as imagenet
-from test_cli import _scalars
-from test_data import make_fashion_dir
+import runs
+from fashion_files import make_fashion_dir
 
 from experiments import configs
 from experiments import run as runner
@@ -308,7 +308,7 @@ def test_streamed_run_resumes_mid_epoch_with_the_same_batches(imagenet_dir, tmp_
         a.pop("epoch_time"), b.pop("epoch_time")
         np.testing.assert_allclose(jax_leaves(a), jax_leaves(b), rtol=1e-6, atol=1e-6)
     # Every step's loss, read back by TensorBoard: the same batches in the same order, each once.
-    steps, straight_steps = (_scalars(d)["step/loss"] for d in (out, tmp_path / "straight"))
+    steps, straight_steps = (runs.scalars(d)["step/loss"] for d in (out, tmp_path / "straight"))
     assert [s for s, _ in steps] == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([v for _, v in steps], [v for _, v in straight_steps], rtol=1e-6)
     # The mid-epoch checkpoint is kept beside the epoch ones; a second resume has nothing to do.

@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from test_with_rule import (CLASSES, DIM, HEADS, HIDDEN, RULES, _layer_inputs, _loss,
-                            reference_feedback_signal, reference_logits)
+import reference_vit
+from reference_vit import CLASSES, DIM, HEADS, HIDDEN, RULES, reference_feedback_signal, reference_logits
 
 import pfa_jax as pj
 from pfa_jax import intercept
@@ -70,18 +70,18 @@ def test_vit_of_nnx_layers_follows_the_rule_in_every_projection(rule):
         graphdef, trained, rest = nnx.split(model, nnx.Any(nnx.Param, pj.nnx.PlasticFeedback), ...)
 
         def loss(trained, images):
-            return _loss(nnx.merge(graphdef, trained, rest)(images), labels)
+            return reference_vit.loss(nnx.merge(graphdef, trained, rest)(images), labels)
 
         got_trained, got_images = jax.grad(loss, argnums=(0, 1))(trained, images)
         got_params = nnx.to_pure_dict(nnx.filter_state(got_trained, nnx.Param))
         got_feedback = nnx.to_pure_dict(nnx.filter_state(got_trained, pj.nnx.PlasticFeedback))
-        want = jax.grad(lambda p, x: _loss(reference_logits(rule, p, feedback, x), labels),
+        want = jax.grad(lambda p, x: reference_vit.loss(reference_logits(rule, p, feedback, x), labels),
                         argnums=(0, 1))(params, images)
         np.testing.assert_allclose(model(images), reference_logits(rule, params, feedback, images),
                                    atol=1e-12)
         np.testing.assert_allclose(got_images, want[1], atol=1e-12, err_msg="error sent down")
         jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-12), got_params, want[0])
-        rows = _layer_inputs(params, images)
+        rows = reference_vit.layer_inputs(params, images)
         paths = []
         for path, layer in pj.nnx.rule_layers(model):
             paths.append(path)
@@ -110,7 +110,7 @@ def test_bp_under_with_rule_equals_nnx_grad_of_the_plain_model():
     labels = jnp.array([0, 3, 4])
     plain, ruled = ViT(nnx.Rngs(0)), pj.nnx.with_rule(ViT(nnx.Rngs(0)), "bp", rngs=nnx.Rngs(1))
     jax.tree.map(np.testing.assert_array_equal, _pure(plain, nnx.Param), _pure(ruled, nnx.Param))
-    grad = lambda model: nnx.grad(lambda m: _loss(m(images), labels))(model)  # noqa: E731
+    grad = lambda model: nnx.grad(lambda m: reference_vit.loss(m(images), labels))(model)  # noqa: E731
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7),
                  nnx.to_pure_dict(grad(ruled)), nnx.to_pure_dict(grad(plain)))
 
@@ -124,7 +124,7 @@ def test_it_trains_under_nnx_jit_with_the_library_optimizer():
 
     @nnx.jit
     def step(model, optimizer):
-        loss, grads = nnx.value_and_grad(lambda m: _loss(m(images), labels),
+        loss, grads = nnx.value_and_grad(lambda m: reference_vit.loss(m(images), labels),
                                          argnums=nnx.DiffState(0, pj.nnx.TRAINED))(model)
         optimizer.update(model, grads)
         return loss
@@ -153,7 +153,7 @@ def test_an_lstm_over_time_sends_its_errors_through_the_feedback(rule):
     model = pj.nnx.with_rule(LSTM(nnx.Rngs(0)), rule, rngs=nnx.Rngs(1))
     fb = {path: layer.feedback() for path, layer in pj.nnx.rule_layers(model)}
     assert sorted(fb) == ["head", "rnn/cell/dense_h", "rnn/cell/dense_i"]
-    got = nnx.grad(lambda m: _loss(m(x), labels))(model)
+    got = nnx.grad(lambda m: reference_vit.loss(m(x), labels))(model)
 
     def feedback_matrix(f):
         return f["R"] @ f["Bp"].T if rule == "pfa" else f["B"]
@@ -171,7 +171,7 @@ def test_an_lstm_over_time_sends_its_errors_through_the_feedback(rule):
             i, f, g, o = jnp.split(z, 4, axis=-1)
             c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
             h = jax.nn.sigmoid(o) * jnp.tanh(c)
-        return _loss(linear("head", h), labels)
+        return reference_vit.loss(linear("head", h), labels)
 
     params = {path: _at(_pure(model, nnx.Param), path) for path in fb}
     want = jax.grad(reference)(params)
@@ -203,7 +203,7 @@ def test_dfa_needs_the_classes_and_then_reaches_every_layer():
     images = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
     model = pj.nnx.with_rule(ViT(nnx.Rngs(0)), {"default": "dfa", "patch": "bp"},
                              rngs=nnx.Rngs(1), num_classes=CLASSES)
-    grads = nnx.grad(lambda m: _loss(m(images), jnp.array([0, 1, 2])))(model)
+    grads = nnx.grad(lambda m: reference_vit.loss(m(images), jnp.array([0, 1, 2])))(model)
     mlp_in = nnx.to_pure_dict(grads)["mlp_in"]["kernel"]
     assert np.abs(mlp_in).sum() > 0  # the output error reached it through its tap
     assert not hasattr(model.mlp_in, "tap")  # taps are removed after each call

@@ -7,7 +7,7 @@ import pathlib
 import nbclient
 import nbformat
 import pytest
-from test_data import make_fashion_dir
+from fashion_files import make_fashion_dir
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "experiments"

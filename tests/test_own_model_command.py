@@ -11,8 +11,7 @@ import sys
 import textwrap
 
 import pytest
-from test_cli import _assert_close, _records
-from test_data import make_fashion_dir
+import runs
 
 from pfa_jax.app import cli
 
@@ -70,11 +69,6 @@ NETS = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(scope="module")
-def fashion_dir(tmp_path_factory):
-    return make_fashion_dir(tmp_path_factory.mktemp("fashion"), 256, 100)
-
-
 @pytest.fixture
 def labnets(tmp_path, monkeypatch):
     folder = tmp_path / "modules"
@@ -98,12 +92,12 @@ def test_a_plain_flax_factory_trains_under_the_rule_and_resumes_exactly(fashion_
     assert cli.main(args(fashion_dir, resumed, "labnets:plain", *extra)) == 0
     config = json.loads((resumed / "config.json").read_text())
     assert config["model"] == "labnets:plain" and config["model_options"] == {"width": 24}
-    records = _records(straight)
+    records = runs.records(straight)
     # both Dense layers of the unchanged model follow FA: an angle per layer, feedback not the kernel
     assert set(records[-1]["alignment"]) == {"Dense_0", "head"}
     assert records[-1]["alignment"]["head"]["weight_angle"] > 1.0
     assert cli.main(["train", "--resume", "--out", str(resumed), "--epochs", "3", "--quiet"]) == 0
-    _assert_close(_records(resumed), records)
+    runs.assert_close(runs.records(resumed), records)
     # another model for a resumed run is refused, as for the registry's models
     assert cli.main(["train", "--resume", "--out", str(resumed), "--model", "labnets:ruled",
                      "--quiet"]) == 2
@@ -116,16 +110,16 @@ def test_an_nnx_factory_trains_under_the_rule_with_dropout_and_resumes_exactly(f
     extra = ("--rule", "pfa", "--set", "rule.options.expansion=2", "--set", "seed=3")
     assert cli.main(args(fashion_dir, straight, "labnets:nnx_net", *extra, "--epochs", "3")) == 0
     assert cli.main(args(fashion_dir, resumed, "labnets:nnx_net", *extra)) == 0
-    records = _records(straight)
+    records = runs.records(straight)
     assert set(records[-1]["alignment"]) == {"hidden", "head"}
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert cli.main(["train", "--resume", "--out", str(resumed), "--epochs", "3", "--quiet"]) == 0
-    _assert_close(_records(resumed), records)
+    runs.assert_close(runs.records(resumed), records)
     # another seed draws another network (the factory gets the run's seed)
     other = tmp_path / "other"
     assert cli.main(args(fashion_dir, other, "labnets:nnx_net", "--rule", "pfa", "--set",
                          "rule.options.expansion=2", "--epochs", "1")) == 0
-    assert _records(other)[0]["train_loss"] != records[0]["train_loss"]
+    assert runs.records(other)[0]["train_loss"] != records[0]["train_loss"]
 
 
 def test_a_factory_taking_rule_gets_the_rule_with_dfa_bound_to_the_classes(fashion_dir, tmp_path,
@@ -133,7 +127,7 @@ def test_a_factory_taking_rule_gets_the_rule_with_dfa_bound_to_the_classes(fashi
     out = tmp_path / "run"
     assert cli.main(args(fashion_dir, out, "labnets:ruled", "--rule", "dfa", "--epochs", "1")) == 0
     # the hidden layer gets DFA's e B (not bp's gradient), the output layer its own exact one
-    angles = _records(out)[-1]["gradient_alignment"]
+    angles = runs.records(out)[-1]["gradient_alignment"]
     assert angles["Dense_0"]["grad_angle"] > 10 and angles["head"]["grad_angle"] < 1e-3
 
 
@@ -189,5 +183,5 @@ def test_the_documented_own_model_example_runs(fashion_dir, tmp_path, monkeypatc
     finally:
         for name in ("mylab", "mylab.nets"):
             sys.modules.pop(name, None)
-    assert len(_records(out)) == 2
+    assert len(runs.records(out)) == 2
     assert json.loads((out / "config.json").read_text())["model"] == "mylab.nets:mlp"

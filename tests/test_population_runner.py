@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_data import make_fashion_dir
-from test_experiments import TINY
+import runs
 
 from experiments import run as runner
 from experiments.configs import common
@@ -19,13 +18,8 @@ from pfa_jax.app import checkpoint, population_run, spec
 TIMES = ("epoch_time", "wall_time")
 
 
-@pytest.fixture(scope="module")
-def fashion_dir(tmp_path_factory):
-    return make_fashion_dir(tmp_path_factory.mktemp("fashion"), 256, 100)
-
-
 def _arguments(fashion_dir, out, only="kp-seed[01]"):
-    sets = TINY + [f"data_dir={fashion_dir}", "sharpness.examples=0", "robustness.examples=0",
+    sets = runs.TINY + [f"data_dir={fashion_dir}", "sharpness.examples=0", "robustness.examples=0",
                    "devices=1"]  # the tests see 4 CPU devices; a population trains on one
     return ["fig2_fashion_mnist", "--out", str(out), "--quiet", "--only", only,
             *[a for s in sets for a in ("--set", s)]]
@@ -133,7 +127,7 @@ def test_a_diverging_member_is_recorded_and_the_others_finish(fashion_dir, tmp_p
 
 
 def test_members_must_differ_only_in_seed_and_optimizer_scalars(fashion_dir, tmp_path):
-    configs = [runner.run_config("fig2_fashion_mnist", run, TINY + [f"data_dir={fashion_dir}"])
+    configs = [runner.run_config("fig2_fashion_mnist", run, runs.TINY + [f"data_dir={fashion_dir}"])
                for run in runner.configs.load("fig2_fashion_mnist").runs()
                if run.name in ("kp-seed0", "fa-seed1")]
     with pytest.raises(ValueError, match=r"population: run 1 differs from run 0 in more than seed, "

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from test_data import make_fashion_dir
+from fashion_files import make_fashion_dir
 
 import pfa_jax as pj
 from pfa_jax import models

@@ -319,7 +319,7 @@ def test_bfloat16_resnet_trains_with_float32_state(rule, blocks):
 
 
 def test_the_research_example_runs(tmp_path):
-    from test_data import make_fashion_dir
+    from fashion_files import make_fashion_dir
 
     from experiments import own_model
     result = own_model.main(["--rule", "pfa", "--epochs", "1", "--steps", "3", "--batch-size", "16",

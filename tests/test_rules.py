@@ -20,11 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
 import pfa_jax.rules as R
 from pfa_jax import models, train
 from pfa_jax.rules import product_feedback
+from reference_ops import alignment_loss, plain_conv
 
 RTOL, ATOL = 1e-4, 1e-5
 ALL_NAMES = tuple(n for n in R.names() if n not in ("wm", "dfa"))  # wm, dfa: tests of their own
@@ -156,38 +156,6 @@ def reference_feedback(rule, kernel, fb, key):
     return jnp.einsum("...im,om->...io", masked_r(fb), fb["Bp"])
 
 
-def alignment_coefficients(rule):
-    """Two Routes' rules as weights of the primitives: SA = a decay + b self, AA = a sparse + b amp,
-    IA = a amp + b null (or null reversed) + c decay; ``alignment`` names each weight."""
-    if rule.name == "alignment":
-        return {p: getattr(rule, p) for p in ("decay", "self", "amp", "sparse", "null",
-                                               "null_reversed")}
-    weights = {"sa": lambda r: {"decay": r.alpha, "self": r.beta},
-               "aa": lambda r: {"sparse": r.alpha, "amp": r.beta},
-               "ia": lambda r: {"amp": r.alpha, "null_reversed" if r.reversed else "null": r.beta,
-                                "decay": r.gamma}}[rule.name](rule)
-    return {p: rule.scale * c for p, c in weights.items()}
-
-
-def alignment_loss(rule, u, kernel, f, forward):
-    """The rule's alignment loss from the primitives' formulas, with ``y = forward(u, K)``,
-    ``z = forward(u, F)`` and reconstructions ``v W^T`` = the input cotangent of ``forward(., W)``;
-    with ``normalize``, each sample of ``u`` centred and of unit norm first."""
-    n = u.shape[0]
-    if rule.normalize:
-        flat = u.reshape(n, -1) - u.reshape(n, -1).mean(1, keepdims=True)
-        u = (flat / jnp.linalg.norm(flat, axis=1, keepdims=True)).reshape(u.shape)
-    y, z = forward(u, kernel), forward(u, f)
-    back = lambda w, v: jax.vjp(lambda u_: forward(u_, w), u)[1](v)[0]  # noqa: E731
-    primitive = {"decay": lambda: jnp.sum(kernel ** 2) + jnp.sum(f ** 2),
-                 "self": lambda: -jnp.sum(kernel * f),
-                 "amp": lambda: -jnp.sum(y * z) / n,
-                 "sparse": lambda: (jnp.sum(y ** 2) + jnp.sum(z ** 2)) / n,
-                 "null": lambda: jnp.sum(back(f, y) ** 2) / n,
-                 "null_reversed": lambda: jnp.sum(back(kernel, z) ** 2) / n}
-    return sum(c * primitive[p]() for p, c in alignment_coefficients(rule).items())
-
-
 def reference_feedback_cotangent(rule, fb, dkernel, pfa_dr, alignment_grad):
     """Zeros for fixed arrays; ``dK`` for KP's ``B``; ``pfa_dr(Bp)`` (masked) for PFA's ``R``; the
     alignment loss's gradient ``alignment_grad(B)`` (plus ``dK`` if tied) for Two Routes' ``B``."""
@@ -210,22 +178,6 @@ def dense_reference(rule, x, kernel, fb, key, g):
         rule, fb, dkernel, lambda bp: x2.T @ (g2 @ bp),
         jax.grad(lambda b: alignment_loss(rule, x, kernel, b, jnp.matmul)))
     return x @ kernel, ((g2 @ f.T).reshape(x.shape), dkernel, dfb)
-
-
-def _ints(value, n):
-    return (value,) * n if isinstance(value, int) else tuple(value)
-
-
-def plain_conv(x, kernel, strides=1, padding="SAME", kernel_dilation=1, feature_group_count=1):
-    """Plain channels-last convolution (1-D or 2-D), no custom VJP."""
-    n = kernel.ndim - 2
-    if isinstance(padding, int):
-        padding = ((padding, padding),) * n
-    dimension_numbers = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC")}[n]
-    return lax.conv_general_dilated(
-        x, kernel, window_strides=_ints(strides, n), padding=padding,
-        rhs_dilation=_ints(kernel_dilation, n), feature_group_count=feature_group_count,
-        dimension_numbers=dimension_numbers)
 
 
 def conv_reference(conv_kwargs):

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from test_data import make_fashion_dir
+from fashion_files import make_fashion_dir
 
 from pfa_jax.app import checkpoint, cli, rundir
 

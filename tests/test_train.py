@@ -316,10 +316,10 @@ def test_epochs_and_evaluation_compile_once_for_every_loop():
         state = make_state("pfa")
         state, _ = train.train_epoch(state, images, labels, jax.random.key(0), 32, loop=loop)
         train.evaluate(state, images, labels, batch_size=32, loop=loop)
-        sizes = [f._cache_size() for loop_fns in (train._epoch, train._evaluation)
+        sizes = [f._cache_size() for loop_fns in (train._epochs._epoch, train._epochs._evaluation)
                  for f in (loop_fns._scan, loop_fns._step)]
         for epoch in range(1, 3):
             state, _ = train.train_epoch(state, images, labels, jax.random.key(epoch), 32, loop=loop)
             train.evaluate(state, images, labels, batch_size=32, loop=loop)
-        assert [f._cache_size() for loop_fns in (train._epoch, train._evaluation)
+        assert [f._cache_size() for loop_fns in (train._epochs._epoch, train._epochs._evaluation)
                 for f in (loop_fns._scan, loop_fns._step)] == sizes

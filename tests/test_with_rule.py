@@ -1,8 +1,6 @@
 """``pfa_jax.nn.with_rule``: an unchanged Flax model (flax's own Conv, DenseGeneral attention,
 Einsum, Dense, LSTM cells) under a rule, against a reference written here with explicit feedback
 matrices in float64, and against ``jax.grad`` of the plain model under bp."""
-import functools
-import math
 
 import flax.linen as nn
 import jax
@@ -12,148 +10,26 @@ import optax
 import pytest
 
 import pfa_jax as pj
-
-DIM, HEADS, HIDDEN, CLASSES = 8, 2, 12, 5
-# every layer-wise rule but brsf, which redraws its feedback from the step's key
-RULES = ("bp", "fa", "usf", "frsf", "kp", "wm", "pfa", "pfa_o", "sa", "aa", "ia", "alignment")
-
-
-class ViT(nn.Module):
-    """A one-block ViT written the usual Flax way: patch Conv, MultiHeadDotProductAttention
-    (DenseGeneral projections), an Einsum and a Dense MLP, LayerNorms, mean pooling, a head."""
-
-    @nn.compact
-    def __call__(self, images):
-        x = nn.Conv(DIM, (4, 4), strides=4, padding="VALID", name="patch")(images)
-        x = x.reshape(x.shape[0], -1, DIM)
-        x = x + self.param("pos", nn.initializers.normal(0.1), x.shape[1:])
-        x = x + nn.MultiHeadDotProductAttention(HEADS, name="attention")(nn.LayerNorm()(x))
-        y = nn.Einsum((DIM, HIDDEN), "btd,dh->bth", name="mlp_in")(nn.LayerNorm()(x))
-        x = x + nn.Dense(DIM, name="mlp_out")(nn.gelu(y))
-        return nn.Dense(CLASSES, name="head")(nn.LayerNorm()(x.mean(1)))
-
-
-# -- the reference: the same network in jnp, each linear map ``y = x K`` with ``dx`` through F ---
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def reference_linear(op, x, kernel, feedback):
-    return op(x, kernel)
-
-
-def _reference_fwd(op, x, kernel, feedback):
-    return op(x, kernel), (x, kernel, feedback)
-
-
-def _reference_bwd(op, residuals, g):
-    x, kernel, feedback = residuals
-    dx = jax.vjp(lambda x: op(x, feedback), x)[1](g)[0]
-    dk = jax.vjp(lambda k: op(x, k), kernel)[1](g)[0]
-    return dx, dk, jnp.zeros_like(feedback)
-
-
-reference_linear.defvjp(_reference_fwd, _reference_bwd)
-
-
-def matmul(x, k):
-    return x @ k
-
-
-def patch_conv(x, k):
-    return jax.lax.conv_general_dilated(x, k, (4, 4), "VALID",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def layer_norm(x, p):
-    mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / jnp.sqrt(var + 1e-6) * p["scale"] + p["bias"]
-
-
-def explicit_feedback(rule: str, kernel, fb):
-    """The matrix through which ``rule`` sends errors down, written out per rule."""
-    if rule == "bp":
-        return kernel
-    if rule in ("pfa", "pfa_o"):
-        return fb["R"] @ fb["Bp"].T
-    if rule == "usf":
-        lifted = math.prod(kernel.shape[:-2])
-        fan_in, fan_out = kernel.shape[-2] * lifted, kernel.shape[-1] * lifted
-        return math.sqrt(2.0 / (fan_in + fan_out)) * jnp.sign(kernel)
-    if rule == "frsf":
-        return jnp.abs(fb["M"]) * jnp.sign(kernel)
-    return fb["B"]
-
-
-def reference_logits(rule, params, feedback, images):
-    """The ViT forward in jnp; every kernel read as its ``(prod in, prod out)`` matrix."""
-    def linear(x, name, matrix_shape=None, op=matmul):
-        outer, _, inner = name.partition("/")
-        kernel = params[name]["kernel"] if not inner else params["attention"][inner]["kernel"]
-        fb = feedback.get(outer, {}) if not inner else feedback.get("attention", {}).get(inner, {})
-        matrix = kernel.reshape(matrix_shape) if matrix_shape else kernel
-        return reference_linear(op, x, matrix, explicit_feedback(rule, matrix, fb))
-
-    b = images.shape[0]
-    x = linear(images, "patch", op=patch_conv) + params["patch"]["bias"]
-    x = x.reshape(b, -1, DIM) + params["pos"]
-    h = layer_norm(x, params["LayerNorm_0"]).reshape(-1, DIM)
-    att = params["attention"]
-    depth = DIM // HEADS
-    q, k, v = (
-        (linear(h, f"attention/{n}", (DIM, DIM)) + att[n]["bias"].reshape(-1)).reshape(b, -1, HEADS, depth)
-        for n in ("query", "key", "value"))
-    weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q / math.sqrt(depth), k), -1)
-    o = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(-1, DIM)
-    x = x + (linear(o, "attention/out", (DIM, DIM)) + att["out"]["bias"]).reshape(b, -1, DIM)
-    h = layer_norm(x, params["LayerNorm_1"]).reshape(-1, DIM)
-    y = linear(h, "mlp_in") + params["mlp_in"]["bias"]
-    x = x + (linear(jax.nn.gelu(y), "mlp_out") + params["mlp_out"]["bias"]).reshape(b, -1, DIM)
-    return linear(layer_norm(x.mean(1), params["LayerNorm_2"]), "head") + params["head"]["bias"]
-
-
-def reference_feedback_signal(rule: str, dk, kernel, fb, rows):
-    """The plastic feedback's learning signal, written out per rule (``rows``: the layer's inputs)."""
-    if rule == "kp":
-        return {"B": dk}
-    if rule in ("pfa", "pfa_o"):
-        return {"R": dk @ fb["Bp"]}
-    if rule == "sa":
-        return {"B": fb["B"] - kernel}
-    if rule in ("aa", "ia"):
-        u = rows - rows.mean(1, keepdims=True)
-        u = u / jnp.linalg.norm(u, axis=1, keepdims=True)
-        s = u.T @ u / u.shape[0]
-        if rule == "aa":
-            return {"B": s @ (fb["B"] - kernel)}
-        return {"B": -s @ kernel + fb["B"] @ kernel.T @ s @ kernel}
-    return {"B": jnp.zeros_like(kernel)} if rule == "alignment" else {}
-
-
-def _init(rule, images):
-    model = pj.nn.with_rule(ViT(), rule)
-    variables = model.init(jax.random.key(0), images)
-    return model, jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
-
-
-def _loss(logits, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
+import reference_vit
+from reference_vit import (CLASSES, RULES, ViT, explicit_feedback, matmul, reference_linear,
+                           reference_feedback_signal, reference_logits)
 
 @pytest.mark.parametrize("rule", RULES)
 def test_vit_of_flax_layers_follows_the_rule_in_every_projection(rule):
     with jax.enable_x64(True):
         images = jax.random.normal(jax.random.key(1), (3, 8, 8, 1), jnp.float64)
         labels = jnp.array([0, 3, 4])
-        model, variables = _init(rule, images)
+        model, variables = reference_vit.init(rule, images)
         params, feedback = variables["params"], variables.get("feedback", {})
         plastic = pj.layers.select(feedback, pj.layers.feedback_labels(
             pj.layers.table(model, images), feedback), pj.layers.PLASTIC)
 
         def loss(params, plastic, images):
             fb = pj.layers.merge(feedback, plastic)
-            return _loss(model.apply({"params": params, "feedback": fb}, images), labels)
+            return reference_vit.loss(model.apply({"params": params, "feedback": fb}, images), labels)
 
         got = jax.grad(loss, argnums=(0, 1, 2))(params, plastic, images)
-        want = jax.grad(lambda p, x: _loss(reference_logits(rule, p, feedback, x), labels),
+        want = jax.grad(lambda p, x: reference_vit.loss(reference_logits(rule, p, feedback, x), labels),
                         argnums=(0, 1))(params, images)
         np.testing.assert_allclose(model.apply(variables, images),
                                    reference_logits(rule, params, feedback, images), atol=1e-12)
@@ -161,42 +37,18 @@ def test_vit_of_flax_layers_follows_the_rule_in_every_projection(rule):
         jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-12), got[0], want[0])
         # the plastic feedback's signal, per layer, against the rule's own formula
         table = pj.layers.table(model, images)
-        rows = _layer_inputs(params, images)
+        rows = reference_vit.layer_inputs(params, images)
         for layer in table:
-            fb = _at(feedback, layer.path)
-            kernel = layer.matrix(_at(params, layer.path)["kernel"])
-            dk = layer.matrix(_at(want[0], layer.path)["kernel"])
+            fb = reference_vit.at(feedback, layer.path)
+            kernel = layer.matrix(reference_vit.at(params, layer.path)["kernel"])
+            dk = layer.matrix(reference_vit.at(want[0], layer.path)["kernel"])
             if layer.path == "patch":
                 continue  # conv: its signal is checked by tests/test_rules.py
             signal = reference_feedback_signal(rule, dk, kernel, fb, rows[layer.path])
-            assert set(_at(got[1], layer.path)) == set(signal)
+            assert set(reference_vit.at(got[1], layer.path)) == set(signal)
             for name, value in signal.items():
-                np.testing.assert_allclose(_at(got[1], layer.path)[name], value, atol=1e-10,
+                np.testing.assert_allclose(reference_vit.at(got[1], layer.path)[name], value, atol=1e-10,
                                            err_msg=f"{layer.path}/{name}")
-
-
-def _at(tree, path):
-    """The sub-dict of ``tree`` at a layer path (``{}`` where it has none)."""
-    for part in path.split("/"):
-        tree = tree.get(part, {})
-    return tree
-
-
-def _layer_inputs(params, images):
-    """Each dense layer's input rows, from the bp model's intermediates (flax's capture)."""
-    captured = {}
-
-    def keep(next_fun, args, kwargs, context):
-        flax_layers = (nn.Dense, nn.DenseGeneral, nn.Einsum)
-        if context.method_name == "__call__" and isinstance(context.module, flax_layers):
-            x = args[0]
-            axes = 1 if not isinstance(context.module, nn.DenseGeneral) or context.module.name != "out" else 2
-            captured["/".join(context.module.scope.path)] = x.reshape(-1, math.prod(x.shape[x.ndim - axes:]))
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(keep):
-        ViT().apply({"params": params}, images)
-    return captured
 
 
 def test_bp_under_with_rule_equals_jax_grad_of_the_plain_model():
@@ -206,8 +58,8 @@ def test_bp_under_with_rule_equals_jax_grad_of_the_plain_model():
     variables = model.init(jax.random.key(0), images)
     plain = ViT().init(jax.random.key(0), images)
     jax.tree.map(np.testing.assert_array_equal, variables["params"], plain["params"])
-    got = jax.grad(lambda p: _loss(model.apply({"params": p}, images), labels))(plain["params"])
-    want = jax.grad(lambda p: _loss(ViT().apply({"params": p}, images), labels))(plain["params"])
+    got = jax.grad(lambda p: reference_vit.loss(model.apply({"params": p}, images), labels))(plain["params"])
+    want = jax.grad(lambda p: reference_vit.loss(ViT().apply({"params": p}, images), labels))(plain["params"])
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7), got, want)
 
 
@@ -270,7 +122,7 @@ def test_an_lstm_over_time_follows_the_rule_through_every_gate_and_step(rule):
                                  optimized.init(jax.random.key(0), x))
         params, feedback = variables["params"], variables["feedback"]
         assert sorted(feedback["cell"]) == sorted(f"{s}{g}" for g in "ifgo" for s in "ih")
-        got = jax.grad(lambda p: _loss(optimized.apply({"params": p, "feedback": feedback}, x),
+        got = jax.grad(lambda p: reference_vit.loss(optimized.apply({"params": p, "feedback": feedback}, x),
                                        labels))(params)
 
         def reference(p):  # the LSTM written out, each gate map through its explicit feedback
@@ -289,14 +141,14 @@ def test_an_lstm_over_time_follows_the_rule_through_every_gate_and_step(rule):
             head = p["head"]
             logits = reference_linear(matmul, h, head["kernel"],
                                       explicit_feedback(rule, head["kernel"], feedback["head"]))
-            return _loss(logits + head["bias"], labels)
+            return reference_vit.loss(logits + head["bias"], labels)
 
         want = jax.grad(reference)(params)
         jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-12), got, want)
         # nn.LSTMCell (one nn.Dense a gate) gives the same network and the same gradients
         plain_cell = pj.nn.with_rule(LSTM(cell=nn.LSTMCell), rule)
-        again = jax.grad(lambda p: _loss(plain_cell.apply({"params": p, "feedback": feedback}, x),
-                                         labels))(params)
+        again = jax.grad(lambda p: reference_vit.loss(
+            plain_cell.apply({"params": p, "feedback": feedback}, x), labels))(params)
         jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-12), again, want)
 
 

@@ -36,6 +36,7 @@ from pfa_jax import losses, metrics, train
 from pfa_jax.nnx import twin
 from pfa_jax.nnx.layers import Feedback, PlasticFeedback, mirror, rule_layers
 from pfa_jax.optim import hyperparameters
+from pfa_jax.train._steps import all_finite, keep_if_not
 
 __all__ = ["eval_step", "from_linen", "LINEN_COLLECTIONS", "linen_state", "optimizer", "to_linen",
            "train_step", "TRAINED"]
@@ -95,9 +96,9 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict) -> dict
     before = nnx.to_pure_dict(arrays())
     optimizer.update(model, grads)
     mirror(model)
-    finite = train.all_finite((loss, grads))
+    finite = all_finite((loss, grads))
     after = arrays()
-    nnx.replace_by_pure_dict(after, train.keep_if_not(finite, nnx.to_pure_dict(after), before))
+    nnx.replace_by_pure_dict(after, keep_if_not(finite, nnx.to_pure_dict(after), before))
     nnx.update((model, optimizer), after)
     return {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
             "nonfinite": 1.0 - finite.astype(jnp.float32), **hyperparameters(optimizer.opt_state)}
