@@ -12,5 +12,6 @@ your own code), ``docs/rules.md`` (the math of every rule and metric), ``docs/nn
 """
 from pfa_jax import augment, fields, layers, losses, metrics, models, nn, nnx, optim, population, rules, train
 
-__all__ = ["augment", "fields", "layers", "losses", "metrics", "models", "nn", "nnx", "optim",
-           "population", "rules", "train"]
+# the modules a user needs; each promises its user-facing names in its own __all__
+__all__ = ["augment", "layers", "losses", "metrics", "models", "nn", "nnx", "optim", "population",
+           "rules", "train"]

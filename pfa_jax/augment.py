@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["apply", "AUGMENTATIONS", "check", "crop_flip"]
+__all__ = ["apply", "AUGMENTATIONS"]
 
 AUGMENTATIONS = ("none", "crop_flip")
 

@@ -31,8 +31,7 @@ from flax import traverse_util
 from pfa_jax import nn as pnn
 from pfa_jax import rules
 
-__all__ = ["feedback_labels", "FIXED", "from_records", "kernels_and_feedback", "label", "Layer",
-           "layer_key", "merge", "mirror", "MIRRORED", "PLASTIC", "select", "Table", "table"]
+__all__ = ["Layer"]
 
 PLASTIC, FIXED, MIRRORED = "plastic", "fixed", "mirrored"
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import optax
 
-__all__ = ["classification", "cross_entropy", "Loss", "next_token", "value_and_aux"]
+__all__ = ["classification", "cross_entropy", "Loss", "next_token"]
 
 Loss = Callable  # (outputs, batch) -> scalar | (scalar, dict of scalars)
 

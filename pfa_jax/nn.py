@@ -55,10 +55,7 @@ from flax.linen.dtypes import promote_dtype
 from pfa_jax import rules, taps
 from pfa_jax.rules import forms
 
-__all__ = ["add_taps", "backprop", "bind_classes", "check_rule_map", "Conv", "DEFAULT", "Dense",
-           "explicit_bp", "layer_paths", "layer_rule", "PERTURBATION", "PERTURBATIONS", "record",
-           "recording", "recorded", "resolve_rule", "rule_product", "perturbed", "RuleMapError",
-           "RuleSpec", "TAPS", "UnreachedLayerError", "with_rule", "WithRule"]
+__all__ = ["add_taps", "backprop", "Conv", "Dense", "RuleSpec", "with_rule"]
 
 RuleSpec = Any  # Rule | str | Mapping[str, Rule | str]
 DEFAULT = "default"
@@ -308,4 +305,6 @@ class Conv(_RuleLayer):
             kernel_dilation=self.kernel_dilation, feature_group_count=self.feature_group_count))
 
 
-from pfa_jax.intercept import UnreachedLayerError, WithRule, with_rule  # noqa: E402  (it builds on the layers above)
+from pfa_jax.intercept import UnreachedLayerError as UnreachedLayerError  # noqa: E402
+from pfa_jax.intercept import WithRule as WithRule  # noqa: E402  (it builds on the layers above)
+from pfa_jax.intercept import with_rule  # noqa: E402

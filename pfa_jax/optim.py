@@ -39,8 +39,7 @@ import optax
 
 from pfa_jax import fields
 
-__all__ = ["build", "coupled_sgd", "hyperparameters", "multistep", "OptimizerConfig", "OPTIMIZERS",
-           "Schedule", "scheduled"]
+__all__ = ["coupled_sgd", "hyperparameters", "multistep", "OptimizerConfig", "scheduled"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # field -> (whether a value is valid, the valid values in words)

@@ -35,6 +35,4 @@ from pfa_jax.metrics._robustness import (ATTACKS, GRADIENTS, adversarial, attack
                                          check_attack, corruption, input_gradient)
 
 __all__ = ["adversarial", "alignment", "angle", "as_state", "attack_convergence", "attack_images",
-           "ATTACKS", "check_attack", "corruption", "gradient_alignment", "GRADIENTS",
-           "hessian_vector_product", "input_gradient", "kernels_and_feedback", "layer_gradients",
-           "sharpness"]
+           "corruption", "gradient_alignment", "sharpness"]

@@ -18,7 +18,5 @@ from pfa_jax.nnx.layers import (Conv, Feedback, FixedFeedback, Linear, MirroredF
                                 rule_layers)
 from pfa_jax.nnx.train import TRAINED, eval_step, from_linen, linen_state, optimizer, to_linen, train_step
 
-__all__ = ["Conv", "Feedback", "FixedFeedback", "Linear", "MirroredFeedback", "PlasticFeedback",
-           "RuleFollowing", "RuleLayer", "TRAINED", "add_taps", "eval_step", "from_linen",
-           "linen_state", "mirror", "models", "optimizer", "rule_layers", "to_linen", "train_step",
-           "with_rule"]
+__all__ = ["Conv", "eval_step", "FixedFeedback", "from_linen", "linen_state", "Linear", "models",
+           "optimizer", "PlasticFeedback", "to_linen", "train_step", "with_rule"]

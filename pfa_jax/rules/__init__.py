@@ -75,4 +75,4 @@ def get(name: str | Rule, **options) -> Rule:
 
 from pfa_jax.rules.forms import for_optimizer  # noqa: E402 - it looks rules up in the registry
 
-__all__ = ["Rule", "get", "names", "ops", "soft_align", "INITS", "for_optimizer"]
+__all__ = ["for_optimizer", "get", "names", "Rule"]

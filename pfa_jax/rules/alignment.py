@@ -40,23 +40,13 @@ The rules are weighted sums of them; ``F``'s signal is the weighted sum of the g
   image).
 
 The gradients of ``amp``, ``sparse`` and ``null`` carry the probe's covariance
-``S = A_u^T A_u / n``, so the step that keeps ``aa`` and ``ia`` stable depends on the inputs' scale:
-SGD with momentum ``mu`` on ``aa`` is stable only while ``lr 2 alpha lambda_max(S) < 2 (1 + mu)``,
-and ``lambda_max(S)`` of raw inputs is large (unnormalised, ``aa`` on ffn2 at lr 0.01, momentum 0.9,
-diverged in its fourth epoch on the data of tests/test_model_training.py, which takes
-``lambda_max(S) > 380``). So ``aa`` and ``ia`` default to ``normalize=True``: every probe sample has
-unit norm, ``trace(S) = 1`` for dense layers and ``lambda_max(S) <= kh kw`` for convs, stable at
-every learning rate of the papers' range, and slow (F moves at about ``lr lambda(S)`` per
-direction). Their coefficients are placed by the fixed points, not tuned (the authors tuned theirs
-per architecture); ``scale`` (default 1) multiplies every coefficient of ``sa``, ``aa`` and ``ia``.
-Under plain SGD, ``sa`` moves ``F`` by ``lr scale (K - F)`` per step; with momentum ``F`` oscillates
-about the moving ``K``, and in the Fig. 2 setting (momentum 0.9) the family diverged at every
-``scale`` tried but one. Stepping the feedback without momentum (``feedback_tx``,
-``optimizer.feedback``) at ``lr scale`` 0.3 (``sa``) or 1 (``aa``) trained. ``ia``'s ``null`` term
-is stable under plain SGD only while ``2 lr beta scale lambda_max(K^T S K) < 2``, a bound that falls
-as ``K`` grows: on ffn2 it held over 40 epochs at ``lr scale`` 0.03, not at 0.1; ResNet-20's stem
-needs about 0.003 or less. ``aa``'s bound ``lr scale 2 alpha lambda_max(S) < 2`` is fixed by the
-probes, ``lambda_max(S) <= kh kw`` for normalised conv probes (docs/rules.md).
+``S = A_u^T A_u / n``, so the step that keeps ``aa`` and ``ia`` stable depends on the inputs' scale
+(``aa`` under momentum ``mu``: ``lr 2 alpha lambda_max(S) < 2 (1 + mu)``); ``aa`` and ``ia``
+therefore default to ``normalize=True`` (unit-norm probe samples: ``trace(S) = 1`` for dense
+layers, ``lambda_max(S) <= kh kw`` for convs). Their coefficients are placed by the fixed points,
+not tuned; ``scale`` (default 1) multiplies every coefficient of ``sa``, ``aa`` and ``ia``. The
+bounds on ``lr * scale``, and how the family trains under momentum, are in the repository's
+docs/rules.md (Two Routes' alignment family).
 
 Options shared by the family: ``inputs`` (``'data'``: the layer's own input batch, no second pass
 through the network; ``'noise'``: ``u = sigma N(0, 1)`` of ``x``'s shape, drawn each step from the

@@ -42,7 +42,5 @@ from pfa_jax.train._state import (FEEDBACK_STREAM, TrainState, apply_with_rule, 
                                   mirror, step_rngs)
 from pfa_jax.train._steps import eval_step, train_step
 
-__all__ = ["apply_with_rule", "AXIS", "batch_mesh", "check_batch", "create_train_state",
-           "cross_entropy", "eval_step", "evaluate", "FEEDBACK_STREAM", "mirror", "replicate", "replicate_on",
-           "shard_batch", "split_batch", "step_rngs", "train_epoch", "train_step", "TrainState",
-           "unreplicate"]
+__all__ = ["batch_mesh", "create_train_state", "eval_step", "evaluate", "replicate", "replicate_on",
+           "shard_batch", "split_batch", "train_epoch", "train_step", "TrainState", "unreplicate"]
