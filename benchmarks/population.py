@@ -14,9 +14,12 @@ variants are timed interleaved (``common.interleaved_ms``):
 ``speedup`` = member-epochs per second of a population over those of single runs one after
 another, ``P * single_ms / population_ms``. Targets, for the strategy ``auto`` picks on the device:
 on a GPU, at least 8 for ffn2 at P = 16; on CPU, at least 1.0 (no slower than single runs) for every
-P > 1. Prints JSON (also to ``--json PATH``), then a markdown table.
+P > 1. Prints JSON (also to ``--json PATH``), then a markdown table. ``--models`` and
+``--strategies`` time a subset (on CPU a vmapped ResNet-20 runs its convolutions as slow grouped
+ones, so one round of it takes minutes: ``--models resnet20 --strategies sequential`` there).
 
     .venv/bin/python benchmarks/population.py [--repeats 10] [--quick] [--json PATH]
+        [--models ffn2,resnet20] [--strategies vmap,sequential]
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ def target(name: str, members: int) -> float | None:
     return GPU_TARGET.get(name, {}).get(members)
 
 
-def variants(name: str, rule: str, shape, batch_size: int, members: int) -> dict:
+def variants(name: str, rule: str, shape, batch_size: int, members: int, strategies) -> dict:
     model = pj.models.get(name, rule=rule)
     data = random_batch((STEPS * batch_size, *shape))
     images, labels = data["image"], data["label"]
@@ -54,35 +57,47 @@ def variants(name: str, rule: str, shape, batch_size: int, members: int) -> dict
                                                    keys[0], batch_size),
             **{strategy: lambda strategy=strategy: pj.population.train_epoch(
                 pop, images, labels, keys, batch_size, donate=False, strategy=strategy)
-               for strategy in STRATEGIES}}
+               for strategy in strategies}}
 
 
 def main(argv=None):
-    args = parser(__doc__, repeats=10).parse_args(argv)
+    p = parser(__doc__, repeats=10)
+    p.add_argument("--models", default=",".join(CASES), help="comma-separated, of " + ", ".join(CASES))
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated, of "
+                   + ", ".join(STRATEGIES))
+    args = p.parse_args(argv)
+    models, strategies = args.models.split(","), tuple(args.strategies.split(","))
+    for value, valid, what in ((models, CASES, "--models"), (strategies, STRATEGIES, "--strategies")):
+        if not value or set(value) - set(valid):
+            p.error(f"{what}={','.join(value)!s} names none or unknown ones; valid: {', '.join(valid)}")
     repeats = 1 if args.quick else args.repeats
     results, rows = {}, []
     for name, (shape, batch_size, sizes) in CASES.items():
+        if name not in models:
+            continue
         batch_size = 8 if args.quick else batch_size
         for rule in RULES:
             for members in sizes[:2] if args.quick else sizes:
-                times = interleaved_ms(variants(name, rule, shape, batch_size, members), repeats)
+                times = interleaved_ms(variants(name, rule, shape, batch_size, members, strategies),
+                                       repeats)
                 single = times["single"]["median_ms"]
-                speedup = {s: members * single / times[s]["median_ms"] for s in STRATEGIES}
+                speedup = {s: members * single / times[s]["median_ms"] for s in strategies}
                 goal, auto = target(name, members), pj.population.resolve("auto")
                 results[f"{name}/{rule}/P{members}"] = {
                     "batch": batch_size, "steps_per_epoch": STEPS, "members": members,
                     "times": times, "speedup": speedup,
                     "auto": auto, "members_per_s_single": 1000 / single,
                     **{f"members_per_s_{s}": 1000 * members / times[s]["median_ms"]
-                       for s in STRATEGIES}, "target": goal}
+                       for s in strategies}, "target": goal}
                 rows.append([name, rule, members, batch_size, single,
-                             *[times[s]["median_ms"] for s in STRATEGIES],
-                             *[speedup[s] for s in STRATEGIES], auto, goal,
-                             "" if goal is None else verdict(-speedup[auto], -goal)])
+                             *[times[s]["median_ms"] if s in times else None for s in STRATEGIES],
+                             *[speedup.get(s) for s in STRATEGIES], auto, goal,
+                             "" if goal is None or auto not in speedup
+                             else verdict(-speedup[auto], -goal)])
     table = markdown_table(["model", "rule", "P", "batch", "single epoch ms", "vmap ms",
                             "sequential ms", "vmap speedup", "sequential speedup", "auto",
                             "target", "verdict (auto)"], rows)
-    report({"machine": machine(), "results": results,
+    report({"machine": machine(), "models": models, "strategies": list(strategies), "results": results,
             "targets": {"gpu": GPU_TARGET, "cpu_every_p_above_1": CPU_TARGET}},
            {"Population against sequential members": table}, args.json)
 

@@ -147,8 +147,6 @@ def member(population: Population, i: int) -> train.TrainState:
                     {k: np.asarray(v[i]).tolist() for k, v in population.hyperparams.items()})
 
 
-
-
 @functools.partial(jax.jit, static_argnums=1)
 def _sliced(tree, i: int):
     """Member ``i`` of every array of ``tree`` (one compiled call for the whole tree)."""

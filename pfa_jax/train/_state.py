@@ -1,5 +1,5 @@
-"""The training state: ``TrainState`` and ``create_train_state``, the per-step RNG keys, batch
-checks."""
+"""The training state ``TrainState``, its per-step RNG keys, the batch checks, and the model applied
+with its rule (``apply_with_rule``)."""
 from __future__ import annotations
 
 import zlib
@@ -14,7 +14,6 @@ from flax import struct
 from pfa_jax import layers as player
 from pfa_jax import losses
 from pfa_jax import nn as pnn
-
 
 FEEDBACK_STREAM = "feedback"  # the RNG stream of rules that redraw feedback every step (brsf)
 
