@@ -8,6 +8,10 @@ JAX's persistent compilation cache is not used by the tests: with it, a pytest w
 segmentation fault inside JAX's cache write (``compilation_cache.put_executable_and_time``, while
 serialising the ViT's init program) in two full runs of the default tier, reproducibly in that
 order and never alone; each process compiles its programs itself instead. Set before JAX initialises.
+A later full run aborted inside XLA's compiler at the same test instead, so the likelier cause is
+a long-lived worker's count of compiled programs (each maps its code; a process has at most
+``vm.max_map_count`` mappings): every test module's compiled programs are dropped after it
+(``jax.clear_caches``).
 
 Shared fixtures: ``fashion_dir``, a Fashion-MNIST-layout directory of 256 training and 100 test
 images for a module's end-to-end runs (modules that need other sizes call
@@ -31,3 +35,11 @@ def pytest_configure(config):
 @pytest.fixture(scope="module")
 def fashion_dir(tmp_path_factory):
     return make_fashion_dir(tmp_path_factory.mktemp("fashion"), 256, 100)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compilation_caches():
+    """Drops the module's compiled programs after it, so a worker's count stays bounded."""
+    yield
+    import jax
+    jax.clear_caches()
